@@ -1,0 +1,59 @@
+//! The admin listener (`admin_listen`), for the orchestrator and Prometheus:
+//!
+//! | endpoint | answer |
+//! |---|---|
+//! | `GET /healthz` | 200 while the process serves |
+//! | `GET /readyz` | 200 when the stores answer, else 503 |
+//! | `GET /metrics` | Prometheus text exposition |
+//!
+//! It carries no API and no secrets; keep it on a pod-local address.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::{AppState, Body};
+
+fn text(status: StatusCode, content_type: &'static str, body: String) -> Response<Body> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from(body))
+            .map_err(|never| match never {})
+            .boxed(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut()
+        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp
+}
+
+/// Serves one admin request.
+pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into());
+    }
+    match req.uri().path() {
+        "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
+        "/readyz" => match state.tokens.ping().await {
+            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "not ready");
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "token store unavailable\n".into())
+            }
+        },
+        "/metrics" => {
+            state
+                .metrics
+                .reference_cache_size
+                .set(state.references.len() as i64);
+            text(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                state.metrics.encode(),
+            )
+        }
+        _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
+    }
+}

@@ -1,0 +1,280 @@
+//! Cryptograms (contract §5): inline at SAQ-D/ROC, or as a single-use
+//! reference that only the forward proxy can redeem.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+
+use super::auth::ApiKey;
+use super::idempotency::Stored;
+use super::tokens::{parse_id, rfc3339};
+use super::{check_content_length, json, read_body, ApiError};
+use crate::config::ComplianceLevel;
+use crate::references::{Payload, Reference};
+use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType};
+use crate::vault::{Metadata, TokenId, TokenStatus};
+use crate::{AppState, Body};
+
+/// How the cryptogram is handed out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Inline,
+    Reference,
+}
+
+struct Parsed {
+    params: CryptogramParams,
+    mode: Mode,
+    metadata: Metadata,
+}
+
+#[derive(Serialize)]
+struct InlineView<'a> {
+    cryptogram: Option<&'a str>,
+    dynamic_cvv: Option<&'a str>,
+    #[serde(rename = "type")]
+    cryptogram_type: &'static str,
+    eci: &'static str,
+    expiry_month: u8,
+    expiry_year: u16,
+    number: &'a str,
+    metadata: &'a Metadata,
+}
+
+#[derive(Serialize)]
+struct ReferenceView<'a> {
+    cryptogram_reference: &'a str,
+    expires_at: String,
+    #[serde(rename = "type")]
+    cryptogram_type: &'static str,
+    eci: &'static str,
+    metadata: &'a Metadata,
+}
+
+/// `POST /api/network/tokens/{id}/cryptograms`
+pub async fn create(
+    state: &AppState,
+    key: &ApiKey,
+    id: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let token_id = parse_id(id)?;
+    check_content_length(&req, state.config.max_body_bytes)?;
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    state
+        .idempotency
+        .run(
+            &parts.headers,
+            (&key.name, "create_cryptogram"),
+            &parts.method,
+            parts.uri.path(),
+            &body,
+            || create_inner(state, token_id, &body),
+        )
+        .await
+}
+
+fn invalid(msg: &str) -> ApiError {
+    ApiError::InvalidCryptogramRequest(msg.to_owned())
+}
+
+fn parse(obj: &Map<String, Value>, level: ComplianceLevel) -> Result<Parsed, ApiError> {
+    json::only_fields(
+        obj,
+        &[
+            "type",
+            "mode",
+            "metadata",
+            "amount",
+            "currency",
+            "transaction_type",
+            "cryptogram_type",
+        ],
+        "",
+    )?;
+    let kind = match json::opt_str(obj, "type") {
+        Ok(Some("ecom")) => CryptogramKind::Ecom,
+        Ok(Some("dauth")) => CryptogramKind::Dauth,
+        Ok(None) => return Err(invalid("`type` is required (ecom or dauth)")),
+        _ => return Err(invalid("`type` must be ecom or dauth")),
+    };
+    let mode = match (json::opt_str(obj, "mode"), level.handles_card_data()) {
+        (Ok(None), false) => Mode::Reference,
+        (Ok(None), true) => Mode::Inline,
+        (Ok(Some("reference")), _) => Mode::Reference,
+        (Ok(Some("inline")), true) => Mode::Inline,
+        (Ok(Some("inline")), false) => return Err(ApiError::InlineNotPermitted),
+        _ => return Err(invalid("`mode` must be inline or reference")),
+    };
+    let cryptogram_type = match json::opt_str(obj, "cryptogram_type") {
+        Ok(None) | Ok(Some("tavv")) => CryptogramType::Tavv,
+        Ok(Some("dynamic_cvv")) => CryptogramType::DynamicCvv,
+        _ => return Err(invalid("`cryptogram_type` must be tavv or dynamic_cvv")),
+    };
+    let amount = match obj.get("amount") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => return Err(invalid("`amount` must be a number or a decimal string")),
+    };
+    if let Some(a) = &amount {
+        if !valid_amount(a) {
+            return Err(invalid(
+                "`amount` must be a non-negative decimal with at most 3 fraction digits",
+            ));
+        }
+    }
+    let currency = match json::opt_str(obj, "currency") {
+        Ok(None) => None,
+        Ok(Some(c)) if c.len() == 3 && c.bytes().all(|b| b.is_ascii_alphabetic()) => {
+            Some(c.to_ascii_uppercase())
+        }
+        _ => return Err(invalid("`currency` must be an ISO 4217 code")),
+    };
+    match json::opt_str(obj, "transaction_type") {
+        Ok(None) => {}
+        Ok(Some(t)) if !t.is_empty() && t.len() <= 32 => {}
+        _ => return Err(invalid("`transaction_type` must be a string of 1 to 32 characters")),
+    }
+    Ok(Parsed {
+        params: CryptogramParams {
+            kind,
+            cryptogram_type,
+            amount,
+            currency,
+        },
+        mode,
+        metadata: json::metadata(obj)?,
+    })
+}
+
+/// `12`, `12.5`, `12.50`, `0.001`; no sign, no exponent.
+fn valid_amount(a: &str) -> bool {
+    let (int, frac) = a.split_once('.').unwrap_or((a, ""));
+    !int.is_empty()
+        && int.len() <= 15
+        && int.bytes().all(|b| b.is_ascii_digit())
+        && frac.len() <= 3
+        && frac.bytes().all(|b| b.is_ascii_digit())
+        && !(a.contains('.') && frac.is_empty())
+}
+
+async fn create_inner(state: &AppState, token_id: TokenId, body: &[u8]) -> Result<Stored, ApiError> {
+    let obj = json::object(body)?;
+    let token = state
+        .tokens
+        .get(token_id)
+        .await?
+        .ok_or(ApiError::TokenNotFound)?;
+    let parsed = parse(&obj, state.config.compliance_level)?;
+    if token.status != TokenStatus::Active {
+        return Err(ApiError::TokenNotActive(status_name(token.status)));
+    }
+    if parsed.params.kind == CryptogramKind::Dauth && !token.dauth_activated {
+        return Err(ApiError::DauthNotActivated);
+    }
+    check_scheme_rules(token.scheme, &parsed.params)?;
+
+    let counter = state.tokens.next_counter(token_id).await?;
+    let minted = state.tsp.cryptogram(&token, counter, &parsed.params)?;
+    tracing::info!(
+        target: "tokenrelay::audit",
+        event = "cryptogram_created",
+        token_id = %token_id,
+        kind = parsed.params.kind.as_str(),
+        mode = if parsed.mode == Mode::Inline { "inline" } else { "reference" },
+    );
+    let (status, body) = match parsed.mode {
+        Mode::Inline => {
+            let view = InlineView {
+                cryptogram: minted.cryptogram.as_ref().map(|c| c.expose()),
+                dynamic_cvv: minted.dynamic_cvv.as_ref().map(|c| c.expose()),
+                cryptogram_type: minted.cryptogram_type.as_str(),
+                eci: minted.eci,
+                expiry_month: token.expiry_month,
+                expiry_year: token.expiry_year,
+                number: token.tpan.expose(),
+                metadata: &parsed.metadata,
+            };
+            (StatusCode::OK, serde_json::to_vec(&view))
+        }
+        Mode::Reference => {
+            let expires_at = OffsetDateTime::now_utc() + state.config.reference_ttl;
+            let cryptogram_type = minted.cryptogram_type.as_str();
+            let eci = minted.eci;
+            let payload = Arc::new(Payload {
+                cryptogram: minted.cryptogram,
+                dynamic_cvv: minted.dynamic_cvv,
+                cryptogram_type: minted.cryptogram_type,
+                eci,
+                metadata: parsed.metadata,
+            });
+            let id = state
+                .references
+                .issue(Reference {
+                    token_id,
+                    expires_at,
+                    payload: payload.clone(),
+                })
+                .await?;
+            state.metrics.references_issued.inc();
+            let view = ReferenceView {
+                cryptogram_reference: id.as_str(),
+                expires_at: rfc3339(expires_at),
+                cryptogram_type,
+                eci,
+                metadata: &payload.metadata,
+            };
+            (StatusCode::CREATED, serde_json::to_vec(&view))
+        }
+    };
+    let body = body.map_err(|e| ApiError::Internal(format!("serialising a cryptogram: {e}")))?;
+    Ok(Stored {
+        status,
+        body: body.into(),
+    })
+}
+
+/// API name of a status.
+pub fn status_name(s: TokenStatus) -> &'static str {
+    match s {
+        TokenStatus::Active => "active",
+        TokenStatus::Inactive => "inactive",
+        TokenStatus::Deleted => "deleted",
+        TokenStatus::Unprovisioned => "unprovisioned",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn amounts() {
+        for ok in ["0", "10", "10.5", "10.50", "0.001"] {
+            assert!(valid_amount(ok), "{ok}");
+        }
+        for bad in ["", "-1", "1e3", "10.", ".5", "10.0001", "1,00"] {
+            assert!(!valid_amount(bad), "{bad}");
+        }
+    }
+
+    #[test]
+    fn mode_defaults_by_compliance_level() {
+        let obj = serde_json::json!({"type": "ecom"});
+        let o = obj.as_object().unwrap();
+        assert_eq!(parse(o, ComplianceLevel::SaqA).ok().unwrap().mode, Mode::Reference);
+        assert_eq!(parse(o, ComplianceLevel::SaqD).ok().unwrap().mode, Mode::Inline);
+        assert_eq!(parse(o, ComplianceLevel::Roc).ok().unwrap().mode, Mode::Inline);
+        let inline = serde_json::json!({"type": "ecom", "mode": "inline"});
+        assert!(matches!(
+            parse(inline.as_object().unwrap(), ComplianceLevel::SaqA),
+            Err(ApiError::InlineNotPermitted)
+        ));
+    }
+}

@@ -1,0 +1,279 @@
+//! The one place where failures become HTTP.
+//!
+//! Every error tokenrelay produces is `{"code", "classifier", "message"}`
+//! with `x-relay-error: <classifier>` (contract §3). The mapping from
+//! [`ApiError`] to status and classifier is one exhaustive `match` with no
+//! catch-all arm, pinned by a unit test. Messages are written here or by the
+//! layers below from names and reasons only — never from request values — so
+//! no PAN, TPAN, cryptogram, CVC or key can reach a client through them.
+//! Faults on our side (store down, internal bugs) answer with a fixed text;
+//! their detail goes to the log.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::api::auth::Scope;
+use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
+use crate::tsp::TspError;
+use crate::vault::StoreError;
+use crate::{Body, X_RELAY_ERROR};
+
+/// Everything that can go wrong in a request, by cause.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// No or unknown `x-api-key`.
+    #[error("missing or unknown API key")]
+    Unauthorized,
+    /// The key lacks the scope.
+    #[error("API key lacks the `{}` scope", .0.as_str())]
+    Forbidden(Scope),
+    /// No such route.
+    #[error("no such route")]
+    RouteNotFound,
+    /// Route exists, method does not.
+    #[error("method not allowed on this route")]
+    MethodNotAllowed,
+    /// Malformed request (not JSON, wrong shape).
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// The provisioning source is not allowed at this compliance level.
+    #[error("source type `{0}` is not permitted at compliance level {1}")]
+    SourceNotPermitted(&'static str, &'static str),
+    /// The provisioning source type is not available in this build.
+    #[error("source type `{0}` is not supported by this deployment")]
+    SourceNotSupported(String),
+    /// The card failed validation.
+    #[error("invalid card: `{field}` {reason}")]
+    InvalidCard {
+        /// Field at fault.
+        field: &'static str,
+        /// Why.
+        reason: &'static str,
+    },
+    /// Same idempotency key, different request.
+    #[error("idempotency key was used with a different request")]
+    IdempotencyKeyReused,
+    /// Unknown token id.
+    #[error("network token not found")]
+    TokenNotFound,
+    /// Metadata breaks the limits.
+    #[error("invalid metadata: {0}")]
+    InvalidMetadata(String),
+    /// Inline cryptograms at SAQ-A.
+    #[error("inline cryptograms are not permitted at compliance level saq-a; use mode reference")]
+    InlineNotPermitted,
+    /// `dauth` without activation.
+    #[error("delegated authentication is not activated for this token")]
+    DauthNotActivated,
+    /// Token is not active.
+    #[error("network token is not active (status {0})")]
+    TokenNotActive(&'static str),
+    /// The cryptogram request breaks a rule.
+    #[error("invalid cryptogram request: {0}")]
+    InvalidCryptogramRequest(String),
+    /// Reference store at its bound.
+    #[error("reference store is full; retry later")]
+    ReferenceStoreFull,
+    /// A required header is absent.
+    #[error("missing header `{0}`")]
+    MissingHeader(&'static str),
+    /// `x-destination-url` is malformed.
+    #[error("invalid destination: {0}")]
+    InvalidDestination(String),
+    /// The allow-list refuses the destination.
+    #[error("destination not allowed: {0}")]
+    DestinationNotAllowed(String),
+    /// Body over `max_body_bytes`.
+    #[error("request body exceeds {0} bytes")]
+    BodyTooLarge(usize),
+    /// Placeholder syntax or name error.
+    #[error("invalid template: {0}")]
+    InvalidTemplate(String),
+    /// Unknown or expired reference.
+    #[error("cryptogram reference not found or expired")]
+    ReferenceNotFound,
+    /// Reference consumed before.
+    #[error("cryptogram reference already used")]
+    ReferenceAlreadyUsed,
+    /// Reference bound to another token.
+    #[error("cryptogram reference belongs to another network token")]
+    ReferenceTokenMismatch,
+    /// Could not connect to the acquirer; nothing was sent.
+    #[error("destination unreachable: {0}")]
+    DestinationUnreachable(String),
+    /// The connection failed after the request was sent: the acquirer may
+    /// have received it, so the reference stays consumed.
+    #[error("destination failed: {0}")]
+    DestinationFailed(String),
+    /// The acquirer did not answer in time.
+    #[error("destination timed out: {0}")]
+    DestinationTimeout(String),
+    /// A backing store is down: ours, retryable.
+    #[error("service unavailable")]
+    Unavailable(String),
+    /// A bug or an impossible state: ours.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// Status and classifier; the contract's table, exhaustively.
+    pub fn status_and_classifier(&self) -> (StatusCode, &'static str) {
+        use ApiError as E;
+        match self {
+            E::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
+            E::RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
+            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
+            E::SourceNotPermitted(..) => (StatusCode::FORBIDDEN, "source_not_permitted"),
+            E::SourceNotSupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "source_not_supported"),
+            E::InvalidCard { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_card"),
+            E::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
+            E::TokenNotFound => (StatusCode::NOT_FOUND, "token_not_found"),
+            E::InvalidMetadata(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_metadata"),
+            E::InlineNotPermitted => (StatusCode::FORBIDDEN, "inline_not_permitted"),
+            E::DauthNotActivated => (StatusCode::UNPROCESSABLE_ENTITY, "dauth_not_activated"),
+            E::TokenNotActive(_) => (StatusCode::FAILED_DEPENDENCY, "token_not_active"),
+            E::InvalidCryptogramRequest(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cryptogram_request")
+            }
+            E::ReferenceStoreFull => (StatusCode::SERVICE_UNAVAILABLE, "reference_store_full"),
+            E::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
+            E::InvalidDestination(_) => (StatusCode::BAD_REQUEST, "invalid_destination"),
+            E::DestinationNotAllowed(_) => (StatusCode::FORBIDDEN, "destination_not_allowed"),
+            E::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
+            E::InvalidTemplate(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_template"),
+            E::ReferenceNotFound => (StatusCode::NOT_FOUND, "reference_not_found"),
+            E::ReferenceAlreadyUsed => (StatusCode::CONFLICT, "reference_already_used"),
+            E::ReferenceTokenMismatch => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "reference_token_mismatch")
+            }
+            E::DestinationUnreachable(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable"),
+            E::DestinationFailed(_) => (StatusCode::BAD_GATEWAY, "destination_failed"),
+            E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
+            E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
+            E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+        }
+    }
+
+    /// Whether the fault is on our side (logged at error level).
+    pub fn is_ours(&self) -> bool {
+        matches!(self, ApiError::Unavailable(_) | ApiError::Internal(_))
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, classifier) = self.status_and_classifier();
+        if self.is_ours() {
+            let detail = match &self {
+                ApiError::Unavailable(d) | ApiError::Internal(d) => d.as_str(),
+                _ => "",
+            };
+            tracing::error!(classifier, detail, "request failed on our side");
+        }
+        let body = serde_json::json!({
+            "code": status.as_u16(),
+            "classifier": classifier,
+            "message": self.to_string(),
+        });
+        let bytes = serde_json::to_vec(&body).unwrap_or_default();
+        let mut resp = Response::new(
+            Full::new(Bytes::from(bytes))
+                .map_err(|never| match never {})
+                .boxed(),
+        );
+        *resp.status_mut() = status;
+        let h = resp.headers_mut();
+        h.insert(
+            http::header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        h.insert(X_RELAY_ERROR.clone(), HeaderValue::from_static(classifier));
+        resp
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(d) => ApiError::Unavailable(format!("token store: {d}")),
+        }
+    }
+}
+
+impl From<TspError> for ApiError {
+    fn from(e: TspError) -> Self {
+        match e {
+            TspError::InvalidRequest(m) => ApiError::InvalidCryptogramRequest(m.to_owned()),
+            TspError::Unavailable(d) => ApiError::Unavailable(format!("token service: {d}")),
+        }
+    }
+}
+
+impl From<ReferenceStoreError> for ApiError {
+    fn from(e: ReferenceStoreError) -> Self {
+        match e {
+            ReferenceStoreError::Full => ApiError::ReferenceStoreFull,
+            ReferenceStoreError::Unavailable(d) => {
+                ApiError::Unavailable(format!("reference store: {d}"))
+            }
+        }
+    }
+}
+
+impl From<TakeFailure> for ApiError {
+    fn from(e: TakeFailure) -> Self {
+        match e {
+            TakeFailure::Refused(TakeError::NotFound) => ApiError::ReferenceNotFound,
+            TakeFailure::Refused(TakeError::AlreadyUsed) => ApiError::ReferenceAlreadyUsed,
+            TakeFailure::Refused(TakeError::TokenMismatch) => ApiError::ReferenceTokenMismatch,
+            TakeFailure::Store(s) => s.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Pins the contract's status/classifier table.
+    #[test]
+    fn contract_table() {
+        let cases: Vec<(ApiError, u16, &str)> = vec![
+            (ApiError::Unauthorized, 401, "unauthorized"),
+            (ApiError::Forbidden(Scope::Forward), 403, "forbidden"),
+            (ApiError::SourceNotPermitted("pan", "saq-a"), 403, "source_not_permitted"),
+            (ApiError::InvalidCard { field: "number", reason: "x" }, 422, "invalid_card"),
+            (ApiError::IdempotencyKeyReused, 422, "idempotency_key_reused"),
+            (ApiError::TokenNotFound, 404, "token_not_found"),
+            (ApiError::InvalidMetadata("x".into()), 422, "invalid_metadata"),
+            (ApiError::InlineNotPermitted, 403, "inline_not_permitted"),
+            (ApiError::DauthNotActivated, 422, "dauth_not_activated"),
+            (ApiError::TokenNotActive("deleted"), 424, "token_not_active"),
+            (ApiError::InvalidCryptogramRequest("x".into()), 422, "invalid_cryptogram_request"),
+            (ApiError::ReferenceStoreFull, 503, "reference_store_full"),
+            (ApiError::MissingHeader("x"), 400, "missing_header"),
+            (ApiError::InvalidDestination("x".into()), 400, "invalid_destination"),
+            (ApiError::DestinationNotAllowed("x".into()), 403, "destination_not_allowed"),
+            (ApiError::BodyTooLarge(1), 413, "body_too_large"),
+            (ApiError::InvalidTemplate("x".into()), 422, "invalid_template"),
+            (ApiError::ReferenceNotFound, 404, "reference_not_found"),
+            (ApiError::ReferenceAlreadyUsed, 409, "reference_already_used"),
+            (ApiError::ReferenceTokenMismatch, 422, "reference_token_mismatch"),
+            (ApiError::DestinationUnreachable("x".into()), 502, "destination_unreachable"),
+            (ApiError::DestinationTimeout("x".into()), 504, "destination_timeout"),
+        ];
+        for (e, code, classifier) in cases {
+            let (s, c) = e.status_and_classifier();
+            assert_eq!((s.as_u16(), c), (code, classifier), "{e:?}");
+        }
+    }
+
+    #[test]
+    fn internal_detail_never_reaches_the_message() {
+        let e = ApiError::Internal("sqlite: disk I/O error at /var/secret".into());
+        assert_eq!(e.to_string(), "internal error");
+    }
+}

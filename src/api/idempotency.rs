@@ -1,0 +1,112 @@
+//! `x-idempotency-key`: the same key with the same request replays the first
+//! response; the same key with another request is refused with 422
+//! `idempotency_key_reused`.
+//!
+//! Records are scoped by API key name and route, keyed by the client's key,
+//! and remember a SHA-256 fingerprint of the request (method, path, body).
+//! Concurrent requests with one key run the handler once: the others wait
+//! for the first and replay its answer. A failed request records nothing,
+//! so a retry after an error runs again.
+//!
+//! Records live in memory for `idempotency_ttl` (default 24 h); at most
+//! [`MAX_RECORDS`] are kept, well above what a sidecar sees in a day.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Method, Response, StatusCode};
+use moka::sync::Cache;
+use ring::digest;
+
+use super::{bytes_response, ApiError, X_IDEMPOTENCY_KEY};
+use crate::Body;
+
+/// Upper bound on records held.
+pub const MAX_RECORDS: u64 = 1_000_000;
+/// Longest accepted idempotency key.
+pub const MAX_KEY_LEN: usize = 255;
+
+/// A response worth replaying.
+#[derive(Clone)]
+pub struct Stored {
+    /// Its status.
+    pub status: StatusCode,
+    /// Its JSON body.
+    pub body: Bytes,
+}
+
+struct Slot {
+    fingerprint: [u8; 32],
+    done: tokio::sync::OnceCell<Stored>,
+}
+
+/// The idempotency record cache.
+pub struct Idempotency {
+    cache: Cache<String, Arc<Slot>>,
+}
+
+impl Idempotency {
+    /// Records kept for `ttl`.
+    pub fn new(ttl: Duration) -> Self {
+        Self {
+            cache: Cache::builder()
+                .max_capacity(MAX_RECORDS)
+                .time_to_live(ttl)
+                .build(),
+        }
+    }
+
+    /// Runs `f` under the request's idempotency key, if it has one.
+    pub async fn run<F, Fut>(
+        &self,
+        headers: &HeaderMap,
+        scope: (&str, &str),
+        method: &Method,
+        path: &str,
+        body: &[u8],
+        f: F,
+    ) -> Result<Response<Body>, ApiError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<Stored, ApiError>>,
+    {
+        let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
+            let s = f().await?;
+            return Ok(bytes_response(s.status, s.body));
+        };
+        let client_key = client_key
+            .to_str()
+            .ok()
+            .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+            .ok_or_else(|| {
+                ApiError::InvalidRequest(format!(
+                    "{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+                ))
+            })?;
+        let fingerprint = {
+            let mut ctx = digest::Context::new(&digest::SHA256);
+            ctx.update(method.as_str().as_bytes());
+            ctx.update(b" ");
+            ctx.update(path.as_bytes());
+            ctx.update(b"\n");
+            ctx.update(body);
+            let mut fp = [0u8; 32];
+            fp.copy_from_slice(ctx.finish().as_ref());
+            fp
+        };
+        let record_key = format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1);
+        let slot = self.cache.get_with(record_key, || {
+            Arc::new(Slot {
+                fingerprint,
+                done: tokio::sync::OnceCell::new(),
+            })
+        });
+        if slot.fingerprint != fingerprint {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        let stored = slot.done.get_or_try_init(f).await?;
+        Ok(bytes_response(stored.status, stored.body.clone()))
+    }
+}

@@ -1,0 +1,221 @@
+//! Network tokens: provision, read, delete (contract §4).
+//!
+//! The API view of a token ([`TokenView`]) is built from the token's public
+//! fields only; the TPAN has no path into it.
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
+
+use super::auth::ApiKey;
+use super::idempotency::Stored;
+use super::json;
+use super::{check_content_length, empty_response, json_response, read_body, ApiError};
+use crate::card::validate_card;
+use crate::tsp::ProvisionRequest;
+use crate::vault::{Metadata, NetworkToken, NetworkTokenType, TokenId, TokenStatus};
+use crate::{AppState, Body};
+
+/// The token as the API shows it: never the TPAN or the PAN.
+#[derive(Serialize)]
+pub struct TokenView<'a> {
+    id: TokenId,
+    status: TokenStatus,
+    network_token_type: NetworkTokenType,
+    scheme: &'static str,
+    last4: &'a str,
+    expiry_month: u8,
+    expiry_year: u16,
+    pci_token_id: Option<uuid::Uuid>,
+    supports_device_binding: bool,
+    scheme_reference: &'a str,
+    scheme_metadata: &'a Metadata,
+    metadata: &'a Metadata,
+    created_at: String,
+    updated_at: String,
+}
+
+/// RFC 3339 text of a timestamp.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
+
+impl<'a> From<&'a NetworkToken> for TokenView<'a> {
+    fn from(t: &'a NetworkToken) -> Self {
+        TokenView {
+            id: t.id,
+            status: t.status,
+            network_token_type: t.network_token_type,
+            scheme: t.scheme.as_str(),
+            last4: &t.card_last4,
+            expiry_month: t.expiry_month,
+            expiry_year: t.expiry_year,
+            pci_token_id: t.pci_token_id,
+            supports_device_binding: t.supports_device_binding,
+            scheme_reference: &t.scheme_reference,
+            scheme_metadata: &t.scheme_metadata,
+            metadata: &t.metadata,
+            created_at: rfc3339(t.created_at),
+            updated_at: rfc3339(t.updated_at),
+        }
+    }
+}
+
+/// Parses a token id from the path; a malformed one is simply not found.
+pub fn parse_id(id: Option<&str>) -> Result<TokenId, ApiError> {
+    id.and_then(TokenId::parse).ok_or(ApiError::TokenNotFound)
+}
+
+/// `POST /api/network/tokens`
+pub async fn provision(
+    state: &AppState,
+    key: &ApiKey,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    check_content_length(&req, state.config.max_body_bytes)?;
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    state
+        .idempotency
+        .run(
+            &parts.headers,
+            (&key.name, "provision_token"),
+            &parts.method,
+            parts.uri.path(),
+            &body,
+            || provision_inner(state, &body),
+        )
+        .await
+}
+
+async fn provision_inner(state: &AppState, body: &[u8]) -> Result<Stored, ApiError> {
+    let obj = json::object(body)?;
+    json::only_fields(&obj, &["source", "metadata", "dauth_activated"], "")?;
+    let metadata = json::metadata(&obj)?;
+    let dauth_activated = json::opt_bool(&obj, "dauth_activated")
+        .map_err(|_| ApiError::InvalidRequest("`dauth_activated` must be a boolean".into()))?
+        .unwrap_or(false);
+    let source = match obj.get("source") {
+        Some(serde_json::Value::Object(s)) => s,
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "`source` must be an object with a `type`".into(),
+            ))
+        }
+    };
+    let source_type = json::opt_str(source, "type")
+        .ok()
+        .flatten()
+        .ok_or_else(|| ApiError::InvalidRequest("`source.type` is required".into()))?;
+    match source_type {
+        "pan" => {}
+        "pci_token" | "session" => {
+            return Err(ApiError::SourceNotSupported(source_type.to_owned()));
+        }
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "`source.type` must be one of pan, pci_token, session".into(),
+            ))
+        }
+    }
+    if !state.config.compliance_level.handles_card_data() {
+        return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
+    }
+    json::only_fields(
+        source,
+        &[
+            "type",
+            "number",
+            "expiry_month",
+            "expiry_year",
+            "cvc",
+            "cardholder_name",
+        ],
+        "source.",
+    )?;
+    let card_field = |field: &'static str, reason: &'static str| ApiError::InvalidCard { field, reason };
+    let number = json::opt_str(source, "number")
+        .map_err(|_| card_field("number", "must be a string of digits"))?
+        .ok_or(card_field("number", "is required"))?;
+    let month = json::opt_int(source, "expiry_month")
+        .map_err(|_| card_field("expiry_month", "must be an integer"))?
+        .ok_or(card_field("expiry_month", "is required"))?;
+    let year = json::opt_int(source, "expiry_year")
+        .map_err(|_| card_field("expiry_year", "must be an integer"))?
+        .ok_or(card_field("expiry_year", "is required"))?;
+    if let Some(cvc) = json::opt_str(source, "cvc").map_err(|_| card_field("cvc", "must be a string"))? {
+        if !(3..=4).contains(&cvc.len()) || !cvc.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(card_field("cvc", "must be 3 or 4 digits"));
+        }
+    }
+    if let Some(name) = json::opt_str(source, "cardholder_name")
+        .map_err(|_| card_field("cardholder_name", "must be a string"))?
+    {
+        if name.chars().count() > 100 {
+            return Err(card_field("cardholder_name", "must be at most 100 characters"));
+        }
+    }
+    let now = OffsetDateTime::now_utc();
+    let (pan, brand) = validate_card(number, month, year, (now.year(), u8::from(now.month())))
+        .map_err(|e| ApiError::InvalidCard {
+            field: e.field,
+            reason: e.reason,
+        })?;
+
+    let provisioned = state.tsp.provision(&ProvisionRequest {
+        pan: &pan,
+        brand,
+        expiry_month: month as u8,
+        expiry_year: year as u16,
+    })?;
+    let token = NetworkToken {
+        id: TokenId::new(),
+        status: TokenStatus::Active,
+        network_token_type: provisioned.network_token_type,
+        scheme: brand,
+        card_last4: pan.last4().to_owned(),
+        expiry_month: provisioned.expiry_month,
+        expiry_year: provisioned.expiry_year,
+        pci_token_id: None,
+        supports_device_binding: provisioned.supports_device_binding,
+        scheme_reference: provisioned.scheme_reference,
+        scheme_metadata: provisioned.scheme_metadata,
+        metadata,
+        dauth_activated,
+        created_at: now,
+        updated_at: now,
+        tpan: provisioned.tpan,
+    };
+    let body = serde_json::to_vec(&TokenView::from(&token))
+        .map_err(|e| ApiError::Internal(format!("serialising a token: {e}")))?;
+    let id = token.id;
+    state.tokens.insert(token).await?;
+    tracing::info!(target: "tokenrelay::audit", event = "token_provisioned", token_id = %id, scheme = brand.as_str(), card = %pan);
+    Ok(Stored {
+        status: StatusCode::CREATED,
+        body: body.into(),
+    })
+}
+
+/// `GET /api/network/tokens/{id}`
+pub async fn get(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    let token = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
+    json_response(StatusCode::OK, &TokenView::from(token.as_ref()))
+}
+
+/// `DELETE /api/network/tokens/{id}`: the token becomes `deleted` (kept as a
+/// tombstone so `GET` can say so) and its outstanding references die.
+pub async fn delete(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    state
+        .tokens
+        .set_status(id, TokenStatus::Deleted)
+        .await?
+        .ok_or(ApiError::TokenNotFound)?;
+    state.references.revoke_token(id).await?;
+    tracing::info!(target: "tokenrelay::audit", event = "token_deleted", token_id = %id);
+    Ok(empty_response(StatusCode::NO_CONTENT))
+}

@@ -1,0 +1,644 @@
+//! Configuration: raw TOML → validation → the typed [`Config`] the rest of
+//! the crate uses.
+//!
+//! Parsing never binds a port or opens a file other than the config itself
+//! and the files it names for validation, so `check-config` and `serve` fail
+//! the same way, before anything starts. Every error names the key at fault.
+//! Secrets (the master key, database passwords) are never read from the TOML:
+//! they come from the environment or from files the TOML names.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::api::auth::{ApiKey, KeyHash, Scope};
+
+/// A configuration error, naming the key that caused it.
+#[derive(Debug, thiserror::Error)]
+#[error("config key `{key}`: {message}")]
+pub struct ConfigError {
+    /// Dotted path of the offending key, e.g. `destinations[0].host`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(key: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            key: key.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// PCI DSS compliance level of the merchant; decides what may leave the vault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ComplianceLevel {
+    /// The merchant never sees card data: references only, no PAN input.
+    SaqA,
+    /// The merchant handles card data.
+    SaqD,
+    /// Report on compliance: the merchant is fully assessed.
+    Roc,
+}
+
+impl ComplianceLevel {
+    /// Whether the merchant may send or receive raw card data.
+    pub fn handles_card_data(self) -> bool {
+        !matches!(self, ComplianceLevel::SaqA)
+    }
+}
+
+/// Placeholder delimiters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PlaceholderSyntax {
+    /// `<< name >>`
+    Angle,
+    /// `{{ name }}`, as Hellgate writes them.
+    Braces,
+}
+
+/// Where network tokens are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VaultBackend {
+    /// In-process only; lost on restart. For tests and throwaway tries.
+    Memory,
+}
+
+/// Where cryptogram references are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReferenceBackend {
+    /// In-process TTL cache (moka).
+    Memory,
+}
+
+/// Scheme allowed for a destination rule.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DestScheme {
+    /// TLS, the default.
+    Https,
+    /// Plain HTTP, only where a rule says so.
+    Http,
+}
+
+impl DestScheme {
+    /// The URL scheme string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DestScheme::Https => "https",
+            DestScheme::Http => "http",
+        }
+    }
+}
+
+/// Host pattern of a destination rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HostPattern {
+    /// Matches exactly this host (lower-cased).
+    Exact(String),
+    /// `*.suffix`: matches any host with at least one more label before
+    /// `.suffix`; stored as `.suffix`.
+    Wildcard(String),
+}
+
+impl HostPattern {
+    /// Whether `host` (already lower-cased) matches.
+    pub fn matches(&self, host: &str) -> bool {
+        match self {
+            HostPattern::Exact(h) => h == host,
+            HostPattern::Wildcard(suffix) => host.len() > suffix.len() && host.ends_with(suffix),
+        }
+    }
+}
+
+/// One allow-list rule.
+#[derive(Debug, Clone)]
+pub struct DestinationRule {
+    /// Hosts this rule admits.
+    pub host: HostPattern,
+    /// The only port it admits.
+    pub port: u16,
+    /// The only scheme it admits.
+    pub scheme: DestScheme,
+    /// Whether private, loopback and link-local addresses may be reached.
+    pub allow_private: bool,
+    /// Extra trust anchors (PEM) for this destination.
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate chain (PEM) for mTLS.
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM) for mTLS.
+    pub client_key: Option<PathBuf>,
+}
+
+/// Upstream (acquirer) connection settings.
+#[derive(Debug, Clone)]
+pub struct UpstreamConfig {
+    /// TCP connect plus TLS handshake.
+    pub connect_timeout: Duration,
+    /// Wait for the response head once the request is sent.
+    pub response_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per host.
+    pub pool_max_idle_per_host: usize,
+}
+
+/// Optional TLS on the API listener.
+#[derive(Debug, Clone)]
+pub struct ListenTls {
+    /// Certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Private key (PEM).
+    pub key_file: PathBuf,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// API and forward listener.
+    pub listen: SocketAddr,
+    /// Health and metrics listener.
+    pub admin_listen: SocketAddr,
+    /// TLS for `listen`, if configured.
+    pub listen_tls: Option<ListenTls>,
+    /// Compliance level of the merchant.
+    pub compliance_level: ComplianceLevel,
+    /// Lifetime of a cryptogram reference.
+    pub reference_ttl: Duration,
+    /// Largest request body accepted.
+    pub max_body_bytes: usize,
+    /// Placeholder delimiters.
+    pub placeholder_syntax: PlaceholderSyntax,
+    /// Mask injected values echoed back by the acquirer.
+    pub redact_responses: bool,
+    /// How long idempotency records are kept.
+    pub idempotency_ttl: Duration,
+    /// Most concurrent client connections.
+    pub max_connections: usize,
+    /// Time a client has to send its request head.
+    pub header_read_timeout: Duration,
+    /// How long in-flight requests may run after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// API keys, hashed.
+    pub api_keys: Vec<ApiKey>,
+    /// Token vault backend.
+    pub vault: VaultBackend,
+    /// Reference store backend.
+    pub references: ReferenceBackend,
+    /// Most references alive at once; beyond it, 503 `reference_store_full`.
+    pub reference_max_entries: u64,
+    /// Upstream settings.
+    pub upstream: UpstreamConfig,
+    /// The allow-list.
+    pub destinations: Vec<DestinationRule>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    listen: Option<String>,
+    admin_listen: Option<String>,
+    compliance_level: Option<ComplianceLevel>,
+    reference_ttl: Option<String>,
+    max_body_bytes: Option<u64>,
+    placeholder_syntax: Option<PlaceholderSyntax>,
+    redact_responses: Option<bool>,
+    idempotency_ttl: Option<String>,
+    max_connections: Option<u64>,
+    header_read_timeout: Option<String>,
+    shutdown_grace: Option<String>,
+    tsp: Option<String>,
+    tls: Option<RawTls>,
+    #[serde(default)]
+    api_keys: Vec<RawApiKey>,
+    vault: Option<RawVault>,
+    references: Option<RawReferences>,
+    upstream: Option<RawUpstream>,
+    #[serde(default)]
+    destinations: Vec<RawDestination>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: PathBuf,
+    key_file: PathBuf,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApiKey {
+    name: String,
+    hash: String,
+    scopes: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVault {
+    backend: Option<String>,
+    path: Option<PathBuf>,
+    key_file: Option<PathBuf>,
+    url: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawReferences {
+    backend: Option<String>,
+    url: Option<String>,
+    max_entries: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    connect_timeout: Option<String>,
+    response_timeout: Option<String>,
+    pool_idle_timeout: Option<String>,
+    pool_max_idle_per_host: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDestination {
+    host: String,
+    port: Option<u16>,
+    scheme: Option<DestScheme>,
+    #[serde(default)]
+    allow_private: bool,
+    ca_file: Option<PathBuf>,
+    client_cert: Option<PathBuf>,
+    client_key: Option<PathBuf>,
+}
+
+impl Config {
+    /// Reads and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
+        })?;
+        Config::parse(&text)
+    }
+
+    /// Parses and validates a TOML document.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            // toml's message names the unknown or mistyped key; keep it.
+            ConfigError::new("(document)", e.message().to_owned())
+        })?;
+        raw.validate()
+    }
+
+    /// A configuration with every default and no API keys or destinations:
+    /// the starting point for tests and the demo.
+    pub fn defaults() -> Config {
+        // An empty document always validates.
+        match Config::parse("") {
+            Ok(c) => c,
+            Err(e) => unreachable!("empty config must validate: {e}"),
+        }
+    }
+}
+
+fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
+    match value {
+        None => Ok(default),
+        Some(v) => {
+            let d = humantime::parse_duration(&v)
+                .map_err(|e| ConfigError::new(key, format!("not a duration ({e}): {v:?}")))?;
+            if d.is_zero() {
+                return Err(ConfigError::new(key, "must be greater than zero"));
+            }
+            Ok(d)
+        }
+    }
+}
+
+fn socket_addr(key: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
+    let v = value.unwrap_or_else(|| default.to_owned());
+    v.parse()
+        .map_err(|_| ConfigError::new(key, format!("not an IP:port address: {v:?}")))
+}
+
+fn readable_file(key: &str, path: &Option<PathBuf>) -> Result<(), ConfigError> {
+    if let Some(p) = path {
+        if !p.is_file() {
+            return Err(ConfigError::new(
+                key,
+                format!("file not found: {}", p.display()),
+            ));
+        }
+    }
+    Ok(())
+}
+
+impl RawConfig {
+    fn validate(self) -> Result<Config, ConfigError> {
+        let listen = socket_addr("listen", self.listen, "127.0.0.1:8080")?;
+        let admin_listen = socket_addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?;
+        let compliance_level = self.compliance_level.unwrap_or(ComplianceLevel::SaqA);
+        let reference_ttl = duration(
+            "reference_ttl",
+            self.reference_ttl,
+            Duration::from_secs(15 * 60),
+        )?;
+        let max_body_bytes = self.max_body_bytes.unwrap_or(1 << 20);
+        if max_body_bytes == 0 || max_body_bytes > (64 << 20) {
+            return Err(ConfigError::new(
+                "max_body_bytes",
+                "must be between 1 and 67108864",
+            ));
+        }
+        let max_connections = self.max_connections.unwrap_or(4096);
+        if max_connections == 0 {
+            return Err(ConfigError::new(
+                "max_connections",
+                "must be greater than zero",
+            ));
+        }
+        if let Some(tsp) = &self.tsp {
+            if tsp != "sandbox" {
+                return Err(ConfigError::new(
+                    "tsp",
+                    format!("unknown token service provider {tsp:?} (supported: \"sandbox\")"),
+                ));
+            }
+        }
+        let listen_tls = match self.tls {
+            None => None,
+            Some(t) => {
+                readable_file("tls.cert_file", &Some(t.cert_file.clone()))?;
+                readable_file("tls.key_file", &Some(t.key_file.clone()))?;
+                Some(ListenTls {
+                    cert_file: t.cert_file,
+                    key_file: t.key_file,
+                })
+            }
+        };
+
+        let mut api_keys = Vec::with_capacity(self.api_keys.len());
+        let mut names = HashSet::new();
+        for (i, k) in self.api_keys.into_iter().enumerate() {
+            let key = |field: &str| format!("api_keys[{i}].{field}");
+            if k.name.trim().is_empty() {
+                return Err(ConfigError::new(key("name"), "must not be empty"));
+            }
+            if !names.insert(k.name.clone()) {
+                return Err(ConfigError::new(
+                    key("name"),
+                    format!("duplicate key name {:?}", k.name),
+                ));
+            }
+            let hash = KeyHash::parse(&k.hash).ok_or_else(|| {
+                ConfigError::new(
+                    key("hash"),
+                    "expected \"sha256:<64 hex digits>\" as printed by `tokenrelay hash-key`",
+                )
+            })?;
+            let mut scopes = Vec::with_capacity(k.scopes.len());
+            for s in &k.scopes {
+                scopes.push(Scope::parse(s).ok_or_else(|| {
+                    ConfigError::new(
+                        key("scopes"),
+                        format!(
+                            "unknown scope {s:?} (expected tokens, cryptograms, forward, admin)"
+                        ),
+                    )
+                })?);
+            }
+            api_keys.push(ApiKey {
+                name: k.name,
+                hash,
+                scopes,
+            });
+        }
+
+        let vault = match self.vault {
+            None => VaultBackend::Memory,
+            Some(v) => {
+                let backend = v.backend.as_deref().unwrap_or("memory");
+                match backend {
+                    "memory" => {
+                        if v.path.is_some() || v.url.is_some() || v.key_file.is_some() {
+                            return Err(ConfigError::new(
+                                "vault",
+                                "path, url and key_file do not apply to backend \"memory\"",
+                            ));
+                        }
+                        VaultBackend::Memory
+                    }
+                    other => {
+                        return Err(ConfigError::new(
+                            "vault.backend",
+                            format!("unsupported backend {other:?} in this build (supported: \"memory\")"),
+                        ))
+                    }
+                }
+            }
+        };
+
+        let (references, reference_max_entries) = match self.references {
+            None => (ReferenceBackend::Memory, 1_000_000),
+            Some(r) => {
+                let backend = r.backend.as_deref().unwrap_or("memory");
+                let backend = match backend {
+                    "memory" => {
+                        if r.url.is_some() {
+                            return Err(ConfigError::new(
+                                "references.url",
+                                "does not apply to backend \"memory\"",
+                            ));
+                        }
+                        ReferenceBackend::Memory
+                    }
+                    other => {
+                        return Err(ConfigError::new(
+                            "references.backend",
+                            format!("unsupported backend {other:?} in this build (supported: \"memory\")"),
+                        ))
+                    }
+                };
+                let max = r.max_entries.unwrap_or(1_000_000);
+                if max == 0 {
+                    return Err(ConfigError::new(
+                        "references.max_entries",
+                        "must be greater than zero",
+                    ));
+                }
+                (backend, max)
+            }
+        };
+
+        let up = self.upstream.unwrap_or(RawUpstream {
+            connect_timeout: None,
+            response_timeout: None,
+            pool_idle_timeout: None,
+            pool_max_idle_per_host: None,
+        });
+        let upstream = UpstreamConfig {
+            connect_timeout: duration(
+                "upstream.connect_timeout",
+                up.connect_timeout,
+                Duration::from_secs(5),
+            )?,
+            response_timeout: duration(
+                "upstream.response_timeout",
+                up.response_timeout,
+                Duration::from_secs(30),
+            )?,
+            pool_idle_timeout: duration(
+                "upstream.pool_idle_timeout",
+                up.pool_idle_timeout,
+                Duration::from_secs(90),
+            )?,
+            pool_max_idle_per_host: up.pool_max_idle_per_host.unwrap_or(32) as usize,
+        };
+
+        let mut destinations = Vec::with_capacity(self.destinations.len());
+        for (i, d) in self.destinations.into_iter().enumerate() {
+            let key = |field: &str| format!("destinations[{i}].{field}");
+            let host = d.host.trim().to_ascii_lowercase();
+            let pattern = if let Some(suffix) = host.strip_prefix("*.") {
+                if suffix.is_empty() || suffix.contains('*') {
+                    return Err(ConfigError::new(key("host"), "invalid wildcard pattern"));
+                }
+                HostPattern::Wildcard(format!(".{suffix}"))
+            } else {
+                if host.is_empty() || host.contains('*') || host.contains('/') {
+                    return Err(ConfigError::new(
+                        key("host"),
+                        "expected a host name, an IP address or \"*.domain\"",
+                    ));
+                }
+                HostPattern::Exact(host.trim_matches(['[', ']']).to_owned())
+            };
+            let scheme = d.scheme.unwrap_or(DestScheme::Https);
+            let port = d.port.unwrap_or(match scheme {
+                DestScheme::Https => 443,
+                DestScheme::Http => 80,
+            });
+            readable_file(&key("ca_file"), &d.ca_file)?;
+            readable_file(&key("client_cert"), &d.client_cert)?;
+            readable_file(&key("client_key"), &d.client_key)?;
+            if d.client_cert.is_some() != d.client_key.is_some() {
+                return Err(ConfigError::new(
+                    key("client_key"),
+                    "client_cert and client_key must be given together",
+                ));
+            }
+            if scheme == DestScheme::Http
+                && (d.ca_file.is_some() || d.client_cert.is_some())
+            {
+                return Err(ConfigError::new(
+                    key("scheme"),
+                    "TLS settings given for a plain-http rule",
+                ));
+            }
+            destinations.push(DestinationRule {
+                host: pattern,
+                port,
+                scheme,
+                allow_private: d.allow_private,
+                ca_file: d.ca_file,
+                client_cert: d.client_cert,
+                client_key: d.client_key,
+            });
+        }
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            listen_tls,
+            compliance_level,
+            reference_ttl,
+            max_body_bytes: max_body_bytes as usize,
+            placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
+            redact_responses: self
+                .redact_responses
+                .unwrap_or(compliance_level == ComplianceLevel::SaqA),
+            idempotency_ttl: duration(
+                "idempotency_ttl",
+                self.idempotency_ttl,
+                Duration::from_secs(24 * 3600),
+            )?,
+            max_connections: max_connections as usize,
+            header_read_timeout: duration(
+                "header_read_timeout",
+                self.header_read_timeout,
+                Duration::from_secs(10),
+            )?,
+            shutdown_grace: duration(
+                "shutdown_grace",
+                self.shutdown_grace,
+                Duration::from_secs(30),
+            )?,
+            api_keys,
+            vault,
+            references,
+            reference_max_entries,
+            upstream,
+            destinations,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_document_takes_every_default() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(c.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
+        assert_eq!(c.compliance_level, ComplianceLevel::SaqA);
+        assert_eq!(c.reference_ttl, Duration::from_secs(900));
+        assert_eq!(c.max_body_bytes, 1 << 20);
+        assert!(c.redact_responses);
+        assert!(c.destinations.is_empty());
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let e = Config::parse("listen = \"127.0.0.1:1\"\nlisten_port = 3\n").unwrap_err();
+        assert!(e.to_string().contains("listen_port"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        for (doc, key) in [
+            ("reference_ttl = \"soon\"", "reference_ttl"),
+            ("listen = \"localhost\"", "listen"),
+            ("[upstream]\nconnect_timeout = \"0s\"", "upstream.connect_timeout"),
+            (
+                "[[api_keys]]\nname = \"a\"\nhash = \"plain\"\nscopes = []",
+                "api_keys[0].hash",
+            ),
+            ("[[destinations]]\nhost = \"*.\"", "destinations[0].host"),
+            (
+                "[[destinations]]\nhost = \"a.example\"\nca_file = \"/nonexistent\"",
+                "destinations[0].ca_file",
+            ),
+            ("[vault]\nbackend = \"oracle\"", "vault.backend"),
+        ] {
+            let e = Config::parse(doc).unwrap_err();
+            assert_eq!(e.key, key, "{doc}: {e}");
+        }
+    }
+
+    #[test]
+    fn wildcard_needs_one_more_label() {
+        let p = HostPattern::Wildcard(".acquirer.example".into());
+        assert!(p.matches("api.acquirer.example"));
+        assert!(!p.matches("acquirer.example"));
+        assert!(!p.matches("evilacquirer.example"));
+    }
+}

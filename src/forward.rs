@@ -1,0 +1,536 @@
+//! The forward proxy (contract §6): `<ANY> /api/network/tokens/{id}/forward`.
+//!
+//! One request walks these named steps, and nothing is consumed until the
+//! request is known to be good:
+//!
+//! 1. auth — done by the router (`forward` scope);
+//! 2. [`check_headers`] — both headers present, destination parsed, on the
+//!    allow-list, resolved once and its addresses checked;
+//! 3. [`read_and_parse`] — body read under `max_body_bytes`, placeholders
+//!    parsed in the body, header values and the URL's path and query;
+//! 4. [`consume`] — token active, reference taken atomically (or only
+//!    peeked, for a dry run);
+//! 5. [`send`] — render, connect, send; a connection that fails before any
+//!    byte was written restores the reference;
+//! 6. [`relay`] — status, headers and body streamed back.
+//!
+//! This module never logs a rendered body or header, and its errors name
+//! placeholders and hosts, never values.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+
+use crate::api::tokens::parse_id;
+use crate::api::{check_content_length, json_response, read_body, ApiError};
+use crate::config::{Config, DestinationRule, PlaceholderSyntax};
+use crate::references::{Payload, Reference, ReferenceId};
+use crate::template::{Context, Field, Namespace, Syntax, Template, Value, Values};
+use crate::vault::{NetworkToken, NetworkTokenType, TokenId, TokenStatus};
+use crate::{AppState, Body};
+
+pub mod destination;
+pub mod headers;
+pub mod upstream;
+
+use destination::{Destination, DestinationError, Resolver};
+use headers::{
+    X_CRYPTOGRAM_REFERENCE, X_DESTINATION_URL, X_RELAY_DRY_RUN, X_RELAY_HEADER_NAME,
+    X_RELAY_HEADER_VALUE, X_RELAY_UPSTREAM_DURATION_MS,
+};
+use upstream::{ConnectError, UpstreamClient};
+
+/// How long a DNS answer stays pinned for the allow-list and the connector.
+const RESOLUTION_PIN: Duration = Duration::from_secs(30);
+
+/// The forward machinery built at start-up: allow-list, resolver, client.
+pub struct Forwarder {
+    rules: Arc<[DestinationRule]>,
+    resolver: Resolver,
+    client: UpstreamClient,
+    syntax: Syntax,
+    delims: (&'static str, &'static str),
+    connect_timeout: Duration,
+    response_timeout: Duration,
+}
+
+impl Forwarder {
+    /// Builds TLS configs and the pooled client; fails on bad TLS files.
+    pub fn new(
+        config: &Config,
+        metrics: Arc<crate::telemetry::Metrics>,
+    ) -> Result<Self, crate::config::ConfigError> {
+        let rules: Arc<[DestinationRule]> = config.destinations.clone().into();
+        let resolver = Resolver::new(RESOLUTION_PIN);
+        let client = upstream::client(rules.clone(), &config.upstream, resolver.clone(), metrics)?;
+        let (syntax, delims) = match config.placeholder_syntax {
+            PlaceholderSyntax::Angle => (Syntax::Angle, ("<<", ">>")),
+            PlaceholderSyntax::Braces => (Syntax::Braces, ("{{", "}}")),
+        };
+        Ok(Self {
+            rules,
+            resolver,
+            client,
+            syntax,
+            delims,
+            connect_timeout: config.upstream.connect_timeout,
+            response_timeout: config.upstream.response_timeout,
+        })
+    }
+}
+
+/// Step 2's result.
+struct Checked {
+    reference: Option<ReferenceId>,
+    destination: Destination,
+    dry_run: bool,
+}
+
+/// A piece of the outbound request: as given, or a template over it.
+struct Part {
+    input: Bytes,
+    template: Option<Template>,
+}
+
+impl Part {
+    fn parse(input: Bytes, fwd: &Forwarder, ctx: Context, what: &str) -> Result<Part, ApiError> {
+        if memchr::memmem::find(&input, fwd.delims.0.as_bytes()).is_none() {
+            return Ok(Part {
+                input,
+                template: None,
+            });
+        }
+        let t = Template::parse(&input, fwd.syntax, ctx, Namespace::NetworkToken)
+            .map_err(|e| ApiError::InvalidTemplate(format!("{what}: {e}")))?;
+        Ok(Part {
+            template: (!t.is_static()).then_some(t),
+            input,
+        })
+    }
+
+    fn render(&self, values: &dyn Values) -> Bytes {
+        match &self.template {
+            None => self.input.clone(),
+            Some(t) => Bytes::from(t.render_to_vec(&self.input, values)),
+        }
+    }
+}
+
+/// Step 3's result: everything needed to build the outbound request.
+struct Parsed {
+    method: Method,
+    path: Part,
+    query: Option<Part>,
+    headers: Vec<(HeaderName, Part)>,
+    body: Part,
+}
+
+/// `<ANY> /api/network/tokens/{id}/forward`
+pub async fn handle(
+    state: &AppState,
+    id: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let started = Instant::now();
+    let fwd = &state.forwarder;
+    let checked = check_headers(fwd, req.headers()).await?;
+    let token_id = parse_id(id)?;
+    let parsed = read_and_parse(state, &checked, req).await?;
+    let (token, reference) = consume(state, token_id, &checked).await?;
+    let values = NetworkTokenValues::new(&token, &reference.payload);
+
+    if checked.dry_run {
+        return dry_run(&checked.destination, &parsed);
+    }
+    let host = checked.destination.host.clone();
+    let result = send(state, &checked, &parsed, &values).await;
+    let result = match result {
+        Ok(r) => Ok(r),
+        Err(failure) => {
+            if failure.nothing_sent {
+                if let Some(rid) = &checked.reference {
+                    state.references.restore(rid).await?;
+                    state.metrics.references_restored.inc();
+                }
+            }
+            Err(failure.error)
+        }
+    };
+    state
+        .metrics
+        .forward_duration
+        .observe(started.elapsed().as_secs_f64());
+    tracing::info!(
+        target: "tokenrelay::audit",
+        event = "forward",
+        token_id = %token_id,
+        destination_host = %host,
+        outcome = match &result { Ok(r) => r.status().as_str().to_owned(), Err(e) => e.status_and_classifier().1.to_owned() },
+    );
+    result
+}
+
+/// Step 2: headers present; destination well-formed, allowed, resolved and
+/// its addresses checked.
+async fn check_headers(fwd: &Forwarder, headers: &HeaderMap) -> Result<Checked, ApiError> {
+    let reference = headers
+        .get(&X_CRYPTOGRAM_REFERENCE)
+        .ok_or(ApiError::MissingHeader("x-cryptogram-reference"))?;
+    let url = headers
+        .get(&X_DESTINATION_URL)
+        .ok_or(ApiError::MissingHeader("x-destination-url"))?
+        .to_str()
+        .map_err(|_| ApiError::InvalidDestination("URL must be ASCII".into()))?;
+    let destination = destination::parse(url, &fwd.rules, fwd.delims).map_err(|e| match e {
+        DestinationError::Invalid(m) => ApiError::InvalidDestination(m),
+        DestinationError::NotAllowed(m) => ApiError::DestinationNotAllowed(m),
+    })?;
+    let addrs = fwd
+        .resolver
+        .resolve(&destination.host, destination.port)
+        .await
+        .map_err(|e| {
+            ApiError::DestinationUnreachable(format!("cannot resolve {}: {e}", destination.host))
+        })?;
+    destination::check_addresses(&addrs, fwd.rules[destination.rule].allow_private)
+        .map_err(|e| match e {
+            DestinationError::Invalid(m) | DestinationError::NotAllowed(m) => {
+                ApiError::DestinationNotAllowed(m)
+            }
+        })?;
+    let dry_run = headers
+        .get(&X_RELAY_DRY_RUN)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    Ok(Checked {
+        // A malformed reference cannot exist; it is reported at step 4.
+        reference: reference.to_str().ok().and_then(ReferenceId::parse),
+        destination,
+        dry_run,
+    })
+}
+
+/// Step 3: body under the limit, every placeholder parsed.
+async fn read_and_parse(
+    state: &AppState,
+    checked: &Checked,
+    req: Request<Incoming>,
+) -> Result<Parsed, ApiError> {
+    let fwd = &state.forwarder;
+    check_content_length(&req, state.config.max_body_bytes)?;
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, state.config.max_body_bytes).await?;
+
+    let ctx = Context::for_content_type(
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(HeaderValue::as_bytes),
+    );
+    let body = Part::parse(body, fwd, ctx, "body")?;
+    let dest = &checked.destination;
+    let path = Part::parse(Bytes::from(dest.path.clone()), fwd, Context::UrlPath, "destination path")?;
+    let query = match &dest.query {
+        Some(q) => Some(Part::parse(Bytes::from(q.clone()), fwd, Context::UrlQuery, "destination query")?),
+        None => None,
+    };
+    // The literal parts of the URL must make a valid URI whatever the values.
+    outbound_uri(dest, &path.render(&Placeholder), query.as_ref().map(|q| q.render(&Placeholder)).as_deref())?;
+
+    let mut headers = Vec::with_capacity(parts.headers.len());
+    let mut map = parts.headers;
+    headers::strip_hop_by_hop(&mut map);
+    let escape_name = map.get(&X_RELAY_HEADER_NAME).cloned();
+    let escape_value = map.get(&X_RELAY_HEADER_VALUE).cloned();
+    for (name, value) in map.iter() {
+        if headers::is_reserved(name) {
+            continue;
+        }
+        let part = Part::parse(
+            Bytes::copy_from_slice(value.as_bytes()),
+            fwd,
+            Context::Header,
+            &format!("header {name}"),
+        )?;
+        headers.push((name.clone(), part));
+    }
+    match (escape_name, escape_value) {
+        (None, None) => {}
+        (Some(n), Some(v)) => {
+            let name = HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
+                ApiError::InvalidRequest("x-relay-header-name is not a valid header name".into())
+            })?;
+            let part = Part::parse(Bytes::copy_from_slice(v.as_bytes()), fwd, Context::Header, "x-relay-header-value")?;
+            headers.push((name, part));
+        }
+        _ => {
+            return Err(ApiError::MissingHeader(
+                "x-relay-header-name and x-relay-header-value go together",
+            ))
+        }
+    }
+    Ok(Parsed {
+        method: parts.method,
+        path,
+        query,
+        headers,
+        body,
+    })
+}
+
+/// Step 4: the token must be active and the reference usable; a real
+/// forward takes it, a dry run only looks.
+async fn consume(
+    state: &AppState,
+    token_id: TokenId,
+    checked: &Checked,
+) -> Result<(Arc<NetworkToken>, Reference), ApiError> {
+    let token = state
+        .tokens
+        .get(token_id)
+        .await?
+        .ok_or(ApiError::TokenNotFound)?;
+    if token.status != TokenStatus::Active {
+        return Err(ApiError::TokenNotActive(crate::api::cryptograms::status_name(
+            token.status,
+        )));
+    }
+    let Some(rid) = &checked.reference else {
+        state.metrics.references_refused.inc();
+        return Err(ApiError::ReferenceNotFound);
+    };
+    let taken = if checked.dry_run {
+        state.references.peek(rid, token_id).await
+    } else {
+        state.references.take(rid, token_id).await
+    };
+    match taken {
+        Ok(r) => {
+            if !checked.dry_run {
+                state.metrics.references_consumed.inc();
+            }
+            Ok((token, r))
+        }
+        Err(e) => {
+            state.metrics.references_refused.inc();
+            Err(e.into())
+        }
+    }
+}
+
+/// A failed send, and whether the reference may be restored.
+struct SendFailure {
+    error: ApiError,
+    nothing_sent: bool,
+}
+
+/// Step 5 and 6: render, send, relay.
+async fn send(
+    state: &AppState,
+    checked: &Checked,
+    parsed: &Parsed,
+    values: &(dyn Values + Sync),
+) -> Result<Response<Body>, SendFailure> {
+    let fwd = &state.forwarder;
+    let dest = &checked.destination;
+    let fail = |error, nothing_sent| SendFailure { error, nothing_sent };
+    let path = parsed.path.render(values);
+    let query = parsed.query.as_ref().map(|q| q.render(values));
+    let uri = outbound_uri(dest, &path, query.as_deref()).map_err(|e| fail(e, true))?;
+    let mut req = Request::builder()
+        .method(parsed.method.clone())
+        .uri(uri)
+        .body(Full::new(parsed.body.render(values)))
+        .map_err(|e| fail(ApiError::Internal(format!("building the request: {e}")), true))?;
+    let out = req.headers_mut();
+    for (name, part) in &parsed.headers {
+        let value = HeaderValue::from_maybe_shared(part.render(values)).map_err(|_| {
+            fail(
+                ApiError::InvalidTemplate(format!("header {name} renders to an invalid value")),
+                true,
+            )
+        })?;
+        out.append(name.clone(), value);
+    }
+
+    let sent_at = Instant::now();
+    let budget = fwd.connect_timeout + fwd.response_timeout;
+    let response = match tokio::time::timeout(budget, fwd.client.request(req)).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            return Err(match upstream::connect_error(&e) {
+                Some(ConnectError::Timeout) => fail(
+                    ApiError::DestinationTimeout(format!("connecting to {} timed out", dest.host)),
+                    true,
+                ),
+                Some(c) => fail(
+                    ApiError::DestinationUnreachable(format!("{}: {c}", dest.host)),
+                    true,
+                ),
+                None if e.is_connect() => fail(
+                    ApiError::DestinationUnreachable(format!("{}: connection failed", dest.host)),
+                    true,
+                ),
+                None => fail(
+                    ApiError::DestinationFailed(format!(
+                        "{}: the connection failed after the request was sent; it may have reached the acquirer",
+                        dest.host
+                    )),
+                    false,
+                ),
+            })
+        }
+        Err(_) => {
+            return Err(fail(
+                ApiError::DestinationTimeout(format!(
+                    "{} sent no response within {:?}",
+                    dest.host, fwd.response_timeout
+                )),
+                false,
+            ))
+        }
+    };
+    let upstream_elapsed = sent_at.elapsed();
+    state
+        .metrics
+        .upstream_duration
+        .observe(upstream_elapsed.as_secs_f64());
+    Ok(relay(response, upstream_elapsed))
+}
+
+/// Step 6: the acquirer's answer, streamed, without hop-by-hop headers.
+fn relay(response: Response<Incoming>, upstream_elapsed: Duration) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    headers::strip_hop_by_hop(&mut parts.headers);
+    parts.version = http::Version::default();
+    parts.headers.insert(
+        X_RELAY_UPSTREAM_DURATION_MS.clone(),
+        HeaderValue::from(upstream_elapsed.as_millis() as u64),
+    );
+    Response::from_parts(parts, body.map_err(Into::into).boxed())
+}
+
+fn outbound_uri(dest: &Destination, path: &[u8], query: Option<&[u8]>) -> Result<Uri, ApiError> {
+    let mut s = dest.origin();
+    s.reserve(path.len() + query.map_or(0, |q| q.len() + 1));
+    let path = std::str::from_utf8(path)
+        .map_err(|_| ApiError::InvalidDestination("path is not valid UTF-8".into()))?;
+    s.push_str(path);
+    if let Some(q) = query {
+        s.push('?');
+        s.push_str(
+            std::str::from_utf8(q)
+                .map_err(|_| ApiError::InvalidDestination("query is not valid UTF-8".into()))?,
+        );
+    }
+    Uri::try_from(s)
+        .map_err(|_| ApiError::InvalidDestination("path or query contains characters not allowed in a URL".into()))
+}
+
+/// The dry run's answer: the request as it would go out, every injected
+/// value masked.
+fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiError> {
+    let masked = Masked;
+    let path = parsed.path.render(&masked);
+    let query = parsed.query.as_ref().map(|q| q.render(&masked));
+    let uri = outbound_uri(dest, &path, query.as_deref())?;
+    let mut headers = serde_json::Map::new();
+    for (name, part) in &parsed.headers {
+        headers.insert(
+            name.as_str().to_owned(),
+            String::from_utf8_lossy(&part.render(&masked)).into_owned().into(),
+        );
+    }
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "method": parsed.method.as_str(),
+            "url": uri.to_string(),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&parsed.body.render(&masked)),
+        }),
+    )
+}
+
+/// The values of a network-token forward.
+pub struct NetworkTokenValues<'a> {
+    token: &'a NetworkToken,
+    payload: &'a Payload,
+    id: String,
+}
+
+impl<'a> NetworkTokenValues<'a> {
+    /// Values of `token` with the cryptogram in `payload`.
+    pub fn new(token: &'a NetworkToken, payload: &'a Payload) -> Self {
+        Self {
+            token,
+            payload,
+            id: token.id.to_string(),
+        }
+    }
+}
+
+fn map_value<'m>(m: &'m crate::vault::Metadata, key: Option<&str>) -> Value<'m> {
+    match key {
+        None => Value::Map(m),
+        Some(k) => m.get(k).map_or(Value::Null, |v| Value::Str(v)),
+    }
+}
+
+impl Values for NetworkTokenValues<'_> {
+    fn get(&self, field: Field, key: Option<&str>) -> Value<'_> {
+        let t = self.token;
+        let p = self.payload;
+        match field {
+            Field::Cryptogram => p.cryptogram.as_ref().map_or(Value::Null, |c| Value::Str(c.expose())),
+            Field::DynamicCvv => p.dynamic_cvv.as_ref().map_or(Value::Null, |c| Value::Str(c.expose())),
+            Field::Eci => Value::Str(p.eci),
+            Field::ExpiryMonth => Value::Int(i64::from(t.expiry_month)),
+            Field::ExpiryYear => Value::Int(i64::from(t.expiry_year)),
+            Field::Number => Value::Str(t.tpan.expose()),
+            Field::Type => Value::Str(p.cryptogram_type.as_str()),
+            Field::Metadata => map_value(&p.metadata, key),
+            Field::SchemeReference => Value::Str(&t.scheme_reference),
+            Field::SchemeMetadata => map_value(&t.scheme_metadata, key),
+            Field::Status => Value::Str(crate::api::cryptograms::status_name(t.status)),
+            Field::SupportsDeviceBinding => Value::Bool(t.supports_device_binding),
+            Field::NetworkTokenId => Value::Str(&self.id),
+            Field::NetworkTokenType => Value::Str(match t.network_token_type {
+                NetworkTokenType::Vts => "vts",
+                NetworkTokenType::Mdes => "mdes",
+                NetworkTokenType::Tms => "tms",
+                NetworkTokenType::Hgts => "hgts",
+            }),
+            Field::NetworkTokenMetadata => map_value(&t.metadata, key),
+            // PCI-token names never parse in the network-token namespace.
+            Field::AccountNumber
+            | Field::CardholderName
+            | Field::SecurityCode
+            | Field::Bin
+            | Field::Last4
+            | Field::PciTokenId => Value::Null,
+        }
+    }
+}
+
+/// Every value masked: what a dry run shows.
+struct Masked;
+
+impl Values for Masked {
+    fn get(&self, _: Field, _: Option<&str>) -> Value<'_> {
+        Value::Str("***")
+    }
+}
+
+/// A harmless stand-in value, to check the URL's literal parts up front.
+struct Placeholder;
+
+impl Values for Placeholder {
+    fn get(&self, _: Field, _: Option<&str>) -> Value<'_> {
+        Value::Str("0")
+    }
+}

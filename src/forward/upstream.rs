@@ -1,0 +1,323 @@
+//! The connection to the acquirer: a pooled hyper-util client over rustls,
+//! HTTP/1.1 or HTTP/2 by ALPN, with per-rule trust anchors and client
+//! certificates.
+//!
+//! The [`Connector`] dials only addresses the [`Resolver`] pinned and the
+//! allow-list checked, and bounds TCP connect plus TLS handshake by
+//! `connect_timeout`. Its errors ([`ConnectError`]) are how the forward
+//! knows that no request byte left — the condition for restoring a
+//! reference.
+
+use std::future::Future;
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::Uri;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::{Connected, Connection};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::destination::{check_addresses, Resolver};
+use crate::config::{ConfigError, DestScheme, DestinationRule, UpstreamConfig};
+use crate::telemetry::{HostLabels, Metrics};
+
+/// Why a connection could not be made. No request byte was written.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// Connect or handshake exceeded `connect_timeout`.
+    #[error("connect timed out")]
+    Timeout,
+    /// DNS failed.
+    #[error("could not resolve host: {0}")]
+    Resolve(io::Error),
+    /// TCP connect failed on every address.
+    #[error("connection failed: {0}")]
+    Tcp(io::Error),
+    /// TLS handshake failed.
+    #[error("TLS handshake failed: {0}")]
+    Tls(io::Error),
+    /// No rule admits the URI, or its addresses are not allowed (the
+    /// forward checks first, so this means DNS changed in between).
+    #[error("destination refused at connect: {0}")]
+    Refused(String),
+}
+
+/// Builds the rustls client config for a rule: webpki roots plus the rule's
+/// CA file, its client certificate if any, ALPN h2 and http/1.1.
+pub fn tls_config(rule: &DestinationRule, index: usize) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+    let key = |field: &str| format!("destinations[{index}].{field}");
+    let bad = |field: &str, e: String| ConfigError {
+        key: key(field),
+        message: e,
+    };
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(ca) = &rule.ca_file {
+        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(ca)
+            .map_err(|e| bad("ca_file", format!("cannot read PEM: {e}")))?
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad("ca_file", format!("bad PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad("ca_file", "no certificate in file".into()));
+        }
+        for c in certs {
+            roots
+                .add(c)
+                .map_err(|e| bad("ca_file", format!("unusable certificate: {e}")))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad("host", format!("TLS setup: {e}")))?
+        .with_root_certificates(roots);
+    let mut config = match (&rule.client_cert, &rule.client_key) {
+        (Some(cert), Some(k)) => {
+            let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+                .map_err(|e| bad("client_cert", format!("cannot read PEM: {e}")))?
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad("client_cert", format!("bad PEM: {e}")))?;
+            let pk = PrivateKeyDer::from_pem_file(k)
+                .map_err(|e| bad("client_key", format!("cannot read private key: {e}")))?;
+            builder
+                .with_client_auth_cert(chain, pk)
+                .map_err(|e| bad("client_key", format!("unusable key pair: {e}")))?
+        }
+        _ => builder.with_no_client_auth(),
+    };
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The stream to an acquirer, plain or TLS.
+pub enum Stream {
+    /// Plain TCP, only where a rule allows `http`.
+    Plain(TokioIo<TcpStream>),
+    /// TLS.
+    Tls(TokioIo<TlsStream<TcpStream>>),
+}
+
+impl Connection for Stream {
+    fn connected(&self) -> Connected {
+        match self {
+            Stream::Plain(_) => Connected::new(),
+            Stream::Tls(s) => {
+                let (_, conn) = s.inner().get_ref();
+                if conn.alpn_protocol() == Some(b"h2") {
+                    Connected::new().negotiated_h2()
+                } else {
+                    Connected::new()
+                }
+            }
+        }
+    }
+}
+
+impl hyper::rt::Read for Stream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Stream::Plain(s) => s.is_write_vectored(),
+            Stream::Tls(s) => s.is_write_vectored(),
+        }
+    }
+}
+
+struct ConnectorInner {
+    rules: Arc<[DestinationRule]>,
+    tls: Vec<Option<TlsConnector>>,
+    resolver: Resolver,
+    connect_timeout: Duration,
+    metrics: Arc<Metrics>,
+}
+
+/// Dials pinned, checked addresses; TLS per rule.
+#[derive(Clone)]
+pub struct Connector(Arc<ConnectorInner>);
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = Stream;
+    type Error = ConnectError;
+    type Future = Pin<Box<dyn Future<Output = Result<Stream, ConnectError>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let inner = self.0.clone();
+        Box::pin(async move {
+            let timeout = inner.connect_timeout;
+            match tokio::time::timeout(timeout, inner.connect(uri)).await {
+                Ok(r) => r,
+                Err(_) => Err(ConnectError::Timeout),
+            }
+        })
+    }
+}
+
+impl ConnectorInner {
+    async fn connect(&self, uri: Uri) -> Result<Stream, ConnectError> {
+        let host = uri
+            .host()
+            .ok_or_else(|| ConnectError::Refused("no host".into()))?
+            .trim_matches(['[', ']']);
+        let scheme = match uri.scheme_str() {
+            Some("http") => DestScheme::Http,
+            _ => DestScheme::Https,
+        };
+        let port = uri.port_u16().unwrap_or(match scheme {
+            DestScheme::Https => 443,
+            DestScheme::Http => 80,
+        });
+        let index = self
+            .rules
+            .iter()
+            .position(|r| r.host.matches(host) && r.port == port && r.scheme == scheme)
+            .ok_or_else(|| ConnectError::Refused(format!("{host}:{port} not on the allow-list")))?;
+        let addrs = self
+            .resolver
+            .resolve(host, port)
+            .await
+            .map_err(ConnectError::Resolve)?;
+        check_addresses(&addrs, self.rules[index].allow_private)
+            .map_err(|e| ConnectError::Refused(format!("{e:?}")))?;
+        let mut last = None;
+        let mut tcp = None;
+        for addr in addrs.iter() {
+            match TcpStream::connect(addr).await {
+                Ok(s) => {
+                    tcp = Some(s);
+                    break;
+                }
+                Err(e) => last = Some(e),
+            }
+        }
+        let tcp = match tcp {
+            Some(t) => t,
+            None => {
+                return Err(ConnectError::Tcp(
+                    last.unwrap_or_else(|| io::Error::other("no address")),
+                ))
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        match (&self.tls[index], scheme) {
+            (Some(tls), DestScheme::Https) => {
+                let name = ServerName::try_from(host.to_owned())
+                    .map_err(|e| ConnectError::Refused(format!("bad server name: {e}")))?;
+                match tls.connect(name, tcp).await {
+                    Ok(s) => Ok(Stream::Tls(TokioIo::new(s))),
+                    Err(e) => {
+                        self.metrics
+                            .tls_failures
+                            .get_or_create(&HostLabels {
+                                host: host.to_owned(),
+                            })
+                            .inc();
+                        Err(ConnectError::Tls(e))
+                    }
+                }
+            }
+            _ => Ok(Stream::Plain(TokioIo::new(tcp))),
+        }
+    }
+}
+
+/// The pooled client to acquirers.
+pub type UpstreamClient = Client<Connector, Full<Bytes>>;
+
+/// Builds the client for the allow-list `rules`.
+pub fn client(
+    rules: Arc<[DestinationRule]>,
+    config: &UpstreamConfig,
+    resolver: Resolver,
+    metrics: Arc<Metrics>,
+) -> Result<UpstreamClient, ConfigError> {
+    let mut tls = Vec::with_capacity(rules.len());
+    for (i, r) in rules.iter().enumerate() {
+        tls.push(match r.scheme {
+            DestScheme::Https => Some(TlsConnector::from(tls_config(r, i)?)),
+            DestScheme::Http => None,
+        });
+    }
+    let connector = Connector(Arc::new(ConnectorInner {
+        rules,
+        tls,
+        resolver,
+        connect_timeout: config.connect_timeout,
+        metrics,
+    }));
+    Ok(Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
+        .timer(TokioTimer::new())
+        .pool_idle_timeout(config.pool_idle_timeout)
+        .pool_max_idle_per_host(config.pool_max_idle_per_host)
+        .build(connector))
+}
+
+/// Finds our [`ConnectError`] in an error's source chain.
+pub fn connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
+    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(c) = err.downcast_ref::<ConnectError>() {
+            return Some(c);
+        }
+        cur = err.source();
+    }
+    None
+}

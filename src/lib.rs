@@ -1,0 +1,215 @@
+//! tokenrelay: a network-token vault and forward-injection reverse proxy.
+//!
+//! A merchant provisions network tokens, asks for cryptograms (or, at SAQ-A,
+//! single-use cryptogram references), and sends its acquirer requests
+//! through the forward proxy with `<< placeholders >>` that tokenrelay fills
+//! in. The contract is `shared/CONTRACT.md`.
+//!
+//! Where a request goes:
+//!
+//! - [`server`] accepts connections on both listeners;
+//! - [`api`] authenticates, routes, and holds one file per resource, with
+//!   [`api::error`] the one place errors become HTTP;
+//! - [`forward`] is the proxy pipeline (checks → consume → render → relay),
+//!   rendering with [`template`];
+//! - [`vault`] keeps tokens behind the `TokenStore` trait, [`references`]
+//!   keeps cryptogram references behind `ReferenceStore`, [`tsp`] mints
+//!   tokens and cryptograms behind `TokenServiceProvider`;
+//! - [`admin`] serves health and metrics; [`telemetry`] owns logs and
+//!   metrics; [`config`] turns TOML into a validated [`config::Config`];
+//! - [`card`] and [`crypto`] hold the card rules, secret types and crypto
+//!   helpers.
+//!
+//! [`run`] wires config → state → listeners; it never binds a port itself.
+
+#![forbid(unsafe_code)]
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{HeaderName, HeaderValue, Request, Response};
+use http_body_util::combinators::BoxBody;
+use hyper::body::Incoming;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub mod admin;
+pub mod api;
+pub mod card;
+pub mod config;
+pub mod crypto;
+pub mod forward;
+pub mod references;
+pub mod server;
+pub mod telemetry;
+pub mod template;
+pub mod tsp;
+pub mod vault;
+
+use config::{Config, ConfigError, ReferenceBackend, VaultBackend};
+use references::ReferenceStore;
+use tsp::TokenServiceProvider;
+use vault::TokenStore;
+
+/// Any error a response body may carry.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The response body type of every handler.
+pub type Body = BoxBody<Bytes, BoxError>;
+
+/// Marks an error produced by tokenrelay itself (contract §3).
+pub static X_RELAY_ERROR: HeaderName = HeaderName::from_static("x-relay-error");
+/// Request id, passed through or generated.
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// Everything a request needs, built once at start-up and shared read-only.
+pub struct AppState {
+    /// The validated configuration.
+    pub config: Config,
+    /// Token vault.
+    pub tokens: Arc<dyn TokenStore>,
+    /// Cryptogram references.
+    pub references: Arc<dyn ReferenceStore>,
+    /// Token service provider.
+    pub tsp: Arc<dyn TokenServiceProvider>,
+    /// Idempotency records.
+    pub idempotency: api::idempotency::Idempotency,
+    /// Allow-list, resolver and upstream client.
+    pub forwarder: forward::Forwarder,
+    /// Metrics registry.
+    pub metrics: Arc<telemetry::Metrics>,
+}
+
+impl AppState {
+    /// Builds stores and clients from `config`. Fails, naming the key, when
+    /// a file the config names is unusable.
+    pub fn build(config: Config) -> Result<Arc<AppState>, ConfigError> {
+        let metrics = Arc::new(telemetry::Metrics::new());
+        let tokens: Arc<dyn TokenStore> = match config.vault {
+            VaultBackend::Memory => Arc::new(vault::memory::MemoryTokenStore::new()),
+        };
+        let references: Arc<dyn ReferenceStore> = match config.references {
+            ReferenceBackend::Memory => Arc::new(references::memory::MemoryReferenceStore::new(
+                config.reference_max_entries,
+            )),
+        };
+        let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
+            tsp::sandbox::DEFAULT_SANDBOX_KEY,
+        ));
+        let forwarder = forward::Forwarder::new(&config, metrics.clone())?;
+        Ok(Arc::new(AppState {
+            idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
+            config,
+            tokens,
+            references,
+            tsp,
+            forwarder,
+            metrics,
+        }))
+    }
+}
+
+/// Loads the listener's TLS acceptor when `[tls]` is configured.
+fn listen_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let Some(t) = &config.listen_tls else {
+        return Ok(None);
+    };
+    let bad = |key: &str, m: String| ConfigError {
+        key: key.to_owned(),
+        message: m,
+    };
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&t.cert_file)
+        .map_err(|e| bad("tls.cert_file", e.to_string()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| bad("tls.cert_file", e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| bad("tls.key_file", e.to_string()))?;
+    let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| bad("tls", e.to_string()))?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| bad("tls.key_file", e.to_string()))?;
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc))))
+}
+
+/// Runs both listeners until `shutdown` turns true, then drains them.
+pub async fn run(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConfigError> {
+    let tls = listen_tls(&state.config)?;
+    let limits = server::Limits {
+        max_connections: state.config.max_connections,
+        header_read_timeout: state.config.header_read_timeout,
+        shutdown_grace: state.config.shutdown_grace,
+    };
+    let admin_limits = server::Limits {
+        max_connections: 64,
+        ..limits
+    };
+    let api_state = state.clone();
+    let api = server::serve(
+        listener,
+        tls,
+        limits,
+        move |req| handle_api(api_state.clone(), req),
+        shutdown.clone(),
+    );
+    let admin_state = state.clone();
+    let admin = server::serve(
+        admin_listener,
+        None,
+        admin_limits,
+        move |req| admin::handle(admin_state.clone(), req),
+        shutdown,
+    );
+    tokio::join!(api, admin);
+    Ok(())
+}
+
+/// Request id from the client when it is sane, else a fresh one.
+fn request_id(req: &Request<Incoming>) -> HeaderValue {
+    req.headers()
+        .get(&X_REQUEST_ID)
+        .filter(|v| {
+            let b = v.as_bytes();
+            !b.is_empty() && b.len() <= 128 && b.iter().all(|c| c.is_ascii_graphic())
+        })
+        .cloned()
+        .unwrap_or_else(|| {
+            HeaderValue::from_str(&uuid::Uuid::new_v4().simple().to_string())
+                .unwrap_or(HeaderValue::from_static("unknown"))
+        })
+}
+
+/// One API request: request id, the handler, the access log line, metrics.
+async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let id = request_id(&req);
+    let method = req.method().clone();
+    let outcome = api::handle(state.clone(), req).await;
+    let mut response = outcome.response;
+    let status = response.status().as_u16();
+    let route = outcome.route.map_or("none", api::Route::label);
+    state.metrics.count_request(route, status);
+    tracing::info!(
+        target: "tokenrelay::access",
+        request_id = id.to_str().unwrap_or(""),
+        method = method.as_str(),
+        route,
+        status,
+        relay_error = response.headers().get(&X_RELAY_ERROR).and_then(|v| v.to_str().ok()).unwrap_or(""),
+        key = outcome.key_name.as_deref().unwrap_or(""),
+        duration_us = started.elapsed().as_micros() as u64,
+    );
+    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    response
+}

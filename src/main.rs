@@ -1,0 +1,123 @@
+//! The `tokenrelay` binary: parses the command line and calls the library.
+
+use std::io::Read;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use tokenrelay::api::auth::KeyHash;
+use tokenrelay::config::Config;
+
+#[derive(Parser)]
+#[command(name = "tokenrelay", version, about = "Network-token vault and forward-injection proxy")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Config file.
+        #[arg(long, default_value = "config/tokenrelay.toml")]
+        config: PathBuf,
+    },
+    /// Validate a config file and exit 0 (valid) or 1 (invalid).
+    CheckConfig {
+        /// Config file.
+        #[arg(long, default_value = "config/tokenrelay.toml")]
+        config: PathBuf,
+    },
+    /// Read an API key on stdin and print the hash for the config.
+    HashKey,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve { config } => serve(config),
+        Command::CheckConfig { config } => check_config(config),
+        Command::HashKey => hash_key(),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tokenrelay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn check_config(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    tokenrelay::AppState::build(config)?;
+    println!("{}: ok", path.display());
+    Ok(())
+}
+
+fn hash_key() -> anyhow::Result<()> {
+    let mut key = String::new();
+    std::io::stdin()
+        .read_to_string(&mut key)
+        .context("reading the key from stdin")?;
+    let key = key.trim_end_matches(['\n', '\r']);
+    anyhow::ensure!(!key.is_empty(), "empty key on stdin");
+    println!("{}", KeyHash::of(key.as_bytes()).to_config_string());
+    Ok(())
+}
+
+fn serve(path: PathBuf) -> anyhow::Result<()> {
+    let config = Config::load(&path)?;
+    tokenrelay::telemetry::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    runtime.block_on(async move {
+        let state = tokenrelay::AppState::build(config)?;
+        let listener = tokio::net::TcpListener::bind(state.config.listen)
+            .await
+            .with_context(|| format!("binding listen {}", state.config.listen))?;
+        let admin = tokio::net::TcpListener::bind(state.config.admin_listen)
+            .await
+            .with_context(|| format!("binding admin_listen {}", state.config.admin_listen))?;
+        tracing::info!(
+            listen = %state.config.listen,
+            admin_listen = %state.config.admin_listen,
+            compliance_level = ?state.config.compliance_level,
+            "tokenrelay ready"
+        );
+        let (tx, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            tracing::info!("shutdown signal received; draining");
+            let _ = tx.send(true);
+        });
+        tokenrelay::run(state, listener, admin, rx).await?;
+        tracing::info!("stopped");
+        anyhow::Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = ctrl_c => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = ctrl_c.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
