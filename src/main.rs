@@ -31,6 +31,19 @@ enum Command {
     },
     /// Read an API key on stdin and print the hash for the config.
     HashKey,
+    /// Run the whole flow locally: sandbox acquirer, provision, reference,
+    /// forward; prints each step with secrets masked.
+    Demo,
+    /// Run the sandbox acquirer alone (TLS with a generated certificate).
+    SandboxAcquirer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:8443")]
+        listen: std::net::SocketAddr,
+        /// Where to write the generated CA certificate (PEM), for the
+        /// `ca_file` of a destination rule.
+        #[arg(long, default_value = "data/sandbox-acquirer-ca.pem")]
+        ca_out: PathBuf,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -39,6 +52,8 @@ fn main() -> std::process::ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
         Command::HashKey => hash_key(),
+        Command::Demo => demo(),
+        Command::SandboxAcquirer { listen, ca_out } => sandbox_acquirer(listen, ca_out),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -67,14 +82,50 @@ fn hash_key() -> anyhow::Result<()> {
     Ok(())
 }
 
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")
+}
+
+fn demo() -> anyhow::Result<()> {
+    runtime()?
+        .block_on(tokenrelay::demo::run())
+        .map_err(|e| anyhow::anyhow!("demo failed: {e}"))
+}
+
+fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Result<()> {
+    tokenrelay::telemetry::init_logging();
+    runtime()?.block_on(async move {
+        let pki = tokenrelay::sandbox_acquirer::generate_pki()
+            .map_err(|e| anyhow::anyhow!("generating certificates: {e}"))?;
+        if let Some(dir) = ca_out.parent() {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        std::fs::write(&ca_out, &pki.ca_pem).with_context(|| format!("writing {}", ca_out.display()))?;
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .with_context(|| format!("binding {listen}"))?;
+        let acq = tokenrelay::sandbox_acquirer::SandboxAcquirer::spawn(
+            listener,
+            pki.server_config,
+            tokenrelay::tsp::sandbox::DEFAULT_SANDBOX_KEY,
+        )?;
+        println!(
+            "sandbox acquirer on https://{}/v1/authorizations; CA certificate in {}",
+            acq.addr,
+            ca_out.display()
+        );
+        tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+        anyhow::Ok(())
+    })
+}
+
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     tokenrelay::telemetry::init_logging();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    runtime.block_on(async move {
+    runtime()?.block_on(async move {
         let state = tokenrelay::AppState::build(config)?;
         let listener = tokio::net::TcpListener::bind(state.config.listen)
             .await
