@@ -36,6 +36,7 @@ use crate::{AppState, Body};
 
 pub mod destination;
 pub mod headers;
+pub mod redact;
 pub mod upstream;
 
 use destination::{Destination, DestinationError, Resolver};
@@ -43,6 +44,7 @@ use headers::{
     X_CRYPTOGRAM_REFERENCE, X_DESTINATION_URL, X_RELAY_DRY_RUN, X_RELAY_HEADER_NAME,
     X_RELAY_HEADER_VALUE, X_RELAY_UPSTREAM_DURATION_MS,
 };
+use redact::{RedactingBody, Redactor};
 use upstream::{ConnectError, UpstreamClient};
 
 /// How long a DNS answer stays pinned for the allow-list and the connector.
@@ -113,6 +115,12 @@ impl Part {
         })
     }
 
+    fn fields(&self) -> impl Iterator<Item = Field> + '_ {
+        self.template
+            .iter()
+            .flat_map(|t| t.placeholders().map(|p| p.field))
+    }
+
     fn render(&self, values: &dyn Values) -> Bytes {
         match &self.template {
             None => self.input.clone(),
@@ -128,6 +136,35 @@ struct Parsed {
     query: Option<Part>,
     headers: Vec<(HeaderName, Part)>,
     body: Part,
+}
+
+impl Parsed {
+    fn parts(&self) -> impl Iterator<Item = &Part> {
+        std::iter::once(&self.path)
+            .chain(self.query.iter())
+            .chain(self.headers.iter().map(|(_, p)| p))
+            .chain(std::iter::once(&self.body))
+    }
+
+    /// The secret values this request injects: what redaction masks.
+    fn redactor(&self, values: &dyn Values) -> Redactor {
+        let mut secrets = Vec::new();
+        for field in self.parts().flat_map(Part::fields) {
+            if matches!(
+                field,
+                Field::Number
+                    | Field::Cryptogram
+                    | Field::DynamicCvv
+                    | Field::AccountNumber
+                    | Field::SecurityCode
+            ) {
+                if let Value::Str(v) = values.get(field, None) {
+                    secrets.push(v);
+                }
+            }
+        }
+        Redactor::new(secrets)
+    }
 }
 
 /// `<ANY> /api/network/tokens/{id}/forward`
@@ -399,11 +436,16 @@ async fn send(
         .metrics
         .upstream_duration
         .observe(upstream_elapsed.as_secs_f64());
-    Ok(relay(response, upstream_elapsed))
+    let redactor = if state.config.redact_responses {
+        parsed.redactor(values)
+    } else {
+        Redactor::default()
+    };
+    Ok(relay(response, upstream_elapsed, redactor))
 }
 
 /// Step 6: the acquirer's answer, streamed, without hop-by-hop headers.
-fn relay(response: Response<Incoming>, upstream_elapsed: Duration) -> Response<Body> {
+fn relay(response: Response<Incoming>, upstream_elapsed: Duration, redactor: Redactor) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::default();
@@ -411,7 +453,13 @@ fn relay(response: Response<Incoming>, upstream_elapsed: Duration) -> Response<B
         X_RELAY_UPSTREAM_DURATION_MS.clone(),
         HeaderValue::from(upstream_elapsed.as_millis() as u64),
     );
-    Response::from_parts(parts, body.map_err(Into::into).boxed())
+    let body = if redactor.is_empty() {
+        body.map_err(Into::into).boxed()
+    } else {
+        redactor.mask_headers(&mut parts.headers);
+        RedactingBody::new(body, redactor).map_err(Into::into).boxed()
+    };
+    Response::from_parts(parts, body)
 }
 
 fn outbound_uri(dest: &Destination, path: &[u8], query: Option<&[u8]>) -> Result<Uri, ApiError> {
