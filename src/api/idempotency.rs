@@ -37,10 +37,11 @@ pub struct Stored {
     pub body: Bytes,
 }
 
-struct Slot {
-    fingerprint: [u8; 32],
-    done: tokio::sync::OnceCell<Stored>,
-}
+/// The answer recorded under one key, with the fingerprint of the request
+/// that produced it. The fingerprint is set together with the answer, not
+/// when the slot is created: a failed request must leave the key free for
+/// whatever request comes next, with this body or another.
+type Slot = tokio::sync::OnceCell<([u8; 32], Stored)>;
 
 /// The idempotency record cache.
 pub struct Idempotency {
@@ -97,16 +98,15 @@ impl Idempotency {
             fp
         };
         let record_key = format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1);
-        let slot = self.cache.get_with(record_key, || {
-            Arc::new(Slot {
-                fingerprint,
-                done: tokio::sync::OnceCell::new(),
-            })
-        });
-        if slot.fingerprint != fingerprint {
+        let slot = self.cache.get_with(record_key, || Arc::new(Slot::new()));
+        // Concurrent requests with one key queue here; the first to succeed
+        // records its answer, and the others compare against it.
+        let (recorded, stored) = slot
+            .get_or_try_init(|| async move { f().await.map(|s| (fingerprint, s)) })
+            .await?;
+        if *recorded != fingerprint {
             return Err(ApiError::IdempotencyKeyReused);
         }
-        let stored = slot.done.get_or_try_init(f).await?;
         Ok(bytes_response(stored.status, stored.body.clone()))
     }
 }

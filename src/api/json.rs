@@ -47,8 +47,21 @@ pub fn only_fields(
     }
 }
 
-/// A field name cut for use in messages (it is client input, but a name).
+/// A field name cut for use in messages. It is client input: echoed so the
+/// merchant can find its mistake, unless it holds a digit run as long as a
+/// card number (spaces and dashes ignored), which is never echoed.
 fn truncate(s: &str, n: usize) -> String {
+    let mut run = 0;
+    for c in s.chars() {
+        match c {
+            '0'..='9' => run += 1,
+            ' ' | '-' => {}
+            _ => run = 0,
+        }
+        if run >= 12 {
+            return "(redacted)".to_owned();
+        }
+    }
     s.chars().take(n).collect()
 }
 
@@ -155,5 +168,16 @@ mod tests {
     fn json_errors_never_quote_input() {
         let e = object(br#"{"number": "4111111111111111""#).unwrap_err();
         assert!(!e.to_string().contains("4111"), "{e}");
+        let o = json!({ "4111 1111 1111 1111": "v" });
+        let e = only_fields(o.as_object().unwrap(), &["source"], "").unwrap_err();
+        assert!(!e.to_string().contains("1111"), "{e}");
+        let e = md(json!({ "4111111111111111": 1 })).unwrap_err();
+        assert!(!e.to_string().contains("1111"), "{e}");
+        assert!(
+            only_fields(json!({ "sourse": 1 }).as_object().unwrap(), &[], "")
+                .unwrap_err()
+                .to_string()
+                .contains("sourse")
+        );
     }
 }
