@@ -24,15 +24,21 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
             .boxed(),
     );
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(http::header::CONTENT_TYPE, HeaderValue::from_static(content_type));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type),
+    );
     resp
 }
 
 /// Serves one admin request.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
-        return text(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "method not allowed\n".into());
+        return text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain",
+            "method not allowed\n".into(),
+        );
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -40,7 +46,11 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
             Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
             Err(e) => {
                 tracing::warn!(error = %e, "not ready");
-                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", "token store unavailable\n".into())
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "token store unavailable\n".into(),
+                )
             }
         },
         "/metrics" => {

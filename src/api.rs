@@ -148,9 +148,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
             Route::ProvisionToken => tokens::provision(&state, key, req).await,
             Route::GetToken => tokens::get(&state, id.as_deref()).await,
             Route::DeleteToken => tokens::delete(&state, id.as_deref()).await,
-            Route::CreateCryptogram => {
-                cryptograms::create(&state, key, id.as_deref(), req).await
-            }
+            Route::CreateCryptogram => cryptograms::create(&state, key, id.as_deref(), req).await,
             Route::Forward => crate::forward::handle(&state, id.as_deref(), req).await,
         }
     }
@@ -187,7 +185,10 @@ pub fn check_content_length<B>(req: &Request<B>, limit: usize) -> Result<(), Api
 }
 
 /// A JSON response.
-pub fn json_response<T: Serialize>(status: StatusCode, value: &T) -> Result<Response<Body>, ApiError> {
+pub fn json_response<T: Serialize>(
+    status: StatusCode,
+    value: &T,
+) -> Result<Response<Body>, ApiError> {
     let bytes = serde_json::to_vec(value)
         .map_err(|e| ApiError::Internal(format!("serialising a response: {e}")))?;
     Ok(bytes_response(status, Bytes::from(bytes)))
@@ -231,7 +232,9 @@ mod tests {
             (Route::GetToken, Some(id))
         );
         assert_eq!(
-            route(&Method::PATCH, &format!("/api/network/tokens/{id}/forward")).unwrap().0,
+            route(&Method::PATCH, &format!("/api/network/tokens/{id}/forward"))
+                .unwrap()
+                .0,
             Route::Forward
         );
         assert!(matches!(

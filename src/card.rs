@@ -7,7 +7,7 @@
 
 use std::fmt;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use zeroize::Zeroize;
 
 /// A primary account number or a network token number (TPAN): digits only.
@@ -87,7 +87,7 @@ impl Drop for Secret {
 }
 
 /// Card brand, as decided by the BIN.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Brand {
     /// Visa (VTS tokens).
@@ -255,7 +255,12 @@ mod tests {
 
     #[test]
     fn luhn_accepts_test_cards_and_rejects_one_digit_off() {
-        for n in ["4111111111111111", "5555555555554444", "378282246310005", "6011111111111117"] {
+        for n in [
+            "4111111111111111",
+            "5555555555554444",
+            "378282246310005",
+            "6011111111111117",
+        ] {
             assert!(luhn_valid(n), "{n}");
         }
         assert!(!luhn_valid("4111111111111112"));
@@ -296,8 +301,14 @@ mod tests {
             validate_expiry(10, 2026, (2026, 11)).unwrap_err().field,
             "expiry_year"
         );
-        assert_eq!(validate_expiry(13, 2030, (2026, 11)).unwrap_err().field, "expiry_month");
-        assert_eq!(validate_expiry(1, 30, (2026, 11)).unwrap_err().field, "expiry_year");
+        assert_eq!(
+            validate_expiry(13, 2030, (2026, 11)).unwrap_err().field,
+            "expiry_month"
+        );
+        assert_eq!(
+            validate_expiry(1, 30, (2026, 11)).unwrap_err().field,
+            "expiry_year"
+        );
     }
 
     #[test]

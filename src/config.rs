@@ -69,6 +69,29 @@ pub enum PlaceholderSyntax {
 pub enum VaultBackend {
     /// In-process only; lost on restart. For tests and throwaway tries.
     Memory,
+    /// A SQLite file: the embedded default.
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+    },
+    /// PostgreSQL, for several replicas sharing one vault.
+    Postgres {
+        /// Connection URL without a password.
+        url: String,
+        /// File holding the password (else `TOKENRELAY_POSTGRES_PASSWORD`).
+        password_file: Option<PathBuf>,
+    },
+}
+
+/// The vault: backend and master key source.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VaultConfig {
+    /// The backend.
+    pub backend: VaultBackend,
+    /// Key file (unless `TOKENRELAY_MASTER_KEY` is set).
+    pub key_file: Option<PathBuf>,
+    /// Create a development key file when missing (local tries only).
+    pub create_key_file: bool,
 }
 
 /// Where cryptogram references are kept.
@@ -188,8 +211,8 @@ pub struct Config {
     pub shutdown_grace: Duration,
     /// API keys, hashed.
     pub api_keys: Vec<ApiKey>,
-    /// Token vault backend.
-    pub vault: VaultBackend,
+    /// Token vault.
+    pub vault: VaultConfig,
     /// Reference store backend.
     pub references: ReferenceBackend,
     /// Most references alive at once; beyond it, 503 `reference_store_full`.
@@ -246,7 +269,9 @@ struct RawVault {
     backend: Option<String>,
     path: Option<PathBuf>,
     key_file: Option<PathBuf>,
+    create_key_file: Option<bool>,
     url: Option<String>,
+    password_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -422,25 +447,83 @@ impl RawConfig {
         }
 
         let vault = match self.vault {
-            None => VaultBackend::Memory,
+            None => VaultConfig {
+                backend: VaultBackend::Memory,
+                key_file: None,
+                create_key_file: false,
+            },
             Some(v) => {
-                let backend = v.backend.as_deref().unwrap_or("memory");
-                match backend {
+                let backend = match v.backend.as_deref().unwrap_or("sqlite") {
                     "memory" => {
-                        if v.path.is_some() || v.url.is_some() || v.key_file.is_some() {
+                        if v.path.is_some() || v.url.is_some() {
                             return Err(ConfigError::new(
                                 "vault",
-                                "path, url and key_file do not apply to backend \"memory\"",
+                                "path and url do not apply to backend \"memory\"",
                             ));
                         }
                         VaultBackend::Memory
                     }
+                    "sqlite" => {
+                        if v.url.is_some() || v.password_file.is_some() {
+                            return Err(ConfigError::new(
+                                "vault.url",
+                                "url and password_file apply to backend \"postgres\" only",
+                            ));
+                        }
+                        VaultBackend::Sqlite {
+                            path: v
+                                .path
+                                .unwrap_or_else(|| PathBuf::from("data/tokenrelay.db")),
+                        }
+                    }
+                    "postgres" => {
+                        let url = v.url.ok_or_else(|| {
+                            ConfigError::new("vault.url", "required for backend \"postgres\"")
+                        })?;
+                        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                            return Err(ConfigError::new(
+                                "vault.url",
+                                "must start with postgres://",
+                            ));
+                        }
+                        let authority = url
+                            .split("://")
+                            .nth(1)
+                            .unwrap_or("")
+                            .split(['/', '?'])
+                            .next()
+                            .unwrap_or("");
+                        if authority.split('@').next().is_some_and(|userinfo| {
+                            authority.contains('@') && userinfo.contains(':')
+                        }) {
+                            return Err(ConfigError::new(
+                                "vault.url",
+                                "must not contain a password; use vault.password_file or TOKENRELAY_POSTGRES_PASSWORD",
+                            ));
+                        }
+                        if v.path.is_some() {
+                            return Err(ConfigError::new(
+                                "vault.path",
+                                "applies to backend \"sqlite\" only",
+                            ));
+                        }
+                        readable_file("vault.password_file", &v.password_file)?;
+                        VaultBackend::Postgres {
+                            url,
+                            password_file: v.password_file,
+                        }
+                    }
                     other => {
                         return Err(ConfigError::new(
                             "vault.backend",
-                            format!("unsupported backend {other:?} in this build (supported: \"memory\")"),
+                            format!("unknown backend {other:?} (memory, sqlite, postgres)"),
                         ))
                     }
+                };
+                VaultConfig {
+                    backend,
+                    key_file: v.key_file,
+                    create_key_file: v.create_key_file.unwrap_or(false),
                 }
             }
         };
@@ -462,7 +545,9 @@ impl RawConfig {
                     other => {
                         return Err(ConfigError::new(
                             "references.backend",
-                            format!("unsupported backend {other:?} in this build (supported: \"memory\")"),
+                            format!(
+                            "unsupported backend {other:?} in this build (supported: \"memory\")"
+                        ),
                         ))
                     }
                 };
@@ -534,9 +619,7 @@ impl RawConfig {
                     "client_cert and client_key must be given together",
                 ));
             }
-            if scheme == DestScheme::Http
-                && (d.ca_file.is_some() || d.client_cert.is_some())
-            {
+            if scheme == DestScheme::Http && (d.ca_file.is_some() || d.client_cert.is_some()) {
                 return Err(ConfigError::new(
                     key("scheme"),
                     "TLS settings given for a plain-http rule",
@@ -617,7 +700,10 @@ mod tests {
         for (doc, key) in [
             ("reference_ttl = \"soon\"", "reference_ttl"),
             ("listen = \"localhost\"", "listen"),
-            ("[upstream]\nconnect_timeout = \"0s\"", "upstream.connect_timeout"),
+            (
+                "[upstream]\nconnect_timeout = \"0s\"",
+                "upstream.connect_timeout",
+            ),
             (
                 "[[api_keys]]\nname = \"a\"\nhash = \"plain\"\nscopes = []",
                 "api_keys[0].hash",

@@ -45,12 +45,14 @@ impl Merchant {
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let resp = self.client.request(req.body(Full::new(Bytes::from(body)))?).await?;
+        let resp = self
+            .client
+            .request(req.body(Full::new(Bytes::from(body)))?)
+            .await?;
         let status = resp.status().as_u16();
         let bytes = resp.into_body().collect().await?.to_bytes();
-        let value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
-            Value::String(String::from_utf8_lossy(&bytes).into_owned())
-        });
+        let value = serde_json::from_slice(&bytes)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
         Ok((status, value))
     }
 }
@@ -72,10 +74,14 @@ pub async fn run() -> Result<(), DemoError> {
     let ca_file = dir.join("sandbox-ca.pem");
     std::fs::write(&ca_file, &pki.ca_pem)?;
     let acq_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let acquirer = SandboxAcquirer::spawn(acq_listener, pki.server_config.clone(), DEFAULT_SANDBOX_KEY)?;
+    let acquirer =
+        SandboxAcquirer::spawn(acq_listener, pki.server_config.clone(), DEFAULT_SANDBOX_KEY)?;
     show(
         "sandbox acquirer",
-        &format!("listening on https://127.0.0.1:{} (TLS, fresh CA)", acquirer.addr.port()),
+        &format!(
+            "listening on https://127.0.0.1:{} (TLS, fresh CA)",
+            acquirer.addr.port()
+        ),
     );
 
     // 2. tokenrelay.
@@ -85,7 +91,12 @@ pub async fn run() -> Result<(), DemoError> {
     config.api_keys = vec![ApiKey {
         name: "demo".into(),
         hash: KeyHash::of(key.as_bytes()),
-        scopes: vec![Scope::Tokens, Scope::Cryptograms, Scope::Forward, Scope::Admin],
+        scopes: vec![
+            Scope::Tokens,
+            Scope::Cryptograms,
+            Scope::Forward,
+            Scope::Admin,
+        ],
     }];
     config.destinations = vec![DestinationRule {
         host: HostPattern::Exact("127.0.0.1".into()),
@@ -96,7 +107,7 @@ pub async fn run() -> Result<(), DemoError> {
         client_cert: None,
         client_key: None,
     }];
-    let state = crate::AppState::build(config)?;
+    let state = crate::AppState::build(config).await?;
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let admin = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -104,7 +115,9 @@ pub async fn run() -> Result<(), DemoError> {
     let server = tokio::spawn(crate::run(state, listener, admin, rx));
     show(
         "tokenrelay",
-        &format!("listening on http://{addr} (compliance saq-d, allow-list: the sandbox acquirer only)"),
+        &format!(
+            "listening on http://{addr} (compliance saq-d, allow-list: the sandbox acquirer only)"
+        ),
     );
 
     let merchant = Merchant {
@@ -127,7 +140,10 @@ pub async fn run() -> Result<(), DemoError> {
         "POST /api/network/tokens  (source: pan 411111…1111, 12/2030)",
         &format!("{status}\n{}", pretty(&token)),
     );
-    let id = token["id"].as_str().ok_or("provisioning failed")?.to_owned();
+    let id = token["id"]
+        .as_str()
+        .ok_or("provisioning failed")?
+        .to_owned();
 
     // 4. Reference.
     let (status, reference) = merchant
@@ -135,7 +151,8 @@ pub async fn run() -> Result<(), DemoError> {
             Method::POST,
             &format!("/api/network/tokens/{id}/cryptograms"),
             &[],
-            json!({"type": "ecom", "mode": "reference", "amount": "10.00", "currency": "EUR"}).to_string(),
+            json!({"type": "ecom", "mode": "reference", "amount": "10.00", "currency": "EUR"})
+                .to_string(),
         )
         .await?;
     let cref = reference["cryptogram_reference"]
@@ -151,8 +168,14 @@ pub async fn run() -> Result<(), DemoError> {
 
     // 5. Forward.
     let template = r#"{"amount": "10.00", "currency": "EUR", "card": {"number": "<< number >>", "expiry_month": "<< expiry_month | unwrap >>", "expiry_year": "<< expiry_year | unwrap >>", "cryptogram": "<< cryptogram >>", "eci": "<< eci >>"}}"#;
-    let dest = format!("https://127.0.0.1:{}/v1/authorizations", acquirer.addr.port());
-    let headers = [("x-cryptogram-reference", cref.as_str()), ("x-destination-url", dest.as_str())];
+    let dest = format!(
+        "https://127.0.0.1:{}/v1/authorizations",
+        acquirer.addr.port()
+    );
+    let headers = [
+        ("x-cryptogram-reference", cref.as_str()),
+        ("x-destination-url", dest.as_str()),
+    ];
     let (status, answer) = merchant
         .call(
             Method::POST,
@@ -161,7 +184,10 @@ pub async fn run() -> Result<(), DemoError> {
             template.to_owned(),
         )
         .await?;
-    show("the merchant's request body (placeholders, no card data)", template);
+    show(
+        "the merchant's request body (placeholders, no card data)",
+        template,
+    );
     show(
         "what the acquirer received (masked here for display)",
         &pretty(&acquirer.last_received_masked().unwrap_or(Value::Null)),
@@ -191,4 +217,3 @@ pub async fn run() -> Result<(), DemoError> {
     println!("\ndone.");
     Ok(())
 }
-

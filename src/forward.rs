@@ -31,7 +31,7 @@ use crate::api::{check_content_length, json_response, read_body, ApiError};
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};
 use crate::template::{Context, Field, Namespace, Syntax, Template, Value, Values};
-use crate::vault::{NetworkToken, NetworkTokenType, TokenId, TokenStatus};
+use crate::vault::{NetworkToken, TokenId, TokenStatus};
 use crate::{AppState, Body};
 
 pub mod destination;
@@ -234,12 +234,13 @@ async fn check_headers(fwd: &Forwarder, headers: &HeaderMap) -> Result<Checked, 
         .map_err(|e| {
             ApiError::DestinationUnreachable(format!("cannot resolve {}: {e}", destination.host))
         })?;
-    destination::check_addresses(&addrs, fwd.rules[destination.rule].allow_private)
-        .map_err(|e| match e {
+    destination::check_addresses(&addrs, fwd.rules[destination.rule].allow_private).map_err(
+        |e| match e {
             DestinationError::Invalid(m) | DestinationError::NotAllowed(m) => {
                 ApiError::DestinationNotAllowed(m)
             }
-        })?;
+        },
+    )?;
     let dry_run = headers
         .get(&X_RELAY_DRY_RUN)
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
@@ -270,13 +271,27 @@ async fn read_and_parse(
     );
     let body = Part::parse(body, fwd, ctx, "body")?;
     let dest = &checked.destination;
-    let path = Part::parse(Bytes::from(dest.path.clone()), fwd, Context::UrlPath, "destination path")?;
+    let path = Part::parse(
+        Bytes::from(dest.path.clone()),
+        fwd,
+        Context::UrlPath,
+        "destination path",
+    )?;
     let query = match &dest.query {
-        Some(q) => Some(Part::parse(Bytes::from(q.clone()), fwd, Context::UrlQuery, "destination query")?),
+        Some(q) => Some(Part::parse(
+            Bytes::from(q.clone()),
+            fwd,
+            Context::UrlQuery,
+            "destination query",
+        )?),
         None => None,
     };
     // The literal parts of the URL must make a valid URI whatever the values.
-    outbound_uri(dest, &path.render(&Placeholder), query.as_ref().map(|q| q.render(&Placeholder)).as_deref())?;
+    outbound_uri(
+        dest,
+        &path.render(&Placeholder),
+        query.as_ref().map(|q| q.render(&Placeholder)).as_deref(),
+    )?;
 
     let mut headers = Vec::with_capacity(parts.headers.len());
     let mut map = parts.headers;
@@ -301,7 +316,12 @@ async fn read_and_parse(
             let name = HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
                 ApiError::InvalidRequest("x-relay-header-name is not a valid header name".into())
             })?;
-            let part = Part::parse(Bytes::copy_from_slice(v.as_bytes()), fwd, Context::Header, "x-relay-header-value")?;
+            let part = Part::parse(
+                Bytes::copy_from_slice(v.as_bytes()),
+                fwd,
+                Context::Header,
+                "x-relay-header-value",
+            )?;
             headers.push((name, part));
         }
         _ => {
@@ -332,9 +352,7 @@ async fn consume(
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     if token.status != TokenStatus::Active {
-        return Err(ApiError::TokenNotActive(crate::api::cryptograms::status_name(
-            token.status,
-        )));
+        return Err(ApiError::TokenNotActive(token.status.as_str()));
     }
     let Some(rid) = &checked.reference else {
         state.metrics.references_refused.inc();
@@ -374,7 +392,10 @@ async fn send(
 ) -> Result<Response<Body>, SendFailure> {
     let fwd = &state.forwarder;
     let dest = &checked.destination;
-    let fail = |error, nothing_sent| SendFailure { error, nothing_sent };
+    let fail = |error, nothing_sent| SendFailure {
+        error,
+        nothing_sent,
+    };
     let path = parsed.path.render(values);
     let query = parsed.query.as_ref().map(|q| q.render(values));
     let uri = outbound_uri(dest, &path, query.as_deref()).map_err(|e| fail(e, true))?;
@@ -382,7 +403,12 @@ async fn send(
         .method(parsed.method.clone())
         .uri(uri)
         .body(Full::new(parsed.body.render(values)))
-        .map_err(|e| fail(ApiError::Internal(format!("building the request: {e}")), true))?;
+        .map_err(|e| {
+            fail(
+                ApiError::Internal(format!("building the request: {e}")),
+                true,
+            )
+        })?;
     let out = req.headers_mut();
     for (name, part) in &parsed.headers {
         let value = HeaderValue::from_maybe_shared(part.render(values)).map_err(|_| {
@@ -445,7 +471,11 @@ async fn send(
 }
 
 /// Step 6: the acquirer's answer, streamed, without hop-by-hop headers.
-fn relay(response: Response<Incoming>, upstream_elapsed: Duration, redactor: Redactor) -> Response<Body> {
+fn relay(
+    response: Response<Incoming>,
+    upstream_elapsed: Duration,
+    redactor: Redactor,
+) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.version = http::Version::default();
@@ -457,7 +487,9 @@ fn relay(response: Response<Incoming>, upstream_elapsed: Duration, redactor: Red
         body.map_err(Into::into).boxed()
     } else {
         redactor.mask_headers(&mut parts.headers);
-        RedactingBody::new(body, redactor).map_err(Into::into).boxed()
+        RedactingBody::new(body, redactor)
+            .map_err(Into::into)
+            .boxed()
     };
     Response::from_parts(parts, body)
 }
@@ -475,8 +507,11 @@ fn outbound_uri(dest: &Destination, path: &[u8], query: Option<&[u8]>) -> Result
                 .map_err(|_| ApiError::InvalidDestination("query is not valid UTF-8".into()))?,
         );
     }
-    Uri::try_from(s)
-        .map_err(|_| ApiError::InvalidDestination("path or query contains characters not allowed in a URL".into()))
+    Uri::try_from(s).map_err(|_| {
+        ApiError::InvalidDestination(
+            "path or query contains characters not allowed in a URL".into(),
+        )
+    })
 }
 
 /// The dry run's answer: the request as it would go out, every injected
@@ -490,7 +525,9 @@ fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiErr
     for (name, part) in &parsed.headers {
         headers.insert(
             name.as_str().to_owned(),
-            String::from_utf8_lossy(&part.render(&masked)).into_owned().into(),
+            String::from_utf8_lossy(&part.render(&masked))
+                .into_owned()
+                .into(),
         );
     }
     json_response(
@@ -534,8 +571,14 @@ impl Values for NetworkTokenValues<'_> {
         let t = self.token;
         let p = self.payload;
         match field {
-            Field::Cryptogram => p.cryptogram.as_ref().map_or(Value::Null, |c| Value::Str(c.expose())),
-            Field::DynamicCvv => p.dynamic_cvv.as_ref().map_or(Value::Null, |c| Value::Str(c.expose())),
+            Field::Cryptogram => p
+                .cryptogram
+                .as_ref()
+                .map_or(Value::Null, |c| Value::Str(c.expose())),
+            Field::DynamicCvv => p
+                .dynamic_cvv
+                .as_ref()
+                .map_or(Value::Null, |c| Value::Str(c.expose())),
             Field::Eci => Value::Str(p.eci),
             Field::ExpiryMonth => Value::Int(i64::from(t.expiry_month)),
             Field::ExpiryYear => Value::Int(i64::from(t.expiry_year)),
@@ -544,15 +587,10 @@ impl Values for NetworkTokenValues<'_> {
             Field::Metadata => map_value(&p.metadata, key),
             Field::SchemeReference => Value::Str(&t.scheme_reference),
             Field::SchemeMetadata => map_value(&t.scheme_metadata, key),
-            Field::Status => Value::Str(crate::api::cryptograms::status_name(t.status)),
+            Field::Status => Value::Str(t.status.as_str()),
             Field::SupportsDeviceBinding => Value::Bool(t.supports_device_binding),
             Field::NetworkTokenId => Value::Str(&self.id),
-            Field::NetworkTokenType => Value::Str(match t.network_token_type {
-                NetworkTokenType::Vts => "vts",
-                NetworkTokenType::Mdes => "mdes",
-                NetworkTokenType::Tms => "tms",
-                NetworkTokenType::Hgts => "hgts",
-            }),
+            Field::NetworkTokenType => Value::Str(t.network_token_type.as_str()),
             Field::NetworkTokenMetadata => map_value(&t.metadata, key),
             // PCI-token names never parse in the network-token namespace.
             Field::AccountNumber

@@ -49,7 +49,7 @@ pub mod template;
 pub mod tsp;
 pub mod vault;
 
-use config::{Config, ConfigError, ReferenceBackend, VaultBackend};
+use config::{Config, ConfigError, ReferenceBackend};
 use references::ReferenceStore;
 use tsp::TokenServiceProvider;
 use vault::TokenStore;
@@ -84,13 +84,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Builds stores and clients from `config`. Fails, naming the key, when
-    /// a file the config names is unusable.
-    pub fn build(config: Config) -> Result<Arc<AppState>, ConfigError> {
+    /// Builds stores and clients from `config`: opens (and migrates) the
+    /// vault, loads TLS material. Fails, naming the key where it can.
+    pub async fn build(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(telemetry::Metrics::new());
-        let tokens: Arc<dyn TokenStore> = match config.vault {
-            VaultBackend::Memory => Arc::new(vault::memory::MemoryTokenStore::new()),
-        };
+        let tokens: Arc<dyn TokenStore> = vault::open(&config.vault).await?;
         let references: Arc<dyn ReferenceStore> = match config.references {
             ReferenceBackend::Memory => Arc::new(references::memory::MemoryReferenceStore::new(
                 config.reference_max_entries,
@@ -112,6 +110,17 @@ impl AppState {
     }
 }
 
+/// Why tokenrelay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration or a file it names is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The vault could not be opened.
+    #[error("vault: {0}")]
+    Vault(#[from] vault::OpenError),
+}
+
 /// Loads the listener's TLS acceptor when `[tls]` is configured.
 fn listen_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, ConfigError> {
     use rustls::pki_types::pem::PemObject;
@@ -127,7 +136,8 @@ fn listen_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Conf
         .map_err(|e| bad("tls.cert_file", e.to_string()))?
         .collect::<Result<_, _>>()
         .map_err(|e| bad("tls.cert_file", e.to_string()))?;
-    let key = PrivateKeyDer::from_pem_file(&t.key_file).map_err(|e| bad("tls.key_file", e.to_string()))?;
+    let key = PrivateKeyDer::from_pem_file(&t.key_file)
+        .map_err(|e| bad("tls.key_file", e.to_string()))?;
     let mut sc = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))

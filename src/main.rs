@@ -9,7 +9,11 @@ use tokenrelay::api::auth::KeyHash;
 use tokenrelay::config::Config;
 
 #[derive(Parser)]
-#[command(name = "tokenrelay", version, about = "Network-token vault and forward-injection proxy")]
+#[command(
+    name = "tokenrelay",
+    version,
+    about = "Network-token vault and forward-injection proxy"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -66,7 +70,10 @@ fn main() -> std::process::ExitCode {
 
 fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    tokenrelay::AppState::build(config)?;
+    // TLS files and the allow-list load here; the vault is not opened, so
+    // checking never creates a database or a key.
+    let metrics = std::sync::Arc::new(tokenrelay::telemetry::Metrics::new());
+    runtime()?.block_on(async { tokenrelay::forward::Forwarder::new(&config, metrics) })?;
     println!("{}: ok", path.display());
     Ok(())
 }
@@ -103,7 +110,8 @@ fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Re
         if let Some(dir) = ca_out.parent() {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        std::fs::write(&ca_out, &pki.ca_pem).with_context(|| format!("writing {}", ca_out.display()))?;
+        std::fs::write(&ca_out, &pki.ca_pem)
+            .with_context(|| format!("writing {}", ca_out.display()))?;
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .with_context(|| format!("binding {listen}"))?;
@@ -117,7 +125,9 @@ fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Re
             acq.addr,
             ca_out.display()
         );
-        tokio::signal::ctrl_c().await.context("waiting for ctrl-c")?;
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for ctrl-c")?;
         anyhow::Ok(())
     })
 }
@@ -126,7 +136,7 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     tokenrelay::telemetry::init_logging();
     runtime()?.block_on(async move {
-        let state = tokenrelay::AppState::build(config)?;
+        let state = tokenrelay::AppState::build(config).await?;
         let listener = tokio::net::TcpListener::bind(state.config.listen)
             .await
             .with_context(|| format!("binding listen {}", state.config.listen))?;

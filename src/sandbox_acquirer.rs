@@ -95,7 +95,11 @@ pub struct SandboxAcquirer {
 impl SandboxAcquirer {
     /// Serves on `listener` with `tls` until the task is dropped; `key` is
     /// the sandbox token service key.
-    pub fn spawn(listener: TcpListener, tls: Arc<rustls::ServerConfig>, key: [u8; 32]) -> std::io::Result<SandboxAcquirer> {
+    pub fn spawn(
+        listener: TcpListener,
+        tls: Arc<rustls::ServerConfig>,
+        key: [u8; 32],
+    ) -> std::io::Result<SandboxAcquirer> {
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
             tsp: SandboxTsp::new(key),
@@ -174,14 +178,20 @@ pub fn mask(mut v: Value) -> Value {
 
 async fn handle(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != http::Method::POST || req.uri().path() != "/v1/authorizations" {
-        return reply(StatusCode::NOT_FOUND, json!({"error": "POST /v1/authorizations"}));
+        return reply(
+            StatusCode::NOT_FOUND,
+            json!({"error": "POST /v1/authorizations"}),
+        );
     }
     let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
         Ok(b) => b.to_bytes(),
         Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "unreadable body"})),
     };
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return reply(StatusCode::BAD_REQUEST, json!({"error": "body must be JSON"}));
+        return reply(
+            StatusCode::BAD_REQUEST,
+            json!({"error": "body must be JSON"}),
+        );
     };
     if let Ok(mut last) = s.last.lock() {
         *last = Some(mask(v.clone()));
@@ -189,14 +199,22 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     let amount = match &v["amount"] {
         Value::String(a) => a.clone(),
         Value::Number(n) => n.to_string(),
-        _ => return reply(StatusCode::BAD_REQUEST, json!({"error": "amount is required"})),
+        _ => {
+            return reply(
+                StatusCode::BAD_REQUEST,
+                json!({"error": "amount is required"}),
+            )
+        }
     };
     let number = v["card"]["number"].as_str().unwrap_or("");
     if !luhn_valid(number) {
         return decline("invalid_card");
     }
     if let Some(cryptogram) = v["card"]["cryptogram"].as_str() {
-        if s.tsp.verify_tavv(number, Some(&amount), cryptogram).is_none() {
+        if s.tsp
+            .verify_tavv(number, Some(&amount), cryptogram)
+            .is_none()
+        {
             return decline("invalid_cryptogram");
         }
         let fresh = s

@@ -101,7 +101,9 @@ pub async fn serve<H, Fut>(
                 let watcher = graceful.watcher();
                 let handshake_timeout = limits.header_read_timeout;
                 tokio::spawn(async move {
-                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                    let tls = match tokio::time::timeout(handshake_timeout, acceptor.accept(stream))
+                        .await
+                    {
                         Ok(Ok(s)) => s,
                         _ => return,
                     };

@@ -81,7 +81,11 @@ impl Metrics {
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("tokenrelay");
         let requests = Family::<RequestLabels, Counter>::default();
-        registry.register("requests", "Requests by route and status class", requests.clone());
+        registry.register(
+            "requests",
+            "Requests by route and status class",
+            requests.clone(),
+        );
         let forward_duration = Histogram::new(latency_buckets());
         registry.register(
             "forward_duration_seconds",
@@ -95,7 +99,11 @@ impl Metrics {
             upstream_duration.clone(),
         );
         let references_issued = Counter::default();
-        registry.register("references_issued", "References issued", references_issued.clone());
+        registry.register(
+            "references_issued",
+            "References issued",
+            references_issued.clone(),
+        );
         let references_consumed = Counter::default();
         registry.register(
             "references_consumed",

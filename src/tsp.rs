@@ -196,7 +196,9 @@ mod tests {
                 .is_err()
         );
         assert!(check_scheme_rules(Brand::Amex, &params(CryptogramType::Tavv, None)).is_err());
-        assert!(check_scheme_rules(Brand::Amex, &params(CryptogramType::Tavv, Some("10.00"))).is_ok());
+        assert!(
+            check_scheme_rules(Brand::Amex, &params(CryptogramType::Tavv, Some("10.00"))).is_ok()
+        );
     }
 
     #[test]

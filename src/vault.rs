@@ -9,13 +9,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
 use crate::card::{Brand, CardNumber};
 
+pub mod keyring;
 pub mod memory;
+pub mod sql;
 
 /// Identifier of a network token.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
@@ -47,7 +49,7 @@ impl std::fmt::Display for TokenId {
 }
 
 /// Lifecycle of a network token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TokenStatus {
     /// Usable for cryptograms and forwards.
@@ -61,7 +63,7 @@ pub enum TokenStatus {
 }
 
 /// Which token service issued the token.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum NetworkTokenType {
     /// Visa Token Service.
@@ -114,19 +116,98 @@ pub struct NetworkToken {
     pub tpan: CardNumber,
 }
 
+impl NetworkTokenType {
+    /// API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NetworkTokenType::Vts => "vts",
+            NetworkTokenType::Mdes => "mdes",
+            NetworkTokenType::Tms => "tms",
+            NetworkTokenType::Hgts => "hgts",
+        }
+    }
+}
+
+impl TokenStatus {
+    /// API name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenStatus::Active => "active",
+            TokenStatus::Inactive => "inactive",
+            TokenStatus::Deleted => "deleted",
+            TokenStatus::Unprovisioned => "unprovisioned",
+        }
+    }
+
+    /// Parses the API name.
+    pub fn parse(s: &str) -> Option<TokenStatus> {
+        match s {
+            "active" => Some(TokenStatus::Active),
+            "inactive" => Some(TokenStatus::Inactive),
+            "deleted" => Some(TokenStatus::Deleted),
+            "unprovisioned" => Some(TokenStatus::Unprovisioned),
+            _ => None,
+        }
+    }
+}
+
+/// A recorded answer to an idempotent request.
+#[derive(Clone)]
+pub struct IdempotencyRecord {
+    /// Scope (API key name, route) and the client's key.
+    pub key: String,
+    /// SHA-256 of the request that produced the answer.
+    pub fingerprint: [u8; 32],
+    /// HTTP status of the answer.
+    pub status: u16,
+    /// The answer's body. May hold an inline cryptogram: sealed at rest.
+    pub body: Vec<u8>,
+    /// When it was recorded.
+    pub created_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for IdempotencyRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "IdempotencyRecord(status {}, {} bytes)",
+            self.status,
+            self.body.len()
+        )
+    }
+}
+
+/// What an insert did.
+#[derive(Debug)]
+pub enum Inserted {
+    /// Stored, with its idempotency record if one was given.
+    Stored,
+    /// Another request recorded this idempotency key first: nothing was
+    /// written; here is its record.
+    IdempotencyExists(IdempotencyRecord),
+}
+
 /// A store failure: ours, never the client's.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// The backend could not be reached or failed.
     #[error("token store unavailable: {0}")]
     Unavailable(String),
+    /// A record could not be opened (tampered, moved, or unknown key).
+    #[error("token store record unreadable: {0}")]
+    Corrupt(String),
 }
 
 /// Where network tokens live. Implementations must make each call atomic.
 #[async_trait]
 pub trait TokenStore: Send + Sync + 'static {
-    /// Stores a new token.
-    async fn insert(&self, token: NetworkToken) -> Result<(), StoreError>;
+    /// Stores a new token and, in the same transaction, the idempotency
+    /// record of the request that created it.
+    async fn insert(
+        &self,
+        token: NetworkToken,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<Inserted, StoreError>;
 
     /// Reads a token, including deleted ones.
     async fn get(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError>;
@@ -141,6 +222,115 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Increments and returns the token's transaction counter (ATC).
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError>;
 
+    /// The live idempotency record under `key` (older than `max_age` counts
+    /// as absent).
+    async fn get_idempotency(
+        &self,
+        key: &str,
+        max_age: std::time::Duration,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Records an answer unless the key is taken; returns the existing
+    /// record when it is.
+    async fn put_idempotency(
+        &self,
+        record: IdempotencyRecord,
+        max_age: std::time::Duration,
+    ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Re-encrypts up to `batch` records not sealed under the active key;
+    /// returns how many it re-encrypted (0 = done).
+    async fn rotate_batch(&self, batch: usize) -> Result<usize, StoreError>;
+
     /// Checks the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// Why the vault could not be opened at start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The master key is missing or malformed.
+    #[error(transparent)]
+    Key(#[from] keyring::KeyError),
+    /// The database could not be opened or migrated.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The PostgreSQL password file could not be read.
+    #[error("vault.password_file: {0}")]
+    Password(std::io::Error),
+}
+
+/// Environment variable with the PostgreSQL password.
+pub const POSTGRES_PASSWORD_ENV: &str = "TOKENRELAY_POSTGRES_PASSWORD";
+
+/// Loads the master keys the config names (env first, then the key file).
+pub fn load_keys(config: &crate::config::VaultConfig) -> Result<Arc<keyring::Keyring>, OpenError> {
+    let env = std::env::var(keyring::MASTER_KEY_ENV).ok();
+    let (keys, created) = keyring::Keyring::load(
+        env.as_deref(),
+        config.key_file.as_deref(),
+        config.create_key_file,
+    )?;
+    if created {
+        tracing::warn!(
+            key_file = %config.key_file.as_deref().map(|p| p.display().to_string()).unwrap_or_default(),
+            "GENERATED A DEVELOPMENT MASTER KEY: fine for a local try, never for real card data; \
+             set TOKENRELAY_MASTER_KEY or provision the key file and set vault.create_key_file = false"
+        );
+    }
+    Ok(Arc::new(keys))
+}
+
+/// Opens the configured token store.
+pub async fn open(config: &crate::config::VaultConfig) -> Result<Arc<dyn TokenStore>, OpenError> {
+    use crate::config::VaultBackend;
+    Ok(match &config.backend {
+        VaultBackend::Memory => Arc::new(memory::MemoryTokenStore::new()),
+        VaultBackend::Sqlite { path } => {
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            }
+            let keys = load_keys(config)?;
+            let url = format!("sqlite://{}?mode=rwc", path.display());
+            Arc::new(sql::SqlTokenStore::connect(&url, keys).await?)
+        }
+        VaultBackend::Postgres { url, password_file } => {
+            let keys = load_keys(config)?;
+            let password = match password_file {
+                Some(f) => Some(
+                    std::fs::read_to_string(f)
+                        .map_err(OpenError::Password)?
+                        .trim_end()
+                        .to_owned(),
+                ),
+                None => std::env::var(POSTGRES_PASSWORD_ENV).ok(),
+            };
+            let url = match password {
+                Some(pw) => with_password(url, &pw),
+                None => url.clone(),
+            };
+            Arc::new(sql::SqlTokenStore::connect(&url, keys).await?)
+        }
+    })
+}
+
+/// Inserts a percent-encoded password into a `postgres://user@host/…` URL.
+fn with_password(url: &str, password: &str) -> String {
+    let encoded: String = password
+        .bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect();
+    match url.split_once("://") {
+        Some((scheme, rest)) => match rest.split_once('@') {
+            Some((user, host)) => format!("{scheme}://{user}:{encoded}@{host}"),
+            None => format!("{scheme}://postgres:{encoded}@{rest}"),
+        },
+        None => url.to_owned(),
+    }
 }

@@ -16,12 +16,11 @@ use serde_json::{json, Map, Value};
 use support::*;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
-use tokenrelay::card::{Brand, CardNumber};
+use tokenrelay::card::Brand;
 use tokenrelay::config::ComplianceLevel;
 use tokenrelay::references::{ReferenceId, TakeError, TakeFailure};
 use tokenrelay::tsp::sandbox::{SandboxTsp, DEFAULT_SANDBOX_KEY};
-use tokenrelay::tsp::ProvisionRequest;
-use tokenrelay::vault::{Metadata, NetworkToken, TokenId, TokenStatus};
+use tokenrelay::vault::TokenId;
 
 const TOKENS: &str = "/api/network/tokens";
 
@@ -74,48 +73,6 @@ async fn get_token(s: &TestServer, id: &str) -> reqwest::Response {
         .send()
         .await
         .unwrap()
-}
-
-/// A token placed in the vault through the library, as the sandbox token
-/// service would provision it: the only way to have a token on a SAQ-A
-/// instance, which refuses PAN sources.
-async fn seed_token(s: &TestServer, pan: &str, brand: Brand) -> String {
-    let card = CardNumber::parse(pan).unwrap();
-    let p = s
-        .state
-        .tsp
-        .provision(&ProvisionRequest {
-            pan: &card,
-            brand,
-            expiry_month: 12,
-            expiry_year: 2031,
-        })
-        .unwrap_or_else(|e| panic!("sandbox provision: {e}"));
-    let now = OffsetDateTime::now_utc();
-    let id = TokenId::new();
-    s.state
-        .tokens
-        .insert(NetworkToken {
-            id,
-            status: TokenStatus::Active,
-            network_token_type: p.network_token_type,
-            scheme: brand,
-            card_last4: card.last4().to_owned(),
-            expiry_month: p.expiry_month,
-            expiry_year: p.expiry_year,
-            pci_token_id: None,
-            supports_device_binding: p.supports_device_binding,
-            scheme_reference: p.scheme_reference,
-            scheme_metadata: p.scheme_metadata,
-            metadata: Metadata::new(),
-            dauth_activated: false,
-            created_at: now,
-            updated_at: now,
-            tpan: p.tpan,
-        })
-        .await
-        .unwrap();
-    id.to_string()
 }
 
 /// Runs of 13 or more ASCII digits: anything shaped like a PAN or TPAN.

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 //! The forward proxy against a real TLS acquirer (contract §6).
 
 mod support;
@@ -18,7 +19,10 @@ async fn token_with_tpan(s: &TestServer) -> (String, String) {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap().to_owned();
     let inline: Value = s
-        .req(Method::POST, &format!("/api/network/tokens/{id}/cryptograms"))
+        .req(
+            Method::POST,
+            &format!("/api/network/tokens/{id}/cryptograms"),
+        )
         .json(&json!({"type": "ecom", "mode": "inline"}))
         .send()
         .await
@@ -30,9 +34,12 @@ async fn token_with_tpan(s: &TestServer) -> (String, String) {
 }
 
 fn forward(s: &TestServer, token: &str, reference: &str, dest: &str) -> reqwest::RequestBuilder {
-    s.req(Method::POST, &format!("/api/network/tokens/{token}/forward"))
-        .header("x-cryptogram-reference", reference)
-        .header("x-destination-url", dest)
+    s.req(
+        Method::POST,
+        &format!("/api/network/tokens/{token}/forward"),
+    )
+    .header("x-cryptogram-reference", reference)
+    .header("x-destination-url", dest)
 }
 
 #[tokio::test]
@@ -145,8 +152,17 @@ async fn every_placeholder_in_json_form_xml_and_headers() {
     assert_eq!(resp.status(), 200);
     let form = String::from_utf8(acq.last().body.to_vec()).unwrap();
     assert!(form.ends_with("&ref=m-1&x=a+b%20"), "{form}");
-    let cavv = form.split("cavv=").nth(1).unwrap().split('&').next().unwrap();
-    assert!(!cavv.contains('+') && !cavv.contains('/') && !cavv.contains('='), "{cavv}");
+    let cavv = form
+        .split("cavv=")
+        .nth(1)
+        .unwrap()
+        .split('&')
+        .next()
+        .unwrap();
+    assert!(
+        !cavv.contains('+') && !cavv.contains('/') && !cavv.contains('='),
+        "{cavv}"
+    );
 
     // XML: entity-escaped; literal bytes untouched.
     let r = s.reference(id).await;
@@ -158,7 +174,10 @@ async fn every_placeholder_in_json_form_xml_and_headers() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let xml = String::from_utf8(acq.last().body.to_vec()).unwrap();
-    assert!(xml.starts_with("<?xml version=\"1.0\"?><auth><pan>4"), "{xml}");
+    assert!(
+        xml.starts_with("<?xml version=\"1.0\"?><auth><pan>4"),
+        "{xml}"
+    );
     assert!(xml.contains("<sm>{&quot;"), "{xml}");
 
     // Headers.
@@ -215,7 +234,12 @@ async fn header_and_destination_classifiers() {
         .unwrap();
     assert_error(resp, 400, "missing_header").await;
 
-    for bad in ["not a url", "ftp://127.0.0.1/x", "https://<< number >>/x", "https://user@127.0.0.1/"] {
+    for bad in [
+        "not a url",
+        "ftp://127.0.0.1/x",
+        "https://<< number >>/x",
+        "https://user@127.0.0.1/",
+    ] {
         let resp = forward(&s, id, &r, bad).send().await.unwrap();
         assert_error(resp, 400, "invalid_destination").await;
     }
@@ -265,10 +289,13 @@ async fn reference_classifiers() {
     c.destinations = vec![acq.rule()];
     c.reference_ttl = Duration::from_millis(700);
     let s = TestServer::start(c).await;
-    let a = s.provision_with_level_workaround().await;
-    let b = s.provision_with_level_workaround().await;
+    let a = seed_token(&s, VISA, tokenrelay::card::Brand::Visa).await;
+    let b = seed_token(&s, VISA, tokenrelay::card::Brand::Visa).await;
 
-    let resp = forward(&s, &a, "cref_nonexistent", &acq.url("/")).send().await.unwrap();
+    let resp = forward(&s, &a, "cref_nonexistent", &acq.url("/"))
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, 404, "reference_not_found").await;
 
     // Bound to another token: 422 and not consumed.
@@ -300,56 +327,6 @@ async fn reference_classifiers() {
     assert_error(resp, 424, "token_not_active").await;
     assert_eq!(acq.count(), 1);
     s.stop().await;
-}
-
-trait SaqAProvision {
-    async fn provision_with_level_workaround(&self) -> String;
-}
-
-impl SaqAProvision for TestServer {
-    /// SAQ-A cannot provision from a PAN over the API; the test puts a
-    /// token in the vault through the library, as an operator tool would.
-    async fn provision_with_level_workaround(&self) -> String {
-        use tokenrelay::card::{Brand, CardNumber};
-        use tokenrelay::tsp::ProvisionRequest;
-        use tokenrelay::vault::{Metadata, NetworkToken, TokenId, TokenStatus};
-        let pan = CardNumber::parse(VISA).unwrap();
-        let p = self
-            .state
-            .tsp
-            .provision(&ProvisionRequest {
-                pan: &pan,
-                brand: Brand::Visa,
-                expiry_month: 12,
-                expiry_year: 2031,
-            })
-            .unwrap();
-        let now = time::OffsetDateTime::now_utc();
-        let id = TokenId::new();
-        self.state
-            .tokens
-            .insert(NetworkToken {
-                id,
-                status: TokenStatus::Active,
-                network_token_type: p.network_token_type,
-                scheme: Brand::Visa,
-                card_last4: "1111".into(),
-                expiry_month: p.expiry_month,
-                expiry_year: p.expiry_year,
-                pci_token_id: None,
-                supports_device_binding: true,
-                scheme_reference: p.scheme_reference,
-                scheme_metadata: p.scheme_metadata,
-                metadata: Metadata::new(),
-                dauth_activated: false,
-                created_at: now,
-                updated_at: now,
-                tpan: p.tpan,
-            })
-            .await
-            .unwrap();
-        id.to_string()
-    }
 }
 
 #[tokio::test]
@@ -409,7 +386,11 @@ async fn connection_refused_restores_the_reference() {
         .unwrap();
     assert_error(resp, 502, "destination_unreachable").await;
     // Never attempted, so the same reference still pays.
-    let resp = forward(&s, id, &r, &acq.url("/pay")).body(AUTH_BODY).send().await.unwrap();
+    let resp = forward(&s, id, &r, &acq.url("/pay"))
+        .body(AUTH_BODY)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(acq.count(), 1);
 }
@@ -426,10 +407,15 @@ async fn tls_failure_restores_the_reference() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &format!("https://localhost:{}/pay", acq.addr.port()))
-        .send()
-        .await
-        .unwrap();
+    let resp = forward(
+        &s,
+        id,
+        &r,
+        &format!("https://localhost:{}/pay", acq.addr.port()),
+    )
+    .send()
+    .await
+    .unwrap();
     assert_error(resp, 502, "destination_unreachable").await;
     assert_eq!(acq.count(), 0);
     let resp = forward(&s, id, &r, &acq.url("/pay")).send().await.unwrap();
@@ -521,7 +507,9 @@ async fn large_response_streams_before_the_acquirer_finishes() {
                         g.notified().await;
                     }
                     Some((
-                        Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(vec![b'x'; CHUNK]))),
+                        Ok::<_, std::convert::Infallible>(Frame::data(bytes::Bytes::from(
+                            vec![b'x'; CHUNK],
+                        ))),
                         i + 1,
                     ))
                 }

@@ -1,3 +1,4 @@
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
 //! No secret reaches the logs: the whole API and forward flow runs with a
 //! capturing subscriber at TRACE, and every line is searched for the PAN,
 //! the TPAN, the cryptogram, the CVC and the API key.
@@ -45,7 +46,10 @@ async fn no_secret_in_any_log_line() {
         .await;
     let id = t["id"].as_str().unwrap();
     let inline: Value = s
-        .req(Method::POST, &format!("/api/network/tokens/{id}/cryptograms"))
+        .req(
+            Method::POST,
+            &format!("/api/network/tokens/{id}/cryptograms"),
+        )
         .json(&json!({"type": "ecom", "mode": "inline"}))
         .send()
         .await
@@ -86,7 +90,10 @@ async fn no_secret_in_any_log_line() {
     s.stop().await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("tokenrelay::access"), "the capture saw the access log");
+    assert!(
+        logs.contains("tokenrelay::access"),
+        "the capture saw the access log"
+    );
     for (what, secret) in [
         ("PAN", pan),
         ("bad PAN", "4111111111111112"),

@@ -148,7 +148,10 @@ mod tests {
                 scopes: vec![Scope::Forward],
             },
         ];
-        assert_eq!(authenticate(&keys, b"beta").map(|k| k.name.as_str()), Some("b"));
+        assert_eq!(
+            authenticate(&keys, b"beta").map(|k| k.name.as_str()),
+            Some("b")
+        );
         assert!(authenticate(&keys, b"gamma").is_none());
         assert!(authenticate(&keys, b"").is_none());
     }

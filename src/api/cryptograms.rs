@@ -10,7 +10,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use super::auth::ApiKey;
-use super::idempotency::Stored;
+use super::idempotency::{Pending, Stored};
 use super::tokens::{parse_id, rfc3339};
 use super::{check_content_length, json, read_body, ApiError};
 use crate::config::ComplianceLevel;
@@ -69,12 +69,14 @@ pub async fn create(
     state
         .idempotency
         .run(
+            state.tokens.as_ref(),
+            state.config.idempotency_ttl,
             &parts.headers,
             (&key.name, "create_cryptogram"),
             &parts.method,
             parts.uri.path(),
             &body,
-            || create_inner(state, token_id, &body),
+            |pending| create_inner(state, token_id, &body, pending),
         )
         .await
 }
@@ -139,7 +141,11 @@ fn parse(obj: &Map<String, Value>, level: ComplianceLevel) -> Result<Parsed, Api
     match json::opt_str(obj, "transaction_type") {
         Ok(None) => {}
         Ok(Some(t)) if !t.is_empty() && t.len() <= 32 => {}
-        _ => return Err(invalid("`transaction_type` must be a string of 1 to 32 characters")),
+        _ => {
+            return Err(invalid(
+                "`transaction_type` must be a string of 1 to 32 characters",
+            ))
+        }
     }
     Ok(Parsed {
         params: CryptogramParams {
@@ -164,7 +170,12 @@ fn valid_amount(a: &str) -> bool {
         && !(a.contains('.') && frac.is_empty())
 }
 
-async fn create_inner(state: &AppState, token_id: TokenId, body: &[u8]) -> Result<Stored, ApiError> {
+async fn create_inner(
+    state: &AppState,
+    token_id: TokenId,
+    body: &[u8],
+    pending: Option<Pending>,
+) -> Result<Stored, ApiError> {
     let obj = json::object(body)?;
     let token = state
         .tokens
@@ -173,7 +184,7 @@ async fn create_inner(state: &AppState, token_id: TokenId, body: &[u8]) -> Resul
         .ok_or(ApiError::TokenNotFound)?;
     let parsed = parse(&obj, state.config.compliance_level)?;
     if token.status != TokenStatus::Active {
-        return Err(ApiError::TokenNotActive(status_name(token.status)));
+        return Err(ApiError::TokenNotActive(token.status.as_str()));
     }
     if parsed.params.kind == CryptogramKind::Dauth && !token.dauth_activated {
         return Err(ApiError::DauthNotActivated);
@@ -234,20 +245,18 @@ async fn create_inner(state: &AppState, token_id: TokenId, body: &[u8]) -> Resul
         }
     };
     let body = body.map_err(|e| ApiError::Internal(format!("serialising a cryptogram: {e}")))?;
-    Ok(Stored {
+    let stored = Stored {
         status,
         body: body.into(),
-    })
-}
-
-/// API name of a status.
-pub fn status_name(s: TokenStatus) -> &'static str {
-    match s {
-        TokenStatus::Active => "active",
-        TokenStatus::Inactive => "inactive",
-        TokenStatus::Deleted => "deleted",
-        TokenStatus::Unprovisioned => "unprovisioned",
+    };
+    if let Some(p) = pending {
+        let ttl = state.config.idempotency_ttl;
+        if let Some(existing) = state.tokens.put_idempotency(p.record(&stored), ttl).await? {
+            // Another replica answered this key first; its answer stands.
+            return p.replay(existing);
+        }
     }
+    Ok(stored)
 }
 
 #[cfg(test)]
@@ -268,9 +277,18 @@ mod tests {
     fn mode_defaults_by_compliance_level() {
         let obj = serde_json::json!({"type": "ecom"});
         let o = obj.as_object().unwrap();
-        assert_eq!(parse(o, ComplianceLevel::SaqA).ok().unwrap().mode, Mode::Reference);
-        assert_eq!(parse(o, ComplianceLevel::SaqD).ok().unwrap().mode, Mode::Inline);
-        assert_eq!(parse(o, ComplianceLevel::Roc).ok().unwrap().mode, Mode::Inline);
+        assert_eq!(
+            parse(o, ComplianceLevel::SaqA).ok().unwrap().mode,
+            Mode::Reference
+        );
+        assert_eq!(
+            parse(o, ComplianceLevel::SaqD).ok().unwrap().mode,
+            Mode::Inline
+        );
+        assert_eq!(
+            parse(o, ComplianceLevel::Roc).ok().unwrap().mode,
+            Mode::Inline
+        );
         let inline = serde_json::json!({"type": "ecom", "mode": "inline"});
         assert!(matches!(
             parse(inline.as_object().unwrap(), ComplianceLevel::SaqA),

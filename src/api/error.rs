@@ -136,9 +136,10 @@ impl ApiError {
             E::InlineNotPermitted => (StatusCode::FORBIDDEN, "inline_not_permitted"),
             E::DauthNotActivated => (StatusCode::UNPROCESSABLE_ENTITY, "dauth_not_activated"),
             E::TokenNotActive(_) => (StatusCode::FAILED_DEPENDENCY, "token_not_active"),
-            E::InvalidCryptogramRequest(_) => {
-                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_cryptogram_request")
-            }
+            E::InvalidCryptogramRequest(_) => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_cryptogram_request",
+            ),
             E::ReferenceStoreFull => (StatusCode::SERVICE_UNAVAILABLE, "reference_store_full"),
             E::MissingHeader(_) => (StatusCode::BAD_REQUEST, "missing_header"),
             E::InvalidDestination(_) => (StatusCode::BAD_REQUEST, "invalid_destination"),
@@ -199,6 +200,7 @@ impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Unavailable(d) => ApiError::Unavailable(format!("token store: {d}")),
+            StoreError::Corrupt(d) => ApiError::Internal(format!("token store: {d}")),
         }
     }
 }
@@ -244,26 +246,77 @@ mod tests {
         let cases: Vec<(ApiError, u16, &str)> = vec![
             (ApiError::Unauthorized, 401, "unauthorized"),
             (ApiError::Forbidden(Scope::Forward), 403, "forbidden"),
-            (ApiError::SourceNotPermitted("pan", "saq-a"), 403, "source_not_permitted"),
-            (ApiError::InvalidCard { field: "number", reason: "x" }, 422, "invalid_card"),
-            (ApiError::IdempotencyKeyReused, 422, "idempotency_key_reused"),
+            (
+                ApiError::SourceNotPermitted("pan", "saq-a"),
+                403,
+                "source_not_permitted",
+            ),
+            (
+                ApiError::InvalidCard {
+                    field: "number",
+                    reason: "x",
+                },
+                422,
+                "invalid_card",
+            ),
+            (
+                ApiError::IdempotencyKeyReused,
+                422,
+                "idempotency_key_reused",
+            ),
             (ApiError::TokenNotFound, 404, "token_not_found"),
-            (ApiError::InvalidMetadata("x".into()), 422, "invalid_metadata"),
+            (
+                ApiError::InvalidMetadata("x".into()),
+                422,
+                "invalid_metadata",
+            ),
             (ApiError::InlineNotPermitted, 403, "inline_not_permitted"),
             (ApiError::DauthNotActivated, 422, "dauth_not_activated"),
             (ApiError::TokenNotActive("deleted"), 424, "token_not_active"),
-            (ApiError::InvalidCryptogramRequest("x".into()), 422, "invalid_cryptogram_request"),
+            (
+                ApiError::InvalidCryptogramRequest("x".into()),
+                422,
+                "invalid_cryptogram_request",
+            ),
             (ApiError::ReferenceStoreFull, 503, "reference_store_full"),
             (ApiError::MissingHeader("x"), 400, "missing_header"),
-            (ApiError::InvalidDestination("x".into()), 400, "invalid_destination"),
-            (ApiError::DestinationNotAllowed("x".into()), 403, "destination_not_allowed"),
+            (
+                ApiError::InvalidDestination("x".into()),
+                400,
+                "invalid_destination",
+            ),
+            (
+                ApiError::DestinationNotAllowed("x".into()),
+                403,
+                "destination_not_allowed",
+            ),
             (ApiError::BodyTooLarge(1), 413, "body_too_large"),
-            (ApiError::InvalidTemplate("x".into()), 422, "invalid_template"),
+            (
+                ApiError::InvalidTemplate("x".into()),
+                422,
+                "invalid_template",
+            ),
             (ApiError::ReferenceNotFound, 404, "reference_not_found"),
-            (ApiError::ReferenceAlreadyUsed, 409, "reference_already_used"),
-            (ApiError::ReferenceTokenMismatch, 422, "reference_token_mismatch"),
-            (ApiError::DestinationUnreachable("x".into()), 502, "destination_unreachable"),
-            (ApiError::DestinationTimeout("x".into()), 504, "destination_timeout"),
+            (
+                ApiError::ReferenceAlreadyUsed,
+                409,
+                "reference_already_used",
+            ),
+            (
+                ApiError::ReferenceTokenMismatch,
+                422,
+                "reference_token_mismatch",
+            ),
+            (
+                ApiError::DestinationUnreachable("x".into()),
+                502,
+                "destination_unreachable",
+            ),
+            (
+                ApiError::DestinationTimeout("x".into()),
+                504,
+                "destination_timeout",
+            ),
         ];
         for (e, code, classifier) in cases {
             let (s, c) = e.status_and_classifier();

@@ -21,6 +21,7 @@ use moka::sync::Cache;
 use ring::digest;
 
 use super::{bytes_response, ApiError, X_IDEMPOTENCY_KEY};
+use crate::vault::{IdempotencyRecord, TokenStore};
 use crate::Body;
 
 /// Upper bound on records held.
@@ -35,6 +36,43 @@ pub struct Stored {
     pub status: StatusCode,
     /// Its JSON body.
     pub body: Bytes,
+}
+
+/// An idempotent request in progress: what its handler needs to record its
+/// answer durably, in the same transaction as its write where it can.
+pub struct Pending {
+    key: String,
+    fingerprint: [u8; 32],
+}
+
+impl Pending {
+    /// The durable record of `stored` as this request's answer.
+    pub fn record(&self, stored: &Stored) -> IdempotencyRecord {
+        IdempotencyRecord {
+            key: self.key.clone(),
+            fingerprint: self.fingerprint,
+            status: stored.status.as_u16(),
+            body: stored.body.to_vec(),
+            created_at: time::OffsetDateTime::now_utc(),
+        }
+    }
+
+    /// The answer to give when another request recorded this key first:
+    /// its answer if it was the same request, else 422.
+    pub fn replay(&self, existing: IdempotencyRecord) -> Result<Stored, ApiError> {
+        if existing.fingerprint != self.fingerprint {
+            return Err(ApiError::IdempotencyKeyReused);
+        }
+        stored_from(existing)
+    }
+}
+
+fn stored_from(r: IdempotencyRecord) -> Result<Stored, ApiError> {
+    Ok(Stored {
+        status: StatusCode::from_u16(r.status)
+            .map_err(|_| ApiError::Internal("bad status in idempotency record".into()))?,
+        body: Bytes::from(r.body),
+    })
 }
 
 /// The answer recorded under one key, with the fingerprint of the request
@@ -59,9 +97,14 @@ impl Idempotency {
         }
     }
 
-    /// Runs `f` under the request's idempotency key, if it has one.
+    /// Runs `f` under the request's idempotency key, if it has one. A
+    /// durable record in `store` (from before a restart, or from another
+    /// replica) is replayed without running `f`.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run<F, Fut>(
         &self,
+        store: &dyn TokenStore,
+        ttl: Duration,
         headers: &HeaderMap,
         scope: (&str, &str),
         method: &Method,
@@ -70,11 +113,11 @@ impl Idempotency {
         f: F,
     ) -> Result<Response<Body>, ApiError>
     where
-        F: FnOnce() -> Fut,
+        F: FnOnce(Option<Pending>) -> Fut,
         Fut: Future<Output = Result<Stored, ApiError>>,
     {
         let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
-            let s = f().await?;
+            let s = f(None).await?;
             return Ok(bytes_response(s.status, s.body));
         };
         let client_key = client_key
@@ -98,11 +141,22 @@ impl Idempotency {
             fp
         };
         let record_key = format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1);
-        let slot = self.cache.get_with(record_key, || Arc::new(Slot::new()));
+        let slot = self
+            .cache
+            .get_with(record_key.clone(), || Arc::new(Slot::new()));
         // Concurrent requests with one key queue here; the first to succeed
         // records its answer, and the others compare against it.
         let (recorded, stored) = slot
-            .get_or_try_init(|| async move { f().await.map(|s| (fingerprint, s)) })
+            .get_or_try_init(|| async move {
+                if let Some(r) = store.get_idempotency(&record_key, ttl).await? {
+                    return Ok((r.fingerprint, stored_from(r)?));
+                }
+                let pending = Pending {
+                    key: record_key,
+                    fingerprint,
+                };
+                f(Some(pending)).await.map(|s| (fingerprint, s))
+            })
             .await?;
         if *recorded != fingerprint {
             return Err(ApiError::IdempotencyKeyReused);

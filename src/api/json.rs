@@ -33,11 +33,7 @@ pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
 }
 
 /// Refuses fields outside `allowed`, naming the first stranger.
-pub fn only_fields(
-    obj: &Map<String, Value>,
-    allowed: &[&str],
-    at: &str,
-) -> Result<(), ApiError> {
+pub fn only_fields(obj: &Map<String, Value>, allowed: &[&str], at: &str) -> Result<(), ApiError> {
     match obj.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(ApiError::InvalidRequest(format!(
             "unknown field `{at}{}`",
@@ -65,33 +61,37 @@ fn truncate(s: &str, n: usize) -> String {
     s.chars().take(n).collect()
 }
 
-/// An optional string field; `Err(())` when present but not a string.
-pub fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, ()> {
+/// A field is present with the wrong JSON type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WrongType;
+
+/// An optional string field; `Err(WrongType)` when present but not a string.
+pub fn opt_str<'a>(obj: &'a Map<String, Value>, key: &str) -> Result<Option<&'a str>, WrongType> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(s)),
-        Some(_) => Err(()),
+        Some(_) => Err(WrongType),
     }
 }
 
 /// An optional integer given as a number or a decimal string.
-pub fn opt_int(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>, ()> {
+pub fn opt_int(obj: &Map<String, Value>, key: &str) -> Result<Option<i64>, WrongType> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or(()),
+        Some(Value::Number(n)) => n.as_i64().map(Some).ok_or(WrongType),
         Some(Value::String(s)) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-            s.parse().map(Some).map_err(|_| ())
+            s.parse().map(Some).map_err(|_| WrongType)
         }
-        Some(_) => Err(()),
+        Some(_) => Err(WrongType),
     }
 }
 
 /// An optional boolean.
-pub fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, ()> {
+pub fn opt_bool(obj: &Map<String, Value>, key: &str) -> Result<Option<bool>, WrongType> {
     match obj.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Bool(b)) => Ok(Some(*b)),
-        Some(_) => Err(()),
+        Some(_) => Err(WrongType),
     }
 }
 

@@ -10,12 +10,12 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::auth::ApiKey;
-use super::idempotency::Stored;
+use super::idempotency::{Pending, Stored};
 use super::json;
 use super::{check_content_length, empty_response, json_response, read_body, ApiError};
 use crate::card::validate_card;
 use crate::tsp::ProvisionRequest;
-use crate::vault::{Metadata, NetworkToken, NetworkTokenType, TokenId, TokenStatus};
+use crate::vault::{Inserted, Metadata, NetworkToken, NetworkTokenType, TokenId, TokenStatus};
 use crate::{AppState, Body};
 
 /// The token as the API shows it: never the TPAN or the PAN.
@@ -80,17 +80,23 @@ pub async fn provision(
     state
         .idempotency
         .run(
+            state.tokens.as_ref(),
+            state.config.idempotency_ttl,
             &parts.headers,
             (&key.name, "provision_token"),
             &parts.method,
             parts.uri.path(),
             &body,
-            || provision_inner(state, &body),
+            |pending| provision_inner(state, &body, pending),
         )
         .await
 }
 
-async fn provision_inner(state: &AppState, body: &[u8]) -> Result<Stored, ApiError> {
+async fn provision_inner(
+    state: &AppState,
+    body: &[u8],
+    pending: Option<Pending>,
+) -> Result<Stored, ApiError> {
     let obj = json::object(body)?;
     json::only_fields(&obj, &["source", "metadata", "dauth_activated"], "")?;
     let metadata = json::metadata(&obj)?;
@@ -135,7 +141,8 @@ async fn provision_inner(state: &AppState, body: &[u8]) -> Result<Stored, ApiErr
         ],
         "source.",
     )?;
-    let card_field = |field: &'static str, reason: &'static str| ApiError::InvalidCard { field, reason };
+    let card_field =
+        |field: &'static str, reason: &'static str| ApiError::InvalidCard { field, reason };
     let number = json::opt_str(source, "number")
         .map_err(|_| card_field("number", "must be a string of digits"))?
         .ok_or(card_field("number", "is required"))?;
@@ -145,7 +152,9 @@ async fn provision_inner(state: &AppState, body: &[u8]) -> Result<Stored, ApiErr
     let year = json::opt_int(source, "expiry_year")
         .map_err(|_| card_field("expiry_year", "must be an integer"))?
         .ok_or(card_field("expiry_year", "is required"))?;
-    if let Some(cvc) = json::opt_str(source, "cvc").map_err(|_| card_field("cvc", "must be a string"))? {
+    if let Some(cvc) =
+        json::opt_str(source, "cvc").map_err(|_| card_field("cvc", "must be a string"))?
+    {
         if !(3..=4).contains(&cvc.len()) || !cvc.bytes().all(|b| b.is_ascii_digit()) {
             return Err(card_field("cvc", "must be 3 or 4 digits"));
         }
@@ -154,7 +163,10 @@ async fn provision_inner(state: &AppState, body: &[u8]) -> Result<Stored, ApiErr
         .map_err(|_| card_field("cardholder_name", "must be a string"))?
     {
         if name.chars().count() > 100 {
-            return Err(card_field("cardholder_name", "must be at most 100 characters"));
+            return Err(card_field(
+                "cardholder_name",
+                "must be at most 100 characters",
+            ));
         }
     }
     let now = OffsetDateTime::now_utc();
@@ -191,12 +203,22 @@ async fn provision_inner(state: &AppState, body: &[u8]) -> Result<Stored, ApiErr
     let body = serde_json::to_vec(&TokenView::from(&token))
         .map_err(|e| ApiError::Internal(format!("serialising a token: {e}")))?;
     let id = token.id;
-    state.tokens.insert(token).await?;
-    tracing::info!(target: "tokenrelay::audit", event = "token_provisioned", token_id = %id, scheme = brand.as_str(), card = %pan);
-    Ok(Stored {
+    let stored = Stored {
         status: StatusCode::CREATED,
         body: body.into(),
-    })
+    };
+    let record = pending.as_ref().map(|p| p.record(&stored));
+    match (state.tokens.insert(token, record).await?, pending) {
+        (Inserted::IdempotencyExists(existing), Some(p)) => return p.replay(existing),
+        (Inserted::IdempotencyExists(_), None) => {
+            return Err(ApiError::Internal(
+                "idempotency conflict without a key".into(),
+            ))
+        }
+        (Inserted::Stored, _) => {}
+    }
+    tracing::info!(target: "tokenrelay::audit", event = "token_provisioned", token_id = %id, scheme = brand.as_str(), card = %pan);
+    Ok(stored)
 }
 
 /// `GET /api/network/tokens/{id}`

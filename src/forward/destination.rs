@@ -70,7 +70,9 @@ pub fn parse(
     let scheme = match scheme_str.to_ascii_lowercase().as_str() {
         "https" => DestScheme::Https,
         "http" => DestScheme::Http,
-        s if s.contains(delims.0) => return Err(invalid("placeholders are not allowed in the scheme")),
+        s if s.contains(delims.0) => {
+            return Err(invalid("placeholders are not allowed in the scheme"))
+        }
         _ => return Err(invalid("scheme must be http or https")),
     };
     let split = rest.find(['/', '?', '#']).unwrap_or(rest.len());
@@ -91,7 +93,11 @@ pub fn parse(
         Some((p, q)) => (p, Some(q.to_owned())),
         None => (tail, None),
     };
-    let path = if path.is_empty() { "/".to_owned() } else { path.to_owned() };
+    let path = if path.is_empty() {
+        "/".to_owned()
+    } else {
+        path.to_owned()
+    };
 
     let mut scheme_refused = false;
     let rule = rules.iter().position(|r| {
@@ -103,7 +109,10 @@ pub fn parse(
     });
     let Some(rule) = rule else {
         return Err(DestinationError::NotAllowed(if scheme_refused {
-            format!("scheme {} is not allowed for {host}:{port}", scheme.as_str())
+            format!(
+                "scheme {} is not allowed for {host}:{port}",
+                scheme.as_str()
+            )
         } else {
             format!("{host}:{port} is not on the allow-list")
         }));
@@ -154,7 +163,9 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), Destination
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
     {
-        return Err(invalid("host contains characters not allowed in a host name"));
+        return Err(invalid(
+            "host contains characters not allowed in a host name",
+        ));
     }
     let port = match port {
         None => None,
@@ -268,7 +279,12 @@ mod tests {
     use super::*;
     use crate::config::HostPattern;
 
-    fn rule(host: HostPattern, port: u16, scheme: DestScheme, allow_private: bool) -> DestinationRule {
+    fn rule(
+        host: HostPattern,
+        port: u16,
+        scheme: DestScheme,
+        allow_private: bool,
+    ) -> DestinationRule {
         DestinationRule {
             host,
             port,
@@ -282,10 +298,30 @@ mod tests {
 
     fn rules() -> Vec<DestinationRule> {
         vec![
-            rule(HostPattern::Wildcard(".acquirer.example".into()), 443, DestScheme::Https, false),
-            rule(HostPattern::Exact("10.0.0.5".into()), 8443, DestScheme::Https, true),
-            rule(HostPattern::Exact("127.0.0.1".into()), 443, DestScheme::Https, false),
-            rule(HostPattern::Exact("plain.example".into()), 80, DestScheme::Http, false),
+            rule(
+                HostPattern::Wildcard(".acquirer.example".into()),
+                443,
+                DestScheme::Https,
+                false,
+            ),
+            rule(
+                HostPattern::Exact("10.0.0.5".into()),
+                8443,
+                DestScheme::Https,
+                true,
+            ),
+            rule(
+                HostPattern::Exact("127.0.0.1".into()),
+                443,
+                DestScheme::Https,
+                false,
+            ),
+            rule(
+                HostPattern::Exact("plain.example".into()),
+                80,
+                DestScheme::Http,
+                false,
+            ),
         ]
     }
 
@@ -323,7 +359,20 @@ mod tests {
 
     #[test]
     fn public_and_private_ranges() {
-        for private in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "100.64.0.1", "0.0.0.0", "224.0.0.1", "::1", "fe80::1", "fd00::1", "::ffff:127.0.0.1"] {
+        for private in [
+            "127.0.0.1",
+            "10.1.2.3",
+            "172.16.0.1",
+            "192.168.1.1",
+            "169.254.169.254",
+            "100.64.0.1",
+            "0.0.0.0",
+            "224.0.0.1",
+            "::1",
+            "fe80::1",
+            "fd00::1",
+            "::ffff:127.0.0.1",
+        ] {
             assert!(!is_public(private.parse().unwrap()), "{private}");
         }
         for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {

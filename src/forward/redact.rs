@@ -66,7 +66,11 @@ impl Redactor {
                 let start = from + pos;
                 let end = start + needle.len();
                 let ok = !short || {
-                    let prev = if start == 0 { before } else { Some(buf[start - 1]) };
+                    let prev = if start == 0 {
+                        before
+                    } else {
+                        Some(buf[start - 1])
+                    };
                     let next = buf.get(end).copied();
                     let prev_ok = prev.is_none_or(|b| !b.is_ascii_alphanumeric());
                     let next_ok = match next {
@@ -87,7 +91,11 @@ impl Redactor {
 
     /// Masks a complete value (a header), returning it unchanged when clean.
     pub fn mask_all(&self, input: &[u8]) -> Option<Vec<u8>> {
-        if !self.needles.iter().any(|n| memchr::memmem::find(input, n).is_some()) {
+        if !self
+            .needles
+            .iter()
+            .any(|n| memchr::memmem::find(input, n).is_some())
+        {
             return None;
         }
         let mut out = input.to_vec();
@@ -229,14 +237,24 @@ mod tests {
                 .into_iter()
                 .map(|c| Ok::<_, std::convert::Infallible>(Frame::data(Bytes::from_static(c)))),
         );
-        let body = RedactingBody::new(StreamBody::new(stream), Redactor::new(values.iter().copied()));
+        let body = RedactingBody::new(
+            StreamBody::new(stream),
+            Redactor::new(values.iter().copied()),
+        );
         body.collect().await.unwrap().to_bytes().to_vec()
     }
 
     #[tokio::test]
     async fn masks_whole_and_split_values_keeping_length() {
         let tpan = "4895370012345678";
-        let out = run(vec![b"{\"pan\":\"4895370012345678\",\"x\":\"48953700", b"12345678\"}"], &[tpan]).await;
+        let out = run(
+            vec![
+                b"{\"pan\":\"4895370012345678\",\"x\":\"48953700",
+                b"12345678\"}",
+            ],
+            &[tpan],
+        )
+        .await;
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "{\"pan\":\"****************\",\"x\":\"****************\"}"

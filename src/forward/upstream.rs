@@ -54,7 +54,10 @@ pub enum ConnectError {
 
 /// Builds the rustls client config for a rule: webpki roots plus the rule's
 /// CA file, its client certificate if any, ALPN h2 and http/1.1.
-pub fn tls_config(rule: &DestinationRule, index: usize) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
+pub fn tls_config(
+    rule: &DestinationRule,
+    index: usize,
+) -> Result<Arc<rustls::ClientConfig>, ConfigError> {
     let key = |field: &str| format!("destinations[{index}].{field}");
     let bad = |field: &str, e: String| ConfigError {
         key: key(field),
@@ -104,7 +107,7 @@ pub enum Stream {
     /// Plain TCP, only where a rule allows `http`.
     Plain(TokioIo<TcpStream>),
     /// TLS.
-    Tls(TokioIo<TlsStream<TcpStream>>),
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
 impl Connection for Stream {
@@ -131,30 +134,34 @@ impl hyper::rt::Read for Stream {
     ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
 
 impl hyper::rt::Write for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Stream::Tls(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_flush(cx),
-            Stream::Tls(s) => Pin::new(s).poll_flush(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Stream::Tls(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -165,7 +172,7 @@ impl hyper::rt::Write for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            Stream::Tls(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::Tls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
@@ -261,7 +268,7 @@ impl ConnectorInner {
                 let name = ServerName::try_from(host.to_owned())
                     .map_err(|e| ConnectError::Refused(format!("bad server name: {e}")))?;
                 match tls.connect(name, tcp).await {
-                    Ok(s) => Ok(Stream::Tls(TokioIo::new(s))),
+                    Ok(s) => Ok(Stream::Tls(Box::new(TokioIo::new(s)))),
                     Err(e) => {
                         self.metrics
                             .tls_failures

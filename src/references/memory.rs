@@ -22,9 +22,7 @@ use moka::sync::Cache;
 use moka::Expiry;
 use time::OffsetDateTime;
 
-use super::{
-    Reference, ReferenceId, ReferenceStore, ReferenceStoreError, TakeError, TakeFailure,
-};
+use super::{Reference, ReferenceId, ReferenceStore, ReferenceStoreError, TakeError, TakeFailure};
 use crate::vault::TokenId;
 
 #[derive(Clone)]
@@ -164,14 +162,16 @@ impl ReferenceStore for MemoryReferenceStore {
     }
 
     async fn restore(&self, id: &ReferenceId) -> Result<(), ReferenceStoreError> {
-        self.cache.entry_by_ref(id).and_compute_with(|current| match current {
-            Some(e) if e.value().used => {
-                let mut e = e.into_value();
-                e.used = false;
-                Op::Put(e)
-            }
-            _ => Op::Nop,
-        });
+        self.cache
+            .entry_by_ref(id)
+            .and_compute_with(|current| match current {
+                Some(e) if e.value().used => {
+                    let mut e = e.into_value();
+                    e.used = false;
+                    Op::Put(e)
+                }
+                _ => Op::Nop,
+            });
         Ok(())
     }
 
@@ -212,7 +212,10 @@ mod tests {
     async fn take_once_then_already_used_and_restore_makes_it_usable() {
         let s = MemoryReferenceStore::new(10);
         let t = TokenId::new();
-        let id = s.issue(reference(t, Duration::from_secs(60))).await.unwrap();
+        let id = s
+            .issue(reference(t, Duration::from_secs(60)))
+            .await
+            .unwrap();
         assert!(s.peek(&id, t).await.is_ok());
         assert!(s.take(&id, t).await.is_ok());
         assert!(matches!(
@@ -227,7 +230,10 @@ mod tests {
     async fn mismatch_leaves_it_usable() {
         let s = MemoryReferenceStore::new(10);
         let t = TokenId::new();
-        let id = s.issue(reference(t, Duration::from_secs(60))).await.unwrap();
+        let id = s
+            .issue(reference(t, Duration::from_secs(60)))
+            .await
+            .unwrap();
         assert!(matches!(
             s.take(&id, TokenId::new()).await,
             Err(TakeFailure::Refused(TakeError::TokenMismatch))
@@ -239,7 +245,10 @@ mod tests {
     async fn expired_is_not_found_even_before_eviction() {
         let s = MemoryReferenceStore::new(10);
         let t = TokenId::new();
-        let id = s.issue(reference(t, Duration::from_millis(30))).await.unwrap();
+        let id = s
+            .issue(reference(t, Duration::from_millis(30)))
+            .await
+            .unwrap();
         std::thread::sleep(Duration::from_millis(60));
         assert!(matches!(
             s.take(&id, t).await,
@@ -253,7 +262,11 @@ mod tests {
         let t = TokenId::new();
         let mut ids = Vec::new();
         for _ in 0..3 {
-            ids.push(s.issue(reference(t, Duration::from_secs(60))).await.unwrap());
+            ids.push(
+                s.issue(reference(t, Duration::from_secs(60)))
+                    .await
+                    .unwrap(),
+            );
         }
         assert!(matches!(
             s.issue(reference(t, Duration::from_secs(60))).await,
@@ -269,8 +282,14 @@ mod tests {
     async fn revoke_kills_only_that_tokens_references() {
         let s = MemoryReferenceStore::new(10);
         let (a, b) = (TokenId::new(), TokenId::new());
-        let ia = s.issue(reference(a, Duration::from_secs(60))).await.unwrap();
-        let ib = s.issue(reference(b, Duration::from_secs(60))).await.unwrap();
+        let ia = s
+            .issue(reference(a, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let ib = s
+            .issue(reference(b, Duration::from_secs(60)))
+            .await
+            .unwrap();
         s.revoke_token(a).await.unwrap();
         assert!(s.take(&ia, a).await.is_err());
         assert!(s.take(&ib, b).await.is_ok());
@@ -285,7 +304,10 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let id = s.issue(reference(t, Duration::from_secs(60))).await.unwrap();
+            let id = s
+                .issue(reference(t, Duration::from_secs(60)))
+                .await
+                .unwrap();
             let mut tasks = Vec::new();
             for _ in 0..256 {
                 let s = s.clone();

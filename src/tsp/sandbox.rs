@@ -49,7 +49,12 @@ impl SandboxTsp {
 
     /// Recomputes a TAVV's MAC; returns `(atc, minted_at_unix)` when it is
     /// genuine for this TPAN and amount. Single use is the verifier's job.
-    pub fn verify_tavv(&self, tpan: &str, amount: Option<&str>, cryptogram: &str) -> Option<(u32, u32)> {
+    pub fn verify_tavv(
+        &self,
+        tpan: &str,
+        amount: Option<&str>,
+        cryptogram: &str,
+    ) -> Option<(u32, u32)> {
         let raw = base64::engine::general_purpose::STANDARD
             .decode(cryptogram)
             .ok()?;
@@ -155,7 +160,12 @@ impl TokenServiceProvider for SandboxTsp {
             CryptogramType::DynamicCvv => {
                 let tag = hmac_sha256(
                     &self.key,
-                    &[b"dcvv", token.tpan.expose().as_bytes(), &atc.to_be_bytes(), &at.to_be_bytes()],
+                    &[
+                        b"dcvv",
+                        token.tpan.expose().as_bytes(),
+                        &atc.to_be_bytes(),
+                        &at.to_be_bytes(),
+                    ],
                 );
                 let n = u32::from_be_bytes([tag[0], tag[1], tag[2], tag[3]]) % 1000;
                 Ok(Minted {
@@ -248,7 +258,9 @@ mod tests {
                 .verify_tavv(t.tpan.expose(), Some("10.00"), c.expose())
                 .unwrap();
             assert_eq!(atc, 7);
-            assert!(tsp.verify_tavv(t.tpan.expose(), Some("10.01"), c.expose()).is_none());
+            assert!(tsp
+                .verify_tavv(t.tpan.expose(), Some("10.01"), c.expose())
+                .is_none());
             assert!(SandboxTsp::new([1; 32])
                 .verify_tavv(t.tpan.expose(), Some("10.00"), c.expose())
                 .is_none());

@@ -11,7 +11,9 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
-use super::{NetworkToken, StoreError, TokenId, TokenStatus, TokenStore};
+use super::{
+    IdempotencyRecord, Inserted, NetworkToken, StoreError, TokenId, TokenStatus, TokenStore,
+};
 
 /// The in-memory store.
 #[derive(Default)]
@@ -23,6 +25,11 @@ pub struct MemoryTokenStore {
 struct Inner {
     tokens: HashMap<TokenId, Arc<NetworkToken>>,
     counters: HashMap<TokenId, u64>,
+    idempotency: HashMap<String, IdempotencyRecord>,
+}
+
+fn live(r: &IdempotencyRecord, max_age: std::time::Duration) -> bool {
+    r.created_at + max_age > OffsetDateTime::now_utc()
 }
 
 impl MemoryTokenStore {
@@ -40,9 +47,55 @@ impl MemoryTokenStore {
 
 #[async_trait]
 impl TokenStore for MemoryTokenStore {
-    async fn insert(&self, token: NetworkToken) -> Result<(), StoreError> {
-        self.write()?.tokens.insert(token.id, Arc::new(token));
-        Ok(())
+    async fn insert(
+        &self,
+        token: NetworkToken,
+        idempotency: Option<IdempotencyRecord>,
+    ) -> Result<Inserted, StoreError> {
+        let mut inner = self.write()?;
+        if let Some(rec) = idempotency {
+            if let Some(existing) = inner.idempotency.get(&rec.key) {
+                return Ok(Inserted::IdempotencyExists(existing.clone()));
+            }
+            inner.idempotency.insert(rec.key.clone(), rec);
+        }
+        inner.tokens.insert(token.id, Arc::new(token));
+        Ok(Inserted::Stored)
+    }
+
+    async fn get_idempotency(
+        &self,
+        key: &str,
+        max_age: std::time::Duration,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let inner = self
+            .inner
+            .read()
+            .map_err(|_| StoreError::Unavailable("lock poisoned".into()))?;
+        Ok(inner
+            .idempotency
+            .get(key)
+            .filter(|r| live(r, max_age))
+            .cloned())
+    }
+
+    async fn put_idempotency(
+        &self,
+        record: IdempotencyRecord,
+        max_age: std::time::Duration,
+    ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let mut inner = self.write()?;
+        inner.idempotency.retain(|_, r| live(r, max_age));
+        if let Some(existing) = inner.idempotency.get(&record.key) {
+            return Ok(Some(existing.clone()));
+        }
+        inner.idempotency.insert(record.key.clone(), record);
+        Ok(None)
+    }
+
+    async fn rotate_batch(&self, _batch: usize) -> Result<usize, StoreError> {
+        // Nothing is at rest.
+        Ok(0)
     }
 
     async fn get(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {

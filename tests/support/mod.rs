@@ -46,7 +46,12 @@ pub fn config(level: ComplianceLevel) -> Config {
         ApiKey {
             name: "all".into(),
             hash: KeyHash::of(KEY.as_bytes()),
-            scopes: vec![Scope::Tokens, Scope::Cryptograms, Scope::Forward, Scope::Admin],
+            scopes: vec![
+                Scope::Tokens,
+                Scope::Cryptograms,
+                Scope::Forward,
+                Scope::Admin,
+            ],
         },
         ApiKey {
             name: "tokens-only".into(),
@@ -73,7 +78,7 @@ impl TestServer {
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let state = tokenrelay::AppState::build(config).unwrap();
+        let state = tokenrelay::AppState::build(config).await.unwrap();
         let (tx, rx) = watch::channel(false);
         let s = state.clone();
         let task = tokio::spawn(async move {
@@ -118,7 +123,12 @@ impl TestServer {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201, "provision failed: {}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            201,
+            "provision failed: {}",
+            r.text().await.unwrap()
+        );
         r.json().await.unwrap()
     }
 
@@ -133,7 +143,12 @@ impl TestServer {
             .send()
             .await
             .unwrap();
-        assert_eq!(r.status(), 201, "reference failed: {}", r.text().await.unwrap());
+        assert_eq!(
+            r.status(),
+            201,
+            "reference failed: {}",
+            r.text().await.unwrap()
+        );
         let v: Value = r.json().await.unwrap();
         v["cryptogram_reference"].as_str().unwrap().to_owned()
     }
@@ -163,7 +178,10 @@ pub async fn assert_error(resp: reqwest::Response, status: u16, classifier: &str
     let body: Value = resp.json().await.unwrap();
     assert_eq!(body["code"], status, "{body}");
     assert_eq!(body["classifier"], classifier, "{body}");
-    assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+    assert!(
+        body["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{body}"
+    );
     body
 }
 
@@ -178,8 +196,11 @@ pub struct Recorded {
 }
 
 pub type AcqBody = BoxBody<Bytes, Infallible>;
-pub type Handler =
-    Arc<dyn Fn(Recorded) -> Pin<Box<dyn std::future::Future<Output = Response<AcqBody>> + Send>> + Send + Sync>;
+pub type Handler = Arc<
+    dyn Fn(Recorded) -> Pin<Box<dyn std::future::Future<Output = Response<AcqBody>> + Send>>
+        + Send
+        + Sync,
+>;
 
 pub fn full(status: u16, body: impl Into<Bytes>) -> Response<AcqBody> {
     let mut r = Response::new(Full::new(body.into()).boxed());
@@ -239,7 +260,10 @@ impl Drop for Acquirer {
 impl Acquirer {
     /// Answers every request with 200 `{"approved":true}`.
     pub async fn start() -> Acquirer {
-        Acquirer::with(Arc::new(|_r| Box::pin(async { full(200, r#"{"approved":true}"#) }))).await
+        Acquirer::with(Arc::new(|_r| {
+            Box::pin(async { full(200, r#"{"approved":true}"#) })
+        }))
+        .await
     }
 
     pub async fn with(handler: Handler) -> Acquirer {
@@ -263,18 +287,26 @@ impl Acquirer {
         let rec = received.clone();
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { return };
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
                 let acceptor = acceptor.clone();
                 let rec = rec.clone();
                 let handler = handler.clone();
                 tokio::spawn(async move {
-                    let Ok(tls) = acceptor.accept(stream).await else { return };
+                    let Ok(tls) = acceptor.accept(stream).await else {
+                        return;
+                    };
                     let svc = service_fn(move |req: Request<Incoming>| {
                         let rec = rec.clone();
                         let handler = handler.clone();
                         async move {
                             let (parts, body) = req.into_parts();
-                            let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
                             let r = Recorded {
                                 method: parts.method.to_string(),
                                 path_and_query: parts
@@ -326,7 +358,12 @@ impl Acquirer {
     }
 
     pub fn last(&self) -> Recorded {
-        self.received.lock().unwrap().last().cloned().expect("acquirer received nothing")
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("acquirer received nothing")
     }
 }
 
@@ -335,4 +372,52 @@ pub async fn server_for(acq: &Acquirer, level: ComplianceLevel) -> TestServer {
     let mut c = config(level);
     c.destinations = vec![acq.rule()];
     TestServer::start(c).await
+}
+
+/// A token placed in the vault through the library, as the sandbox token
+/// service would provision it: the only way to have a token on a SAQ-A
+/// instance, which refuses PAN sources.
+pub async fn seed_token(s: &TestServer, pan: &str, brand: tokenrelay::card::Brand) -> String {
+    use tokenrelay::card::CardNumber;
+    use tokenrelay::tsp::ProvisionRequest;
+    use tokenrelay::vault::{Metadata, NetworkToken, TokenId, TokenStatus};
+    let card = CardNumber::parse(pan).unwrap();
+    let p = s
+        .state
+        .tsp
+        .provision(&ProvisionRequest {
+            pan: &card,
+            brand,
+            expiry_month: 12,
+            expiry_year: 2031,
+        })
+        .unwrap_or_else(|e| panic!("sandbox provision: {e}"));
+    let now = time::OffsetDateTime::now_utc();
+    let id = TokenId::new();
+    s.state
+        .tokens
+        .insert(
+            NetworkToken {
+                id,
+                status: TokenStatus::Active,
+                network_token_type: p.network_token_type,
+                scheme: brand,
+                card_last4: card.last4().to_owned(),
+                expiry_month: p.expiry_month,
+                expiry_year: p.expiry_year,
+                pci_token_id: None,
+                supports_device_binding: p.supports_device_binding,
+                scheme_reference: p.scheme_reference,
+                scheme_metadata: p.scheme_metadata,
+                metadata: Metadata::new(),
+                dauth_activated: false,
+                created_at: now,
+                updated_at: now,
+                tpan: p.tpan,
+            },
+            None,
+        )
+        .await
+        .unwrap();
+    id.to_string()
 }
