@@ -35,6 +35,16 @@ enum Command {
     },
     /// Read an API key on stdin and print the hash for the config.
     HashKey,
+    /// Re-encrypt every vault record under the active master key (the last
+    /// one listed), in batches, while the service keeps running.
+    RotateKey {
+        /// Config file.
+        #[arg(long, default_value = "config/tokenrelay.toml")]
+        config: PathBuf,
+        /// Records per batch.
+        #[arg(long, default_value_t = 500)]
+        batch: usize,
+    },
     /// Run the whole flow locally: sandbox acquirer, provision, reference,
     /// forward; prints each step with secrets masked.
     Demo,
@@ -57,6 +67,7 @@ fn main() -> std::process::ExitCode {
         Command::CheckConfig { config } => check_config(config),
         Command::HashKey => hash_key(),
         Command::Demo => demo(),
+        Command::RotateKey { config, batch } => rotate_key(config, batch),
         Command::SandboxAcquirer { listen, ca_out } => sandbox_acquirer(listen, ca_out),
     };
     match result {
@@ -94,6 +105,30 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
         .enable_all()
         .build()
         .context("starting the runtime")
+}
+
+fn rotate_key(path: PathBuf, batch: usize) -> anyhow::Result<()> {
+    anyhow::ensure!(batch > 0, "--batch must be at least 1");
+    let config = Config::load(&path)?;
+    runtime()?.block_on(async move {
+        let store = tokenrelay::vault::open(&config.vault).await?;
+        let keys = tokenrelay::vault::load_keys(&config.vault)?;
+        println!("re-encrypting under key {:?}", keys.active_id());
+        let mut total = 0;
+        loop {
+            let n = store.rotate_batch(batch).await?;
+            if n == 0 {
+                break;
+            }
+            total += n;
+            println!("  {total} records re-encrypted");
+        }
+        println!(
+            "done: {total} records re-encrypted; every record is under {:?}",
+            keys.active_id()
+        );
+        anyhow::Ok(())
+    })
 }
 
 fn demo() -> anyhow::Result<()> {
