@@ -8,6 +8,11 @@
 //! | `DELETE /api/network/tokens/{id}` | tokens | [`tokens::delete`] |
 //! | `POST /api/network/tokens/{id}/cryptograms` | cryptograms | [`cryptograms::create`] |
 //! | `<ANY> /api/network/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
+//! | `POST /api/network/tokens/{id}/events` | admin | [`tokens::event`] (sandbox lifecycle) |
+//! | `POST /api/pci/tokens` | tokens | [`pci::create`] |
+//! | `GET /api/pci/tokens/{id}` | tokens | [`pci::get`] |
+//! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
+//! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
 //!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
@@ -28,6 +33,7 @@ pub mod cryptograms;
 pub mod error;
 pub mod idempotency;
 pub mod json;
+pub mod pci;
 pub mod tokens;
 
 pub use error::ApiError;
@@ -52,6 +58,16 @@ pub enum Route {
     CreateCryptogram,
     /// `* /api/network/tokens/{id}/forward`
     Forward,
+    /// `POST /api/network/tokens/{id}/events` (sandbox lifecycle)
+    TokenEvent,
+    /// `POST /api/pci/tokens`
+    CreatePciToken,
+    /// `GET /api/pci/tokens/{id}`
+    GetPciToken,
+    /// `DELETE /api/pci/tokens/{id}`
+    DeletePciToken,
+    /// `* /api/pci/tokens/{id}/forward`
+    ForwardPci,
 }
 
 impl Route {
@@ -63,47 +79,70 @@ impl Route {
             Route::DeleteToken => "delete_token",
             Route::CreateCryptogram => "create_cryptogram",
             Route::Forward => "forward",
+            Route::TokenEvent => "token_event",
+            Route::CreatePciToken => "create_pci_token",
+            Route::GetPciToken => "get_pci_token",
+            Route::DeletePciToken => "delete_pci_token",
+            Route::ForwardPci => "forward_pci",
         }
     }
 
     fn scope(self) -> Scope {
         match self {
-            Route::ProvisionToken | Route::GetToken | Route::DeleteToken => Scope::Tokens,
+            Route::ProvisionToken
+            | Route::GetToken
+            | Route::DeleteToken
+            | Route::CreatePciToken
+            | Route::GetPciToken
+            | Route::DeletePciToken => Scope::Tokens,
             Route::CreateCryptogram => Scope::Cryptograms,
-            Route::Forward => Scope::Forward,
+            Route::Forward | Route::ForwardPci => Scope::Forward,
+            Route::TokenEvent => Scope::Admin,
         }
     }
 }
 
 /// Matches method and path; `Ok((route, id segment))`.
 pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ApiError> {
-    let rest = path
-        .strip_prefix("/api/network/tokens")
-        .ok_or(ApiError::RouteNotFound)?;
+    let (family, rest) = if let Some(rest) = path.strip_prefix("/api/network/tokens") {
+        (Family::Network, rest)
+    } else if let Some(rest) = path.strip_prefix("/api/pci/tokens") {
+        (Family::Pci, rest)
+    } else {
+        return Err(ApiError::RouteNotFound);
+    };
     let mut parts = rest.split('/');
     // `rest` is "" or "/{id}[/{action}]"; the first split part is empty.
     let (lead, id, action, extra) = (parts.next(), parts.next(), parts.next(), parts.next());
     if lead != Some("") || extra.is_some() {
         return Err(ApiError::RouteNotFound);
     }
-    let (route, id) = match (id, action) {
-        (None, _) | (Some(""), None) => match *method {
-            Method::POST => (Route::ProvisionToken, None),
-            _ => return Err(ApiError::MethodNotAllowed),
-        },
-        (Some(id), None) if !id.is_empty() => match *method {
-            Method::GET => (Route::GetToken, Some(id)),
-            Method::DELETE => (Route::DeleteToken, Some(id)),
-            _ => return Err(ApiError::MethodNotAllowed),
-        },
-        (Some(id), Some("cryptograms")) if !id.is_empty() => match *method {
-            Method::POST => (Route::CreateCryptogram, Some(id)),
-            _ => return Err(ApiError::MethodNotAllowed),
-        },
-        (Some(id), Some("forward")) if !id.is_empty() => (Route::Forward, Some(id)),
+    let id = match id {
+        None | Some("") if action.is_none() => None,
+        Some(id) if !id.is_empty() => Some(id),
+        _ => return Err(ApiError::RouteNotFound),
+    };
+    let route = match (family, id.is_some(), action, method) {
+        (Family::Network, false, None, &Method::POST) => Route::ProvisionToken,
+        (Family::Network, true, None, &Method::GET) => Route::GetToken,
+        (Family::Network, true, None, &Method::DELETE) => Route::DeleteToken,
+        (Family::Network, true, Some("cryptograms"), &Method::POST) => Route::CreateCryptogram,
+        (Family::Network, true, Some("events"), &Method::POST) => Route::TokenEvent,
+        (Family::Network, true, Some("forward"), _) => Route::Forward,
+        (Family::Pci, false, None, &Method::POST) => Route::CreatePciToken,
+        (Family::Pci, true, None, &Method::GET) => Route::GetPciToken,
+        (Family::Pci, true, None, &Method::DELETE) => Route::DeletePciToken,
+        (Family::Pci, true, Some("forward"), _) => Route::ForwardPci,
+        (_, _, None | Some("cryptograms" | "events"), _) => return Err(ApiError::MethodNotAllowed),
         _ => return Err(ApiError::RouteNotFound),
     };
     Ok((route, id))
+}
+
+#[derive(Clone, Copy)]
+enum Family {
+    Network,
+    Pci,
 }
 
 /// Everything the access log needs about a finished API request.
@@ -149,7 +188,18 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
             Route::GetToken => tokens::get(&state, id.as_deref()).await,
             Route::DeleteToken => tokens::delete(&state, id.as_deref()).await,
             Route::CreateCryptogram => cryptograms::create(&state, key, id.as_deref(), req).await,
-            Route::Forward => crate::forward::handle(&state, id.as_deref(), req).await,
+            Route::Forward => {
+                let id = tokens::parse_id(id.as_deref())?;
+                crate::forward::handle(&state, crate::forward::Subject::NetworkToken(id), req).await
+            }
+            Route::ForwardPci => {
+                let id = pci::parse_id(id.as_deref())?;
+                crate::forward::handle(&state, crate::forward::Subject::PciToken(id), req).await
+            }
+            Route::TokenEvent => tokens::event(&state, id.as_deref(), req).await,
+            Route::CreatePciToken => pci::create(&state, req).await,
+            Route::GetPciToken => pci::get(&state, id.as_deref()).await,
+            Route::DeletePciToken => pci::delete(&state, id.as_deref()).await,
         }
     }
     .await;

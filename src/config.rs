@@ -197,6 +197,8 @@ pub struct Config {
     pub reference_ttl: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// How long a CVC is held in memory for one forward.
+    pub cvc_ttl: Duration,
     /// Placeholder delimiters.
     pub placeholder_syntax: PlaceholderSyntax,
     /// Mask injected values echoed back by the acquirer.
@@ -230,6 +232,7 @@ struct RawConfig {
     admin_listen: Option<String>,
     compliance_level: Option<ComplianceLevel>,
     reference_ttl: Option<String>,
+    cvc_ttl: Option<String>,
     max_body_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
     redact_responses: Option<bool>,
@@ -643,6 +646,7 @@ impl RawConfig {
             compliance_level,
             reference_ttl,
             max_body_bytes: max_body_bytes as usize,
+            cvc_ttl: duration("cvc_ttl", self.cvc_ttl, Duration::from_secs(15 * 60))?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
                 .redact_responses

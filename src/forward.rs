@@ -9,7 +9,7 @@
 //! 3. [`read_and_parse`] — body read under `max_body_bytes`, placeholders
 //!    parsed in the body, header values and the URL's path and query;
 //! 4. [`consume`] — token active, reference taken atomically (or only
-//!    peeked, for a dry run);
+//!    peeked, for a dry run); for a PCI token, the held CVC taken;
 //! 5. [`send`] — render, connect, send; a connection that fails before any
 //!    byte was written restores the reference;
 //! 6. [`relay`] — status, headers and body streamed back.
@@ -26,12 +26,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::tokens::parse_id;
 use crate::api::{check_content_length, json_response, read_body, ApiError};
+use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};
 use crate::template::{Context, Field, Namespace, Syntax, Template, Value, Values};
-use crate::vault::{NetworkToken, TokenId, TokenStatus};
+use crate::vault::{NetworkToken, PciToken, PciTokenId, TokenId, TokenStatus};
 use crate::{AppState, Body};
 
 pub mod destination;
@@ -100,14 +100,20 @@ struct Part {
 }
 
 impl Part {
-    fn parse(input: Bytes, fwd: &Forwarder, ctx: Context, what: &str) -> Result<Part, ApiError> {
+    fn parse(
+        input: Bytes,
+        fwd: &Forwarder,
+        ns: Namespace,
+        ctx: Context,
+        what: &str,
+    ) -> Result<Part, ApiError> {
         if memchr::memmem::find(&input, fwd.delims.0.as_bytes()).is_none() {
             return Ok(Part {
                 input,
                 template: None,
             });
         }
-        let t = Template::parse(&input, fwd.syntax, ctx, Namespace::NetworkToken)
+        let t = Template::parse(&input, fwd.syntax, ctx, ns)
             .map_err(|e| ApiError::InvalidTemplate(format!("{what}: {e}")))?;
         Ok(Part {
             template: (!t.is_static()).then_some(t),
@@ -170,29 +176,56 @@ impl Parsed {
 /// `<ANY> /api/network/tokens/{id}/forward`
 pub async fn handle(
     state: &AppState,
-    id: Option<&str>,
+    subject: Subject,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let fwd = &state.forwarder;
-    let checked = check_headers(fwd, req.headers()).await?;
-    let token_id = parse_id(id)?;
-    let parsed = read_and_parse(state, &checked, req).await?;
-    let (token, reference) = consume(state, token_id, &checked).await?;
-    let values = NetworkTokenValues::new(&token, &reference.payload);
+    let checked = check_headers(fwd, req.headers(), subject.needs_reference()).await?;
+    let parsed = read_and_parse(state, &checked, req, subject.namespace()).await?;
+    let bound = consume(state, subject, &checked, &parsed).await?;
 
     if checked.dry_run {
         return dry_run(&checked.destination, &parsed);
     }
     let host = checked.destination.host.clone();
-    let result = send(state, &checked, &parsed, &values).await;
+    let result = match &bound {
+        Bound::Network { token, reference } => {
+            send(
+                state,
+                &checked,
+                &parsed,
+                &NetworkTokenValues::new(token, &reference.payload),
+            )
+            .await
+        }
+        Bound::Pci { card, cvc } => {
+            send(
+                state,
+                &checked,
+                &parsed,
+                &PciTokenValues::new(card, cvc.as_ref()),
+            )
+            .await
+        }
+    };
     let result = match result {
         Ok(r) => Ok(r),
         Err(failure) => {
             if failure.nothing_sent {
-                if let Some(rid) = &checked.reference {
-                    state.references.restore(rid).await?;
-                    state.metrics.references_restored.inc();
+                // The payment was never attempted: what it used is usable again.
+                match bound {
+                    Bound::Network { .. } => {
+                        if let Some(rid) = &checked.reference {
+                            state.references.restore(rid).await?;
+                            state.metrics.references_restored.inc();
+                        }
+                    }
+                    Bound::Pci {
+                        card,
+                        cvc: Some(cvc),
+                    } => state.cvcs.restore(card.id, cvc),
+                    Bound::Pci { cvc: None, .. } => {}
                 }
             }
             Err(failure.error)
@@ -205,7 +238,7 @@ pub async fn handle(
     tracing::info!(
         target: "tokenrelay::audit",
         event = "forward",
-        token_id = %token_id,
+        subject = %subject,
         destination_host = %host,
         outcome = match &result { Ok(r) => r.status().as_str().to_owned(), Err(e) => e.status_and_classifier().1.to_owned() },
     );
@@ -214,10 +247,16 @@ pub async fn handle(
 
 /// Step 2: headers present; destination well-formed, allowed, resolved and
 /// its addresses checked.
-async fn check_headers(fwd: &Forwarder, headers: &HeaderMap) -> Result<Checked, ApiError> {
-    let reference = headers
-        .get(&X_CRYPTOGRAM_REFERENCE)
-        .ok_or(ApiError::MissingHeader("x-cryptogram-reference"))?;
+async fn check_headers(
+    fwd: &Forwarder,
+    headers: &HeaderMap,
+    needs_reference: bool,
+) -> Result<Checked, ApiError> {
+    let reference = match headers.get(&X_CRYPTOGRAM_REFERENCE) {
+        Some(r) => Some(r),
+        None if needs_reference => return Err(ApiError::MissingHeader("x-cryptogram-reference")),
+        None => None,
+    };
     let url = headers
         .get(&X_DESTINATION_URL)
         .ok_or(ApiError::MissingHeader("x-destination-url"))?
@@ -246,7 +285,9 @@ async fn check_headers(fwd: &Forwarder, headers: &HeaderMap) -> Result<Checked, 
         .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
     Ok(Checked {
         // A malformed reference cannot exist; it is reported at step 4.
-        reference: reference.to_str().ok().and_then(ReferenceId::parse),
+        reference: reference
+            .and_then(|r| r.to_str().ok())
+            .and_then(ReferenceId::parse),
         destination,
         dry_run,
     })
@@ -257,6 +298,7 @@ async fn read_and_parse(
     state: &AppState,
     checked: &Checked,
     req: Request<Incoming>,
+    ns: Namespace,
 ) -> Result<Parsed, ApiError> {
     let fwd = &state.forwarder;
     check_content_length(&req, state.config.max_body_bytes)?;
@@ -269,11 +311,12 @@ async fn read_and_parse(
             .get(header::CONTENT_TYPE)
             .map(HeaderValue::as_bytes),
     );
-    let body = Part::parse(body, fwd, ctx, "body")?;
+    let body = Part::parse(body, fwd, ns, ctx, "body")?;
     let dest = &checked.destination;
     let path = Part::parse(
         Bytes::from(dest.path.clone()),
         fwd,
+        ns,
         Context::UrlPath,
         "destination path",
     )?;
@@ -281,6 +324,7 @@ async fn read_and_parse(
         Some(q) => Some(Part::parse(
             Bytes::from(q.clone()),
             fwd,
+            ns,
             Context::UrlQuery,
             "destination query",
         )?),
@@ -305,6 +349,7 @@ async fn read_and_parse(
         let part = Part::parse(
             Bytes::copy_from_slice(value.as_bytes()),
             fwd,
+            ns,
             Context::Header,
             &format!("header {name}"),
         )?;
@@ -319,6 +364,7 @@ async fn read_and_parse(
             let part = Part::parse(
                 Bytes::copy_from_slice(v.as_bytes()),
                 fwd,
+                ns,
                 Context::Header,
                 "x-relay-header-value",
             )?;
@@ -339,13 +385,84 @@ async fn read_and_parse(
     })
 }
 
-/// Step 4: the token must be active and the reference usable; a real
-/// forward takes it, a dry run only looks.
+/// Whose values a forward injects.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject {
+    /// A network token, with a cryptogram reference.
+    NetworkToken(TokenId),
+    /// A PCI token (FPAN fallback), without a reference.
+    PciToken(PciTokenId),
+}
+
+impl Subject {
+    fn needs_reference(self) -> bool {
+        matches!(self, Subject::NetworkToken(_))
+    }
+
+    fn namespace(self) -> Namespace {
+        match self {
+            Subject::NetworkToken(_) => Namespace::NetworkToken,
+            Subject::PciToken(_) => Namespace::PciToken,
+        }
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::NetworkToken(id) => write!(f, "network_token:{id}"),
+            Subject::PciToken(id) => write!(f, "pci_token:{id}"),
+        }
+    }
+}
+
+/// What step 4 bound the request to.
+enum Bound {
+    Network {
+        token: Arc<NetworkToken>,
+        reference: Reference,
+    },
+    Pci {
+        card: Arc<PciToken>,
+        cvc: Option<Secret>,
+    },
+}
+
+/// Step 4: the token must be active and the reference usable (a real
+/// forward takes it, a dry run only looks); for a PCI token, a CVC the
+/// template names must be held (and is taken).
 async fn consume(
     state: &AppState,
-    token_id: TokenId,
+    subject: Subject,
     checked: &Checked,
-) -> Result<(Arc<NetworkToken>, Reference), ApiError> {
+    parsed: &Parsed,
+) -> Result<Bound, ApiError> {
+    let token_id = match subject {
+        Subject::NetworkToken(id) => id,
+        Subject::PciToken(id) => {
+            let card = state
+                .tokens
+                .get_pci(id)
+                .await?
+                .ok_or(ApiError::PciTokenNotFound)?;
+            let wants_cvc = parsed
+                .parts()
+                .flat_map(Part::fields)
+                .any(|f| f == Field::SecurityCode);
+            let cvc = match (wants_cvc, checked.dry_run) {
+                (false, _) => None,
+                (true, true) if state.cvcs.is_held(id) => None,
+                (true, false) => Some(
+                    state
+                        .cvcs
+                        .take(id)
+                        .ok_or(ApiError::SecurityCodeUnavailable)?,
+                ),
+                (true, true) => return Err(ApiError::SecurityCodeUnavailable),
+            };
+            return Ok(Bound::Pci { card, cvc });
+        }
+    };
     let token = state
         .tokens
         .get(token_id)
@@ -364,11 +481,11 @@ async fn consume(
         state.references.take(rid, token_id).await
     };
     match taken {
-        Ok(r) => {
+        Ok(reference) => {
             if !checked.dry_run {
                 state.metrics.references_consumed.inc();
             }
-            Ok((token, r))
+            Ok(Bound::Network { token, reference })
         }
         Err(e) => {
             state.metrics.references_refused.inc();
@@ -599,6 +716,54 @@ impl Values for NetworkTokenValues<'_> {
             | Field::Bin
             | Field::Last4
             | Field::PciTokenId => Value::Null,
+        }
+    }
+}
+
+/// The values of a PCI-token forward (contract §4a).
+pub struct PciTokenValues<'a> {
+    card: &'a PciToken,
+    cvc: Option<&'a Secret>,
+    id: String,
+}
+
+impl<'a> PciTokenValues<'a> {
+    /// Values of `card`, with its CVC if one was taken for this forward.
+    pub fn new(card: &'a PciToken, cvc: Option<&'a Secret>) -> Self {
+        Self {
+            card,
+            cvc,
+            id: card.id.to_string(),
+        }
+    }
+}
+
+impl Values for PciTokenValues<'_> {
+    fn get(&self, field: Field, key: Option<&str>) -> Value<'_> {
+        let c = self.card;
+        match field {
+            Field::AccountNumber => Value::Str(c.pan.expose()),
+            Field::ExpiryMonth => Value::Int(i64::from(c.expiry_month)),
+            Field::ExpiryYear => Value::Int(i64::from(c.expiry_year)),
+            Field::CardholderName => c.cardholder_name.as_deref().map_or(Value::Null, Value::Str),
+            Field::SecurityCode => self.cvc.map_or(Value::Null, |s| Value::Str(s.expose())),
+            Field::Bin => Value::Str(c.pan.first6()),
+            Field::Last4 => Value::Str(c.pan.last4()),
+            Field::Metadata => map_value(&c.metadata, key),
+            Field::PciTokenId => Value::Str(&self.id),
+            // Network-token names never parse in the PCI-token namespace.
+            Field::Cryptogram
+            | Field::DynamicCvv
+            | Field::Eci
+            | Field::Number
+            | Field::Type
+            | Field::SchemeReference
+            | Field::SchemeMetadata
+            | Field::Status
+            | Field::SupportsDeviceBinding
+            | Field::NetworkTokenId
+            | Field::NetworkTokenType
+            | Field::NetworkTokenMetadata => Value::Null,
         }
     }
 }

@@ -39,6 +39,7 @@ pub mod api;
 pub mod card;
 pub mod config;
 pub mod crypto;
+pub mod cvc;
 pub mod demo;
 pub mod forward;
 pub mod references;
@@ -77,6 +78,8 @@ pub struct AppState {
     pub tsp: Arc<dyn TokenServiceProvider>,
     /// Idempotency records.
     pub idempotency: api::idempotency::Idempotency,
+    /// CVCs held in memory for one forward.
+    pub cvcs: cvc::CvcStore,
     /// Allow-list, resolver and upstream client.
     pub forwarder: forward::Forwarder,
     /// Metrics registry.
@@ -99,6 +102,7 @@ impl AppState {
         ));
         let forwarder = forward::Forwarder::new(&config, metrics.clone())?;
         Ok(Arc::new(AppState {
+            cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             config,
             tokens,

@@ -151,6 +151,64 @@ impl TokenStatus {
     }
 }
 
+/// Identifier of a PCI token.
+pub type PciTokenId = Uuid;
+
+/// A card kept for FPAN fallback (contract §4a). The CVC is never here: it
+/// lives in memory only (`crate::cvc`).
+#[derive(Debug, Clone)]
+pub struct PciToken {
+    /// Its id.
+    pub id: PciTokenId,
+    /// The card number. Secret.
+    pub pan: CardNumber,
+    /// Brand.
+    pub scheme: Brand,
+    /// Card expiry month.
+    pub expiry_month: u8,
+    /// Card expiry year.
+    pub expiry_year: u16,
+    /// Cardholder name, if given.
+    pub cardholder_name: Option<String>,
+    /// Merchant metadata.
+    pub metadata: Metadata,
+    /// Keyed HMAC of the PAN: finds the same card without decrypting.
+    pub fingerprint: [u8; 32],
+    /// Creation time.
+    pub created_at: OffsetDateTime,
+}
+
+/// A change to a network token (sandbox lifecycle events).
+#[derive(Debug, Clone, Copy)]
+pub enum TokenChange {
+    /// New status.
+    Status(TokenStatus),
+    /// New token expiry.
+    Expiry {
+        /// Month.
+        month: u8,
+        /// Year.
+        year: u16,
+    },
+    /// Delegated authentication activated.
+    ActivateDauth,
+}
+
+impl TokenChange {
+    /// Applies the change to a token.
+    pub fn apply(self, t: &mut NetworkToken) {
+        match self {
+            TokenChange::Status(s) => t.status = s,
+            TokenChange::Expiry { month, year } => {
+                t.expiry_month = month;
+                t.expiry_year = year;
+            }
+            TokenChange::ActivateDauth => t.dauth_activated = true,
+        }
+        t.updated_at = OffsetDateTime::now_utc();
+    }
+}
+
 /// A recorded answer to an idempotent request.
 #[derive(Clone)]
 pub struct IdempotencyRecord {
@@ -217,10 +275,33 @@ pub trait TokenStore: Send + Sync + 'static {
         &self,
         id: TokenId,
         status: TokenStatus,
+    ) -> Result<Option<Arc<NetworkToken>>, StoreError> {
+        self.update(id, TokenChange::Status(status)).await
+    }
+
+    /// Applies a lifecycle change; returns the updated token, or `None`.
+    async fn update(
+        &self,
+        id: TokenId,
+        change: TokenChange,
     ) -> Result<Option<Arc<NetworkToken>>, StoreError>;
 
     /// Increments and returns the token's transaction counter (ATC).
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError>;
+
+    /// The keyed fingerprint (HMAC) of a card number, stable across
+    /// restarts and key rotation.
+    fn fingerprint(&self, pan: &CardNumber) -> [u8; 32];
+
+    /// Stores a PCI token unless one with the same fingerprint exists;
+    /// returns the stored one and whether it is new.
+    async fn insert_pci(&self, token: PciToken) -> Result<(Arc<PciToken>, bool), StoreError>;
+
+    /// Reads a PCI token.
+    async fn get_pci(&self, id: PciTokenId) -> Result<Option<Arc<PciToken>>, StoreError>;
+
+    /// Deletes a PCI token and its card data; `false` if unknown.
+    async fn delete_pci(&self, id: PciTokenId) -> Result<bool, StoreError>;
 
     /// The live idempotency record under `key` (older than `max_age` counts
     /// as absent).

@@ -57,6 +57,12 @@ pub enum ApiError {
     /// Unknown token id.
     #[error("network token not found")]
     TokenNotFound,
+    /// Unknown PCI token id.
+    #[error("PCI token not found")]
+    PciTokenNotFound,
+    /// `security_code` used when no CVC is held.
+    #[error("no security code is held for this PCI token (it is single use and expires)")]
+    SecurityCodeUnavailable,
     /// Metadata breaks the limits.
     #[error("invalid metadata: {0}")]
     InvalidMetadata(String),
@@ -132,6 +138,11 @@ impl ApiError {
             E::InvalidCard { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_card"),
             E::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             E::TokenNotFound => (StatusCode::NOT_FOUND, "token_not_found"),
+            E::PciTokenNotFound => (StatusCode::NOT_FOUND, "pci_token_not_found"),
+            E::SecurityCodeUnavailable => (
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "security_code_unavailable",
+            ),
             E::InvalidMetadata(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_metadata"),
             E::InlineNotPermitted => (StatusCode::FORBIDDEN, "inline_not_permitted"),
             E::DauthNotActivated => (StatusCode::UNPROCESSABLE_ENTITY, "dauth_not_activated"),
@@ -265,6 +276,12 @@ mod tests {
                 "idempotency_key_reused",
             ),
             (ApiError::TokenNotFound, 404, "token_not_found"),
+            (ApiError::PciTokenNotFound, 404, "pci_token_not_found"),
+            (
+                ApiError::SecurityCodeUnavailable,
+                422,
+                "security_code_unavailable",
+            ),
             (
                 ApiError::InvalidMetadata("x".into()),
                 422,

@@ -11,11 +11,13 @@ use time::OffsetDateTime;
 
 use super::auth::ApiKey;
 use super::idempotency::{Pending, Stored};
-use super::json;
 use super::{check_content_length, empty_response, json_response, read_body, ApiError};
-use crate::card::validate_card;
+use super::{json, pci};
+use crate::card::validate_expiry;
 use crate::tsp::ProvisionRequest;
-use crate::vault::{Inserted, Metadata, NetworkToken, NetworkTokenType, TokenId, TokenStatus};
+use crate::vault::{
+    Inserted, Metadata, NetworkToken, NetworkTokenType, TokenChange, TokenId, TokenStatus,
+};
 use crate::{AppState, Body};
 
 /// The token as the API shows it: never the TPAN or the PAN.
@@ -115,72 +117,66 @@ async fn provision_inner(
         .ok()
         .flatten()
         .ok_or_else(|| ApiError::InvalidRequest("`source.type` is required".into()))?;
-    match source_type {
-        "pan" => {}
-        "pci_token" | "session" => {
-            return Err(ApiError::SourceNotSupported(source_type.to_owned()));
+    let card = match source_type {
+        "pan" => {
+            if !state.config.compliance_level.handles_card_data() {
+                return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
+            }
+            json::only_fields(
+                source,
+                &[
+                    "type",
+                    "number",
+                    "expiry_month",
+                    "expiry_year",
+                    "cvc",
+                    "cardholder_name",
+                ],
+                "source.",
+            )?;
+            // The card is kept as a PCI token too (once, by fingerprint),
+            // so FPAN fallback is always possible.
+            let (card, _) =
+                pci::store_card(state, pci::card_input(source)?, Metadata::new()).await?;
+            card
         }
+        "pci_token" => {
+            json::only_fields(source, &["type", "id"], "source.")?;
+            let id = json::opt_str(source, "id")
+                .ok()
+                .flatten()
+                .ok_or_else(|| ApiError::InvalidRequest("`source.id` is required".into()))?;
+            let card = state
+                .tokens
+                .get_pci(pci::parse_id(Some(id))?)
+                .await?
+                .ok_or(ApiError::PciTokenNotFound)?;
+            let now = OffsetDateTime::now_utc();
+            validate_expiry(
+                i64::from(card.expiry_month),
+                i64::from(card.expiry_year),
+                (now.year(), u8::from(now.month())),
+            )
+            .map_err(|e| ApiError::InvalidCard {
+                field: e.field,
+                reason: e.reason,
+            })?;
+            card
+        }
+        "session" => return Err(ApiError::SourceNotSupported(source_type.to_owned())),
         _ => {
             return Err(ApiError::InvalidRequest(
                 "`source.type` must be one of pan, pci_token, session".into(),
             ))
         }
-    }
-    if !state.config.compliance_level.handles_card_data() {
-        return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
-    }
-    json::only_fields(
-        source,
-        &[
-            "type",
-            "number",
-            "expiry_month",
-            "expiry_year",
-            "cvc",
-            "cardholder_name",
-        ],
-        "source.",
-    )?;
-    let card_field =
-        |field: &'static str, reason: &'static str| ApiError::InvalidCard { field, reason };
-    let number = json::opt_str(source, "number")
-        .map_err(|_| card_field("number", "must be a string of digits"))?
-        .ok_or(card_field("number", "is required"))?;
-    let month = json::opt_int(source, "expiry_month")
-        .map_err(|_| card_field("expiry_month", "must be an integer"))?
-        .ok_or(card_field("expiry_month", "is required"))?;
-    let year = json::opt_int(source, "expiry_year")
-        .map_err(|_| card_field("expiry_year", "must be an integer"))?
-        .ok_or(card_field("expiry_year", "is required"))?;
-    if let Some(cvc) =
-        json::opt_str(source, "cvc").map_err(|_| card_field("cvc", "must be a string"))?
-    {
-        if !(3..=4).contains(&cvc.len()) || !cvc.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(card_field("cvc", "must be 3 or 4 digits"));
-        }
-    }
-    if let Some(name) = json::opt_str(source, "cardholder_name")
-        .map_err(|_| card_field("cardholder_name", "must be a string"))?
-    {
-        if name.chars().count() > 100 {
-            return Err(card_field(
-                "cardholder_name",
-                "must be at most 100 characters",
-            ));
-        }
-    }
+    };
+    let (pan, brand) = (&card.pan, card.scheme);
     let now = OffsetDateTime::now_utc();
-    let (pan, brand) = validate_card(number, month, year, (now.year(), u8::from(now.month())))
-        .map_err(|e| ApiError::InvalidCard {
-            field: e.field,
-            reason: e.reason,
-        })?;
-
     let provisioned = state.tsp.provision(&ProvisionRequest {
-        pan: &pan,
+        pan,
         brand,
-        expiry_month: month as u8,
-        expiry_year: year as u16,
+        expiry_month: card.expiry_month,
+        expiry_year: card.expiry_year,
     })?;
     let token = NetworkToken {
         id: TokenId::new(),
@@ -190,7 +186,7 @@ async fn provision_inner(
         card_last4: pan.last4().to_owned(),
         expiry_month: provisioned.expiry_month,
         expiry_year: provisioned.expiry_year,
-        pci_token_id: None,
+        pci_token_id: Some(card.id),
         supports_device_binding: provisioned.supports_device_binding,
         scheme_reference: provisioned.scheme_reference,
         scheme_metadata: provisioned.scheme_metadata,
@@ -240,4 +236,69 @@ pub async fn delete(state: &AppState, id: Option<&str>) -> Result<Response<Body>
     state.references.revoke_token(id).await?;
     tracing::info!(target: "tokenrelay::audit", event = "token_deleted", token_id = %id);
     Ok(empty_response(StatusCode::NO_CONTENT))
+}
+
+/// `POST /api/network/tokens/{id}/events` (admin scope): sandbox lifecycle
+/// events, as a token service would send them. Body `{"event": "suspend" |
+/// "resume" | "delete" | "update_expiry" | "activate_dauth",
+/// "expiry_month"?, "expiry_year"?}` → 200 with the token.
+pub async fn event(
+    state: &AppState,
+    id: Option<&str>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    check_content_length(&req, state.config.max_body_bytes)?;
+    let body = read_body(req.into_body(), state.config.max_body_bytes).await?;
+    let obj = json::object(&body)?;
+    json::only_fields(&obj, &["event", "expiry_month", "expiry_year"], "")?;
+    let current = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
+    let event = json::opt_str(&obj, "event").ok().flatten().unwrap_or("");
+    let change = match event {
+        "suspend" | "resume" | "activate_dauth" | "update_expiry"
+            if current.status == TokenStatus::Deleted =>
+        {
+            return Err(ApiError::TokenNotActive("deleted"))
+        }
+        "suspend" => TokenChange::Status(TokenStatus::Inactive),
+        "resume" => TokenChange::Status(TokenStatus::Active),
+        "delete" => TokenChange::Status(TokenStatus::Deleted),
+        "activate_dauth" => TokenChange::ActivateDauth,
+        "update_expiry" => {
+            let month = json::opt_int(&obj, "expiry_month").ok().flatten();
+            let year = json::opt_int(&obj, "expiry_year").ok().flatten();
+            let now = OffsetDateTime::now_utc();
+            match (month, year) {
+                (Some(m), Some(y))
+                    if validate_expiry(m, y, (now.year(), u8::from(now.month()))).is_ok() =>
+                {
+                    TokenChange::Expiry {
+                        month: m as u8,
+                        year: y as u16,
+                    }
+                }
+                _ => {
+                    return Err(ApiError::InvalidRequest(
+                        "update_expiry needs a future expiry_month and expiry_year".into(),
+                    ))
+                }
+            }
+        }
+        _ => {
+            return Err(ApiError::InvalidRequest(
+                "`event` must be suspend, resume, delete, update_expiry or activate_dauth".into(),
+            ))
+        }
+    };
+    let token = state
+        .tokens
+        .update(id, change)
+        .await?
+        .ok_or(ApiError::TokenNotFound)?;
+    if token.status != TokenStatus::Active {
+        // A suspended or deleted token's outstanding references die.
+        state.references.revoke_token(id).await?;
+    }
+    tracing::info!(target: "tokenrelay::audit", event = "token_lifecycle", token_id = %id, change = event);
+    json_response(StatusCode::OK, &TokenView::from(token.as_ref()))
 }

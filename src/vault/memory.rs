@@ -11,14 +11,28 @@ use std::sync::{Arc, RwLock};
 use async_trait::async_trait;
 use time::OffsetDateTime;
 
+use crate::card::CardNumber;
+
+use super::keyring::Keyring;
 use super::{
-    IdempotencyRecord, Inserted, NetworkToken, StoreError, TokenId, TokenStatus, TokenStore,
+    IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, StoreError, TokenChange,
+    TokenId, TokenStore,
 };
 
 /// The in-memory store.
-#[derive(Default)]
 pub struct MemoryTokenStore {
     inner: RwLock<Inner>,
+    /// Nothing is at rest, but fingerprints still need a key.
+    keys: Keyring,
+}
+
+impl Default for MemoryTokenStore {
+    fn default() -> Self {
+        Self {
+            inner: RwLock::default(),
+            keys: Keyring::ephemeral(),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -26,6 +40,7 @@ struct Inner {
     tokens: HashMap<TokenId, Arc<NetworkToken>>,
     counters: HashMap<TokenId, u64>,
     idempotency: HashMap<String, IdempotencyRecord>,
+    pci: HashMap<PciTokenId, Arc<PciToken>>,
 }
 
 fn live(r: &IdempotencyRecord, max_age: std::time::Duration) -> bool {
@@ -106,21 +121,50 @@ impl TokenStore for MemoryTokenStore {
         Ok(inner.tokens.get(&id).cloned())
     }
 
-    async fn set_status(
+    async fn update(
         &self,
         id: TokenId,
-        status: TokenStatus,
+        change: TokenChange,
     ) -> Result<Option<Arc<NetworkToken>>, StoreError> {
         let mut inner = self.write()?;
         let Some(current) = inner.tokens.get(&id) else {
             return Ok(None);
         };
         let mut next = NetworkToken::clone(current);
-        next.status = status;
-        next.updated_at = OffsetDateTime::now_utc();
+        change.apply(&mut next);
         let next = Arc::new(next);
         inner.tokens.insert(id, next.clone());
         Ok(Some(next))
+    }
+
+    fn fingerprint(&self, pan: &CardNumber) -> [u8; 32] {
+        self.keys.fingerprint(pan.expose())
+    }
+
+    async fn insert_pci(&self, token: PciToken) -> Result<(Arc<PciToken>, bool), StoreError> {
+        let mut inner = self.write()?;
+        if let Some(existing) = inner
+            .pci
+            .values()
+            .find(|p| p.fingerprint == token.fingerprint)
+        {
+            return Ok((existing.clone(), false));
+        }
+        let token = Arc::new(token);
+        inner.pci.insert(token.id, token.clone());
+        Ok((token, true))
+    }
+
+    async fn get_pci(&self, id: PciTokenId) -> Result<Option<Arc<PciToken>>, StoreError> {
+        let inner = self
+            .inner
+            .read()
+            .map_err(|_| StoreError::Unavailable("lock poisoned".into()))?;
+        Ok(inner.pci.get(&id).cloned())
+    }
+
+    async fn delete_pci(&self, id: PciTokenId) -> Result<bool, StoreError> {
+        Ok(self.write()?.pci.remove(&id).is_some())
     }
 
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {

@@ -22,16 +22,17 @@ use time::OffsetDateTime;
 
 use super::keyring::Keyring;
 use super::{
-    IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, StoreError, TokenId,
-    TokenStatus, TokenStore,
+    IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, PciTokenId,
+    StoreError, TokenChange, TokenId, TokenStatus, TokenStore,
 };
 use crate::card::{Brand, CardNumber};
 
 /// Versioned migrations; each runs once, in order.
-const MIGRATIONS: &[(i64, &[&str])] = &[(
-    1,
-    &[
-        "CREATE TABLE IF NOT EXISTS network_tokens (
+const MIGRATIONS: &[(i64, &[&str])] = &[
+    (
+        1,
+        &[
+            "CREATE TABLE IF NOT EXISTS network_tokens (
             id TEXT PRIMARY KEY,
             status TEXT NOT NULL,
             public_json TEXT NOT NULL,
@@ -40,7 +41,7 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             atc BIGINT NOT NULL DEFAULT 0,
             updated_at TEXT NOT NULL
         )",
-        "CREATE TABLE IF NOT EXISTS idempotency (
+            "CREATE TABLE IF NOT EXISTS idempotency (
             key TEXT PRIMARY KEY,
             fingerprint TEXT NOT NULL,
             status BIGINT NOT NULL,
@@ -48,10 +49,57 @@ const MIGRATIONS: &[(i64, &[&str])] = &[(
             body TEXT NOT NULL,
             created_at BIGINT NOT NULL
         )",
-        "CREATE INDEX IF NOT EXISTS idempotency_created_at ON idempotency (created_at)",
-        "CREATE INDEX IF NOT EXISTS network_tokens_key_id ON network_tokens (key_id)",
-    ],
-)];
+            "CREATE INDEX IF NOT EXISTS idempotency_created_at ON idempotency (created_at)",
+            "CREATE INDEX IF NOT EXISTS network_tokens_key_id ON network_tokens (key_id)",
+        ],
+    ),
+    (
+        2,
+        &[
+            "CREATE TABLE IF NOT EXISTS pci_tokens (
+            id TEXT PRIMARY KEY,
+            fingerprint TEXT NOT NULL UNIQUE,
+            public_json TEXT NOT NULL,
+            key_id TEXT NOT NULL,
+            secret TEXT NOT NULL,
+            created_at TEXT NOT NULL
+        )",
+            "CREATE INDEX IF NOT EXISTS pci_tokens_key_id ON pci_tokens (key_id)",
+        ],
+    ),
+];
+
+/// Tables whose `secret` column is sealed with `<aad prefix><id>` as
+/// associated data; rotation walks each.
+const SEALED_TABLES: &[(&str, &str)] = &[
+    ("network_tokens", "tokenrelay/network_token/"),
+    ("pci_tokens", "tokenrelay/pci_token/"),
+];
+
+/// Non-secret fields of a PCI token; the PAN and the cardholder name are
+/// sealed together in `secret`.
+#[derive(Serialize, Deserialize)]
+struct PciPublic {
+    scheme: Brand,
+    expiry_month: u8,
+    expiry_year: u16,
+    metadata: Metadata,
+    #[serde(with = "time::serde::rfc3339")]
+    created_at: OffsetDateTime,
+}
+
+#[derive(Serialize, Deserialize)]
+struct PciSecret {
+    pan: String,
+    cardholder_name: Option<String>,
+}
+
+impl Drop for PciSecret {
+    fn drop(&mut self) {
+        use zeroize::Zeroize;
+        self.pan.zeroize();
+    }
+}
 
 /// The fields of a token that are not secret and never change after
 /// provisioning; stored as JSON.
@@ -97,7 +145,29 @@ fn unb64(s: &str) -> Result<Vec<u8>, StoreError> {
 }
 
 fn token_aad(id: &str) -> Vec<u8> {
-    format!("tokenrelay/network_token/{id}").into_bytes()
+    format!("{}{id}", SEALED_TABLES[0].1).into_bytes()
+}
+
+fn pci_aad(id: &str) -> Vec<u8> {
+    format!("{}{id}", SEALED_TABLES[1].1).into_bytes()
+}
+
+fn public_json(token: &NetworkToken) -> Result<String, StoreError> {
+    serde_json::to_string(&PublicFields {
+        network_token_type: token.network_token_type,
+        scheme: token.scheme,
+        card_last4: token.card_last4.clone(),
+        expiry_month: token.expiry_month,
+        expiry_year: token.expiry_year,
+        pci_token_id: token.pci_token_id,
+        supports_device_binding: token.supports_device_binding,
+        scheme_reference: token.scheme_reference.clone(),
+        scheme_metadata: token.scheme_metadata.clone(),
+        metadata: token.metadata.clone(),
+        dauth_activated: token.dauth_activated,
+        created_at: token.created_at,
+    })
+    .map_err(|e| StoreError::Unavailable(e.to_string()))
 }
 
 fn idem_aad(key: &str) -> Vec<u8> {
@@ -233,6 +303,33 @@ impl SqlTokenStore {
         })
     }
 
+    fn row_to_pci(&self, row: &AnyRow) -> Result<PciToken, StoreError> {
+        let id: String = row.try_get("id").map_err(unavailable)?;
+        let fingerprint: String = row.try_get("fingerprint").map_err(unavailable)?;
+        let public: String = row.try_get("public_json").map_err(unavailable)?;
+        let key_id: String = row.try_get("key_id").map_err(unavailable)?;
+        let secret: String = row.try_get("secret").map_err(unavailable)?;
+        let p: PciPublic =
+            serde_json::from_str(&public).map_err(|_| corrupt("public fields unreadable"))?;
+        let opened = self
+            .keys
+            .open(&key_id, &pci_aad(&id), &unb64(&secret)?)
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let sealed: PciSecret =
+            serde_json::from_slice(&opened).map_err(|_| corrupt("sealed card unreadable"))?;
+        Ok(PciToken {
+            id: uuid::Uuid::try_parse(&id).map_err(|_| corrupt("bad id"))?,
+            pan: CardNumber::parse(&sealed.pan).ok_or_else(|| corrupt("sealed PAN malformed"))?,
+            scheme: p.scheme,
+            expiry_month: p.expiry_month,
+            expiry_year: p.expiry_year,
+            cardholder_name: sealed.cardholder_name.clone(),
+            metadata: p.metadata,
+            fingerprint: unhex32(&fingerprint)?,
+            created_at: p.created_at,
+        })
+    }
+
     fn row_to_idempotency(&self, row: &AnyRow) -> Result<IdempotencyRecord, StoreError> {
         let key: String = row.try_get("key").map_err(unavailable)?;
         let fingerprint: String = row.try_get("fingerprint").map_err(unavailable)?;
@@ -298,6 +395,55 @@ impl SqlTokenStore {
         row.map(|r| self.row_to_idempotency(&r)).transpose()
     }
 
+    /// Re-seals up to `limit` rows of `table` under the active key.
+    async fn rotate_table(
+        &self,
+        table: &str,
+        aad_prefix: &str,
+        active: &str,
+        limit: i64,
+    ) -> Result<usize, StoreError> {
+        let rows = sqlx::query(&format!(
+            "SELECT id, key_id, secret FROM {table} WHERE key_id <> $1 LIMIT $2"
+        ))
+        .bind(active.to_owned())
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut done = 0;
+        for row in rows {
+            let (id, key_id, secret): (String, String, String) = (
+                row.try_get(0).map_err(unavailable)?,
+                row.try_get(1).map_err(unavailable)?,
+                row.try_get(2).map_err(unavailable)?,
+            );
+            let aad = format!("{aad_prefix}{id}").into_bytes();
+            let plain = self
+                .keys
+                .open(&key_id, &aad, &unb64(&secret)?)
+                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let (new_id, sealed) = self
+                .keys
+                .seal(&aad, &plain)
+                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+            // Compare-and-set: a concurrent writer's change wins.
+            let r = sqlx::query(&format!(
+                "UPDATE {table} SET key_id = $1, secret = $2 WHERE id = $3 AND key_id = $4 AND secret = $5"
+            ))
+            .bind(new_id)
+            .bind(b64(&sealed))
+            .bind(id)
+            .bind(key_id)
+            .bind(secret)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            done += r.rows_affected() as usize;
+        }
+        Ok(done)
+    }
+
     async fn get_token(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
         let row = sqlx::query(
             "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens WHERE id = $1",
@@ -318,21 +464,7 @@ impl TokenStore for SqlTokenStore {
         idempotency: Option<IdempotencyRecord>,
     ) -> Result<Inserted, StoreError> {
         let id = token.id.to_string();
-        let public = serde_json::to_string(&PublicFields {
-            network_token_type: token.network_token_type,
-            scheme: token.scheme,
-            card_last4: token.card_last4.clone(),
-            expiry_month: token.expiry_month,
-            expiry_year: token.expiry_year,
-            pci_token_id: token.pci_token_id,
-            supports_device_binding: token.supports_device_binding,
-            scheme_reference: token.scheme_reference.clone(),
-            scheme_metadata: token.scheme_metadata.clone(),
-            metadata: token.metadata.clone(),
-            dauth_activated: token.dauth_activated,
-            created_at: token.created_at,
-        })
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let public = public_json(&token)?;
         let (key_id, sealed) = self
             .keys
             .seal(&token_aad(&id), token.tpan.expose().as_bytes())
@@ -370,23 +502,120 @@ impl TokenStore for SqlTokenStore {
         self.get_token(id).await
     }
 
-    async fn set_status(
+    async fn update(
         &self,
         id: TokenId,
-        status: TokenStatus,
+        change: TokenChange,
     ) -> Result<Option<Arc<NetworkToken>>, StoreError> {
-        let done =
-            sqlx::query("UPDATE network_tokens SET status = $1, updated_at = $2 WHERE id = $3")
-                .bind(status.as_str())
-                .bind(now_text())
-                .bind(id.to_string())
-                .execute(&self.pool)
-                .await
-                .map_err(unavailable)?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
+        // Optimistic: read, change, write only if nobody wrote in between.
+        for _ in 0..8 {
+            let row = sqlx::query(
+                "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens WHERE id = $1",
+            )
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let Some(row) = row else {
+                return Ok(None);
+            };
+            let old_public: String = row.try_get("public_json").map_err(unavailable)?;
+            let old_status: String = row.try_get("status").map_err(unavailable)?;
+            let mut token = self.row_to_token(&row)?;
+            change.apply(&mut token);
+            let done = sqlx::query(
+                "UPDATE network_tokens SET status = $1, public_json = $2, updated_at = $3
+                 WHERE id = $4 AND public_json = $5 AND status = $6",
+            )
+            .bind(token.status.as_str())
+            .bind(public_json(&token)?)
+            .bind(token.updated_at.format(&Rfc3339).unwrap_or_default())
+            .bind(id.to_string())
+            .bind(old_public)
+            .bind(old_status)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            if done.rows_affected() == 1 {
+                return Ok(Some(Arc::new(token)));
+            }
         }
-        self.get_token(id).await
+        Err(StoreError::Unavailable(
+            "token kept changing under update".into(),
+        ))
+    }
+
+    fn fingerprint(&self, pan: &CardNumber) -> [u8; 32] {
+        self.keys.fingerprint(pan.expose())
+    }
+
+    async fn insert_pci(&self, token: PciToken) -> Result<(Arc<PciToken>, bool), StoreError> {
+        let id = token.id.to_string();
+        let public = serde_json::to_string(&PciPublic {
+            scheme: token.scheme,
+            expiry_month: token.expiry_month,
+            expiry_year: token.expiry_year,
+            metadata: token.metadata.clone(),
+            created_at: token.created_at,
+        })
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let secret = zeroize::Zeroizing::new(
+            serde_json::to_vec(&PciSecret {
+                pan: token.pan.expose().to_owned(),
+                cardholder_name: token.cardholder_name.clone(),
+            })
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        );
+        let (key_id, sealed) = self
+            .keys
+            .seal(&pci_aad(&id), &secret)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let fingerprint = hex(&token.fingerprint);
+        let done = sqlx::query(
+            "INSERT INTO pci_tokens (id, fingerprint, public_json, key_id, secret, created_at)
+             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+        )
+        .bind(id)
+        .bind(fingerprint.clone())
+        .bind(public)
+        .bind(key_id)
+        .bind(b64(&sealed))
+        .bind(token.created_at.format(&Rfc3339).unwrap_or_default())
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        if done.rows_affected() == 1 {
+            return Ok((Arc::new(token), true));
+        }
+        let row = sqlx::query(
+            "SELECT id, fingerprint, public_json, key_id, secret FROM pci_tokens WHERE fingerprint = $1",
+        )
+        .bind(fingerprint)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?
+        .ok_or_else(|| StoreError::Unavailable("PCI token vanished during insert".into()))?;
+        Ok((Arc::new(self.row_to_pci(&row)?), false))
+    }
+
+    async fn get_pci(&self, id: PciTokenId) -> Result<Option<Arc<PciToken>>, StoreError> {
+        let row = sqlx::query(
+            "SELECT id, fingerprint, public_json, key_id, secret FROM pci_tokens WHERE id = $1",
+        )
+        .bind(id.to_string())
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        row.map(|r| self.row_to_pci(&r).map(Arc::new)).transpose()
+    }
+
+    async fn delete_pci(&self, id: PciTokenId) -> Result<bool, StoreError> {
+        let done = sqlx::query("DELETE FROM pci_tokens WHERE id = $1")
+            .bind(id.to_string())
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
@@ -433,42 +662,8 @@ impl TokenStore for SqlTokenStore {
         let active = self.keys.active_id().to_owned();
         let limit = batch as i64;
         let mut done = 0;
-        let rows = sqlx::query(
-            "SELECT id, key_id, secret FROM network_tokens WHERE key_id <> $1 LIMIT $2",
-        )
-        .bind(active.clone())
-        .bind(limit)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        for row in rows {
-            let (id, key_id, secret): (String, String, String) = (
-                row.try_get(0).map_err(unavailable)?,
-                row.try_get(1).map_err(unavailable)?,
-                row.try_get(2).map_err(unavailable)?,
-            );
-            let aad = token_aad(&id);
-            let plain = self
-                .keys
-                .open(&key_id, &aad, &unb64(&secret)?)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-            let (new_id, sealed) = self
-                .keys
-                .seal(&aad, &plain)
-                .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-            // Compare-and-set: a concurrent writer's change wins.
-            let r = sqlx::query(
-                "UPDATE network_tokens SET key_id = $1, secret = $2 WHERE id = $3 AND key_id = $4 AND secret = $5",
-            )
-            .bind(new_id)
-            .bind(b64(&sealed))
-            .bind(id)
-            .bind(key_id)
-            .bind(secret)
-            .execute(&self.pool)
-            .await
-            .map_err(unavailable)?;
-            done += r.rows_affected() as usize;
+        for (table, aad_prefix) in SEALED_TABLES {
+            done += self.rotate_table(table, aad_prefix, &active, limit).await?;
         }
         let rows = sqlx::query(
             "SELECT key, fingerprint, status, key_id, body, created_at FROM idempotency WHERE key_id <> $1 LIMIT $2",

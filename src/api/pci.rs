@@ -1,0 +1,201 @@
+//! PCI tokens (contract §4a): the card itself, kept for FPAN fallback.
+//!
+//! Creating one needs a compliance level that may handle card data. The
+//! same card (by keyed fingerprint) is stored once: creating it again
+//! answers 200 with the existing token (201 when new). The CVC, if given,
+//! goes to the in-memory [`crate::cvc::CvcStore`] only. The API view never
+//! holds the PAN or the CVC.
+
+use std::sync::Arc;
+
+use http::{Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use uuid::Uuid;
+
+use super::tokens::rfc3339;
+use super::{check_content_length, empty_response, json, json_response, read_body, ApiError};
+use crate::card::{validate_card, Brand, CardNumber, Secret};
+use crate::vault::{Metadata, PciToken, PciTokenId};
+use crate::{AppState, Body};
+
+/// A card as submitted, validated.
+pub struct CardInput {
+    /// The number.
+    pub pan: CardNumber,
+    /// Its brand.
+    pub brand: Brand,
+    /// Expiry month.
+    pub expiry_month: u8,
+    /// Expiry year.
+    pub expiry_year: u16,
+    /// The CVC, for memory only.
+    pub cvc: Option<Secret>,
+    /// Cardholder name.
+    pub cardholder_name: Option<String>,
+}
+
+/// Reads and validates the card fields of `obj` (a PAN source or a PCI
+/// token request); errors are 422 `invalid_card` naming the field.
+pub fn card_input(obj: &Map<String, Value>) -> Result<CardInput, ApiError> {
+    let bad = |field: &'static str, reason: &'static str| ApiError::InvalidCard { field, reason };
+    let number = json::opt_str(obj, "number")
+        .map_err(|_| bad("number", "must be a string of digits"))?
+        .ok_or(bad("number", "is required"))?;
+    let month = json::opt_int(obj, "expiry_month")
+        .map_err(|_| bad("expiry_month", "must be an integer"))?
+        .ok_or(bad("expiry_month", "is required"))?;
+    let year = json::opt_int(obj, "expiry_year")
+        .map_err(|_| bad("expiry_year", "must be an integer"))?
+        .ok_or(bad("expiry_year", "is required"))?;
+    let cvc = match json::opt_str(obj, "cvc").map_err(|_| bad("cvc", "must be a string"))? {
+        None => None,
+        Some(c) if (3..=4).contains(&c.len()) && c.bytes().all(|b| b.is_ascii_digit()) => {
+            Some(Secret::new(c.to_owned()))
+        }
+        Some(_) => return Err(bad("cvc", "must be 3 or 4 digits")),
+    };
+    let cardholder_name = match json::opt_str(obj, "cardholder_name")
+        .map_err(|_| bad("cardholder_name", "must be a string"))?
+    {
+        Some(n) if n.chars().count() > 100 => {
+            return Err(bad("cardholder_name", "must be at most 100 characters"))
+        }
+        n => n.map(str::to_owned),
+    };
+    let now = OffsetDateTime::now_utc();
+    let (pan, brand) = validate_card(number, month, year, (now.year(), u8::from(now.month())))
+        .map_err(|e| ApiError::InvalidCard {
+            field: e.field,
+            reason: e.reason,
+        })?;
+    Ok(CardInput {
+        pan,
+        brand,
+        expiry_month: month as u8,
+        expiry_year: year as u16,
+        cvc,
+        cardholder_name,
+    })
+}
+
+/// Stores the card once (by fingerprint) and holds its CVC in memory.
+pub async fn store_card(
+    state: &AppState,
+    card: CardInput,
+    metadata: Metadata,
+) -> Result<(Arc<PciToken>, bool), ApiError> {
+    let fingerprint = state.tokens.fingerprint(&card.pan);
+    let (token, created) = state
+        .tokens
+        .insert_pci(PciToken {
+            id: Uuid::new_v4(),
+            pan: card.pan,
+            scheme: card.brand,
+            expiry_month: card.expiry_month,
+            expiry_year: card.expiry_year,
+            cardholder_name: card.cardholder_name,
+            metadata,
+            fingerprint,
+            created_at: OffsetDateTime::now_utc(),
+        })
+        .await?;
+    if let Some(cvc) = card.cvc {
+        if !state.cvcs.hold(token.id, cvc) {
+            tracing::warn!(pci_token_id = %token.id, "CVC store full; security code not held");
+        }
+    }
+    Ok((token, created))
+}
+
+/// The API view of a PCI token.
+#[derive(Serialize)]
+pub struct PciView<'a> {
+    id: PciTokenId,
+    last4: &'a str,
+    bin: &'a str,
+    scheme: &'static str,
+    expiry_month: u8,
+    expiry_year: u16,
+    cardholder_name: Option<&'a str>,
+    metadata: &'a Metadata,
+    created_at: String,
+}
+
+impl<'a> From<&'a PciToken> for PciView<'a> {
+    fn from(t: &'a PciToken) -> Self {
+        PciView {
+            id: t.id,
+            last4: t.pan.last4(),
+            bin: t.pan.first6(),
+            scheme: t.scheme.as_str(),
+            expiry_month: t.expiry_month,
+            expiry_year: t.expiry_year,
+            cardholder_name: t.cardholder_name.as_deref(),
+            metadata: &t.metadata,
+            created_at: rfc3339(t.created_at),
+        }
+    }
+}
+
+/// Parses a PCI token id from the path.
+pub fn parse_id(id: Option<&str>) -> Result<PciTokenId, ApiError> {
+    id.and_then(|s| Uuid::try_parse(s).ok())
+        .ok_or(ApiError::PciTokenNotFound)
+}
+
+/// `POST /api/pci/tokens`
+pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    if !state.config.compliance_level.handles_card_data() {
+        return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
+    }
+    check_content_length(&req, state.config.max_body_bytes)?;
+    let body = read_body(req.into_body(), state.config.max_body_bytes).await?;
+    let obj = json::object(&body)?;
+    json::only_fields(
+        &obj,
+        &[
+            "number",
+            "expiry_month",
+            "expiry_year",
+            "cardholder_name",
+            "cvc",
+            "metadata",
+        ],
+        "",
+    )?;
+    let metadata = json::metadata(&obj)?;
+    let card = card_input(&obj)?;
+    let (token, created) = store_card(state, card, metadata).await?;
+    tracing::info!(target: "tokenrelay::audit", event = "pci_token_stored", pci_token_id = %token.id, created);
+    let status = if created {
+        StatusCode::CREATED
+    } else {
+        StatusCode::OK
+    };
+    json_response(status, &PciView::from(token.as_ref()))
+}
+
+/// `GET /api/pci/tokens/{id}`
+pub async fn get(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    let token = state
+        .tokens
+        .get_pci(id)
+        .await?
+        .ok_or(ApiError::PciTokenNotFound)?;
+    json_response(StatusCode::OK, &PciView::from(token.as_ref()))
+}
+
+/// `DELETE /api/pci/tokens/{id}`: the card data is destroyed.
+pub async fn delete(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let id = parse_id(id)?;
+    if !state.tokens.delete_pci(id).await? {
+        return Err(ApiError::PciTokenNotFound);
+    }
+    state.cvcs.forget(id);
+    tracing::info!(target: "tokenrelay::audit", event = "pci_token_deleted", pci_token_id = %id);
+    Ok(empty_response(StatusCode::NO_CONTENT))
+}
