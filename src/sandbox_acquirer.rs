@@ -16,7 +16,10 @@
 //!   amount → else `declined`, `invalid_cryptogram`; each cryptogram
 //!   approves once → a replay is `declined`, `cryptogram_replayed` (as the
 //!   schemes decline reuse);
-//! - decline trigger: amount `51.00` → `declined`, `insufficient_funds`;
+//! - decline triggers: amount `51.00` → `declined`, `insufficient_funds`
+//!   (any card); amount `62.00` on a network-token payment (one with a
+//!   cryptogram) → `declined`, `token_declined`, while the same amount on
+//!   the card number (FPAN) approves — the case FPAN fallback exists for;
 //! - otherwise `approved` with a six-digit authorisation code.
 //!
 //! The acquirer keeps the last request it received, masked, for the demo.
@@ -210,7 +213,8 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     if !luhn_valid(number) {
         return decline("invalid_card");
     }
-    if let Some(cryptogram) = v["card"]["cryptogram"].as_str() {
+    let cryptogram = v["card"]["cryptogram"].as_str();
+    if let Some(cryptogram) = cryptogram {
         if s.tsp
             .verify_tavv(number, Some(&amount), cryptogram)
             .is_none()
@@ -228,6 +232,9 @@ async fn handle(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
     }
     if amount == "51.00" {
         return decline("insufficient_funds");
+    }
+    if amount == "62.00" && cryptogram.is_some() {
+        return decline("token_declined");
     }
     reply(
         StatusCode::OK,
