@@ -121,7 +121,7 @@ pub enum StartError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     /// The vault could not be opened.
-    #[error("vault: {0}")]
+    #[error("vault")]
     Vault(#[from] vault::OpenError),
 }
 
