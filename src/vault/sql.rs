@@ -174,6 +174,21 @@ fn idem_aad(key: &str) -> Vec<u8> {
     format!("tokenrelay/idempotency/{key}").into_bytes()
 }
 
+/// An idempotency key as the `key` column holds it: `%` and NUL escaped,
+/// since PostgreSQL text cannot hold NUL and the API's keys contain it.
+fn db_key(key: &str) -> String {
+    key.replace('%', "%25").replace('\0', "%00")
+}
+
+/// The idempotency key from its column form. A NUL means a row written
+/// unescaped (SQLite, before escaping): taken as is.
+fn from_db_key(stored: String) -> String {
+    if stored.contains('\0') {
+        return stored;
+    }
+    stored.replace("%00", "\0").replace("%25", "%")
+}
+
 fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
@@ -331,7 +346,7 @@ impl SqlTokenStore {
     }
 
     fn row_to_idempotency(&self, row: &AnyRow) -> Result<IdempotencyRecord, StoreError> {
-        let key: String = row.try_get("key").map_err(unavailable)?;
+        let key = from_db_key(row.try_get("key").map_err(unavailable)?);
         let fingerprint: String = row.try_get("fingerprint").map_err(unavailable)?;
         let status: i64 = row.try_get("status").map_err(unavailable)?;
         let key_id: String = row.try_get("key_id").map_err(unavailable)?;
@@ -372,7 +387,7 @@ impl SqlTokenStore {
             "INSERT INTO idempotency (key, fingerprint, status, key_id, body, created_at)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
-        .bind(r.key.clone())
+        .bind(db_key(&r.key))
         .bind(hex(&r.fingerprint))
         .bind(i64::from(r.status))
         .bind(key_id)
@@ -388,7 +403,7 @@ impl SqlTokenStore {
         let row = sqlx::query(
             "SELECT key, fingerprint, status, key_id, body, created_at FROM idempotency WHERE key = $1",
         )
-        .bind(key.to_owned())
+        .bind(db_key(key))
         .fetch_optional(&self.pool)
         .await
         .map_err(unavailable)?;
@@ -674,6 +689,7 @@ impl TokenStore for SqlTokenStore {
         .await
         .map_err(unavailable)?;
         for row in rows {
+            let stored_key: String = row.try_get("key").map_err(unavailable)?;
             let old_key_id: String = row.try_get("key_id").map_err(unavailable)?;
             let old_body: String = row.try_get("body").map_err(unavailable)?;
             let rec = self.row_to_idempotency(&row)?;
@@ -683,7 +699,7 @@ impl TokenStore for SqlTokenStore {
             )
             .bind(key_id)
             .bind(body)
-            .bind(rec.key)
+            .bind(stored_key)
             .bind(old_key_id)
             .bind(old_body)
             .execute(&self.pool)
