@@ -74,6 +74,15 @@ fn json_10k() -> String {
     s
 }
 
+/// The 1 KB body with every placeholder behind format filters.
+fn json_1k_filters() -> String {
+    json_1k()
+        .replace("<< number >>", "<< number | last4 >>")
+        .replace("<< expiry_month | unwrap >>", "<< expiry_month | mm >>")
+        .replace("<< expiry_year | unwrap >>", "<< expiry_year | yy >>")
+        .replace("<< eci >>", "<< eci | first6 >>")
+}
+
 fn form() -> String {
     "merchant=ACME&amount=1999&currency=EUR&card_number=<< number >>&exp_month=<< expiry_month | mm >>&exp_year=<< expiry_year >>&cavv=<< cryptogram >>&eci=<< eci >>&order=<< metadata.order_id >>&return_url=https%3A%2F%2Fshop.example%2Freturn".to_owned()
 }
@@ -88,6 +97,7 @@ fn template(c: &mut Criterion) {
     for (name, body, ctx) in [
         ("json_1k", json_1k(), Context::Json),
         ("json_10k", json_10k(), Context::Json),
+        ("json_1k_filters", json_1k_filters(), Context::Json),
         ("form", form(), Context::Form),
         ("xml", xml(), Context::Xml),
     ] {
