@@ -10,9 +10,9 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use super::auth::ApiKey;
-use super::idempotency::{Pending, Stored};
+use super::idempotency::{self, Pending, Stored};
 use super::tokens::{parse_id, rfc3339};
-use super::{check_content_length, json, read_body, ApiError};
+use super::{json, ApiError};
 use crate::config::ComplianceLevel;
 use crate::references::{Payload, Reference};
 use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType};
@@ -63,22 +63,14 @@ pub async fn create(
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let token_id = parse_id(id)?;
-    check_content_length(&req, state.config.max_body_bytes)?;
-    let (parts, body) = req.into_parts();
-    let body = read_body(body, state.config.max_body_bytes).await?;
-    state
-        .idempotency
-        .run(
-            state.tokens.as_ref(),
-            state.config.idempotency_ttl,
-            &parts.headers,
-            (&key.name, "create_cryptogram"),
-            &parts.method,
-            parts.uri.path(),
-            &body,
-            |pending| create_inner(state, token_id, &body, pending),
-        )
-        .await
+    idempotency::respond(
+        state,
+        key,
+        "create_cryptogram",
+        req,
+        |body, pending| async move { create_inner(state, token_id, &body, pending).await },
+    )
+    .await
 }
 
 fn invalid(msg: &str) -> ApiError {

@@ -20,9 +20,44 @@ use http::{HeaderMap, Method, Response, StatusCode};
 use moka::sync::Cache;
 use ring::digest;
 
-use super::{bytes_response, ApiError, X_IDEMPOTENCY_KEY};
+use super::auth::ApiKey;
+use super::{bytes_response, check_content_length, read_body, ApiError, X_IDEMPOTENCY_KEY};
 use crate::vault::{IdempotencyRecord, TokenStore};
-use crate::Body;
+use crate::{AppState, Body};
+use http::Request;
+use hyper::body::Incoming;
+
+/// Reads the body of an idempotent endpoint (under `max_body_bytes`) and
+/// runs `f` on it under the request's idempotency key, scoped to the API
+/// key and `route`.
+pub async fn respond<F, Fut>(
+    state: &AppState,
+    key: &ApiKey,
+    route: &str,
+    req: Request<Incoming>,
+    f: F,
+) -> Result<Response<Body>, ApiError>
+where
+    F: FnOnce(Bytes, Option<Pending>) -> Fut,
+    Fut: Future<Output = Result<Stored, ApiError>>,
+{
+    check_content_length(&req, state.config.max_body_bytes)?;
+    let (parts, body) = req.into_parts();
+    let body = read_body(body, state.config.max_body_bytes).await?;
+    state
+        .idempotency
+        .run(
+            state.tokens.as_ref(),
+            state.config.idempotency_ttl,
+            &parts.headers,
+            (&key.name, route),
+            &parts.method,
+            parts.uri.path(),
+            &body.clone(),
+            |pending| f(body, pending),
+        )
+        .await
+}
 
 /// Upper bound on records held.
 pub const MAX_RECORDS: u64 = 1_000_000;

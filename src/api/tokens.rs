@@ -10,7 +10,7 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::auth::ApiKey;
-use super::idempotency::{Pending, Stored};
+use super::idempotency::{self, Pending, Stored};
 use super::{check_content_length, empty_response, json_response, read_body, ApiError};
 use super::{json, pci};
 use crate::card::validate_expiry;
@@ -76,22 +76,14 @@ pub async fn provision(
     key: &ApiKey,
     req: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    check_content_length(&req, state.config.max_body_bytes)?;
-    let (parts, body) = req.into_parts();
-    let body = read_body(body, state.config.max_body_bytes).await?;
-    state
-        .idempotency
-        .run(
-            state.tokens.as_ref(),
-            state.config.idempotency_ttl,
-            &parts.headers,
-            (&key.name, "provision_token"),
-            &parts.method,
-            parts.uri.path(),
-            &body,
-            |pending| provision_inner(state, &body, pending),
-        )
-        .await
+    idempotency::respond(
+        state,
+        key,
+        "provision_token",
+        req,
+        |body, pending| async move { provision_inner(state, &body, pending).await },
+    )
+    .await
 }
 
 async fn provision_inner(

@@ -280,19 +280,29 @@ impl SqlTokenStore {
         Ok(())
     }
 
-    fn row_to_token(&self, row: &AnyRow) -> Result<NetworkToken, StoreError> {
+    /// The `id`, parsed `public_json` and opened `secret` of a sealed row.
+    fn open_row<P: serde::de::DeserializeOwned>(
+        &self,
+        row: &AnyRow,
+        aad: fn(&str) -> Vec<u8>,
+    ) -> Result<(String, P, zeroize::Zeroizing<Vec<u8>>), StoreError> {
         let id: String = row.try_get("id").map_err(unavailable)?;
-        let status: String = row.try_get("status").map_err(unavailable)?;
         let public: String = row.try_get("public_json").map_err(unavailable)?;
         let key_id: String = row.try_get("key_id").map_err(unavailable)?;
         let secret: String = row.try_get("secret").map_err(unavailable)?;
-        let updated_at: String = row.try_get("updated_at").map_err(unavailable)?;
-        let p: PublicFields =
+        let p: P =
             serde_json::from_str(&public).map_err(|_| corrupt("public fields unreadable"))?;
-        let tpan = self
+        let opened = self
             .keys
-            .open(&key_id, &token_aad(&id), &unb64(&secret)?)
+            .open(&key_id, &aad(&id), &unb64(&secret)?)
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        Ok((id, p, opened))
+    }
+
+    fn row_to_token(&self, row: &AnyRow) -> Result<NetworkToken, StoreError> {
+        let status: String = row.try_get("status").map_err(unavailable)?;
+        let updated_at: String = row.try_get("updated_at").map_err(unavailable)?;
+        let (id, p, tpan): (String, PublicFields, _) = self.open_row(row, token_aad)?;
         let tpan = std::str::from_utf8(&tpan)
             .ok()
             .and_then(CardNumber::parse)
@@ -319,17 +329,8 @@ impl SqlTokenStore {
     }
 
     fn row_to_pci(&self, row: &AnyRow) -> Result<PciToken, StoreError> {
-        let id: String = row.try_get("id").map_err(unavailable)?;
         let fingerprint: String = row.try_get("fingerprint").map_err(unavailable)?;
-        let public: String = row.try_get("public_json").map_err(unavailable)?;
-        let key_id: String = row.try_get("key_id").map_err(unavailable)?;
-        let secret: String = row.try_get("secret").map_err(unavailable)?;
-        let p: PciPublic =
-            serde_json::from_str(&public).map_err(|_| corrupt("public fields unreadable"))?;
-        let opened = self
-            .keys
-            .open(&key_id, &pci_aad(&id), &unb64(&secret)?)
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (id, p, opened): (String, PciPublic, _) = self.open_row(row, pci_aad)?;
         let sealed: PciSecret =
             serde_json::from_slice(&opened).map_err(|_| corrupt("sealed card unreadable"))?;
         Ok(PciToken {
