@@ -1,29 +1,35 @@
-//! Placeholder templates: `<< name >>`, `<< name | filter | … >>` (or
-//! `{{ … }}`) in a request body, a header value, or the path and query of
-//! the destination URL.
+//! Placeholder templates: `<< name >>` or `<< name | filter | … >>` (or the
+//! same with `{{ … }}`) in a request body, a header value, or the path and
+//! query of the destination URL, replaced by card-token values.
 //!
-//! Pure: no I/O, no allocation per byte, no re-serialisation. [`Template::parse`]
-//! scans once with `memchr::memmem` and records literal ranges and holes;
-//! [`Template::render`] copies the literals and writes each value escaped
-//! for where it lands:
+//! This module owns:
 //!
-//! - JSON (`application/json`, `*+json`): inside a string literal the value
-//!   is JSON-escaped (no quotes added); outside, it is written raw. With
-//!   `| unwrap` the native JSON value is written, and when the placeholder is
-//!   the whole content of a string literal the two quotes go too
-//!   (`"exp": "<< expiry_month | unwrap >>"` → `"exp": 12`, as Hellgate
-//!   writes requests);
-//! - form bodies, URL path and query: percent-encoded (RFC 3986 unreserved
-//!   bytes pass);
-//! - XML (`application/xml`, `text/xml`, `*+xml`): entity-escaped;
-//! - header values: raw, with control bytes dropped so CR/LF cannot occur;
-//! - anything else: raw.
+//! - parsing: [`Template::parse`] scans the input once with
+//!   `memchr::memmem`, validates every placeholder name, key and filter
+//!   against a [`Namespace`], and records where each hole is and how its
+//!   value must be escaped;
+//! - rendering: [`Template::render`] copies every literal byte unchanged and
+//!   writes each value escaped for where it lands:
+//!   - JSON (`application/json`, `*/*+json`): inside a string literal the
+//!     text is JSON-escaped (no quotes added); outside, it is written raw.
+//!     With `| unwrap` the native JSON value is written, and when the
+//!     placeholder is the whole content of a string literal the two quotes
+//!     go too (`"exp": "<< expiry_month | unwrap >>"` → `"exp": 12`, as
+//!     Hellgate writes requests);
+//!   - form bodies, URL path and query: percent-encoded (only the RFC 3986
+//!     unreserved bytes pass);
+//!   - XML (`application/xml`, `text/xml`, `*/*+xml`): entity-escaped;
+//!   - header values: raw, with control bytes dropped so CR/LF cannot occur;
+//!   - anything else: raw.
 //!
-//! This module never sees where values come from and never logs; its errors
-//! name placeholders, filters and byte offsets, never values.
+//! It must never: re-serialise or otherwise touch a byte outside a
+//! placeholder; do I/O or log; put a value into an error, a `Debug` string
+//! or anything else that outlives the rendered output (errors name
+//! placeholders, filters and byte offsets only, and [`Value`]'s `Debug`
+//! is redacted); panic on any input.
 
 use std::collections::BTreeMap;
-use std::fmt::{self, Write as _};
+use std::fmt;
 
 use memchr::memmem;
 
@@ -46,392 +52,361 @@ impl Syntax {
     }
 }
 
-/// Where the template's text lands, which decides escaping.
+/// Where a template's text lands, which decides how values are escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Context {
-    /// A JSON body.
+    /// A JSON body: values are JSON-escaped inside string literals.
     Json,
-    /// An `application/x-www-form-urlencoded` body.
+    /// An `application/x-www-form-urlencoded` body: values are
+    /// percent-encoded.
     Form,
-    /// An XML body.
+    /// An XML body: values are entity-escaped.
     Xml,
-    /// Any other body.
+    /// Any other body: values are written as they are.
     Raw,
-    /// A header value.
+    /// A header value: values are written with control bytes dropped.
     Header,
-    /// The destination URL's path.
+    /// The URL path: values are percent-encoded.
     UrlPath,
-    /// The destination URL's query.
+    /// The URL query: values are percent-encoded.
     UrlQuery,
 }
 
 impl Context {
-    /// The body context for a `content-type` header value.
+    /// The body context for a `Content-Type` header value: case-insensitive,
+    /// parameters after `;` and surrounding whitespace ignored.
+    /// `application/json` and `*/*+json` are [`Context::Json`],
+    /// `application/x-www-form-urlencoded` is [`Context::Form`],
+    /// `application/xml`, `text/xml` and `*/*+xml` are [`Context::Xml`];
+    /// anything else, or no header, is [`Context::Raw`].
     pub fn for_content_type(ct: Option<&[u8]>) -> Context {
         let Some(ct) = ct else {
             return Context::Raw;
         };
-        let essence = ct.split(|b| *b == b';').next().unwrap_or(ct);
-        let essence = String::from_utf8_lossy(essence).trim().to_ascii_lowercase();
-        match essence.as_str() {
-            "application/json" => Context::Json,
-            "application/x-www-form-urlencoded" => Context::Form,
-            "application/xml" | "text/xml" => Context::Xml,
-            e if e.ends_with("+json") => Context::Json,
-            e if e.ends_with("+xml") => Context::Xml,
-            _ => Context::Raw,
+        let essence = match memchr::memchr(b';', ct) {
+            Some(i) => ct.get(..i).unwrap_or(ct),
+            None => ct,
+        };
+        let essence = essence.trim_ascii();
+        let is = |s: &str| essence.eq_ignore_ascii_case(s.as_bytes());
+        let has_suffix = |suffix: &str| {
+            let n = suffix.len();
+            essence.len() > n
+                && essence
+                    .get(essence.len() - n..)
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(suffix.as_bytes()))
+                && memchr::memchr(b'/', essence).is_some()
+        };
+        if is("application/json") || has_suffix("+json") {
+            Context::Json
+        } else if is("application/x-www-form-urlencoded") {
+            Context::Form
+        } else if is("application/xml") || is("text/xml") || has_suffix("+xml") {
+            Context::Xml
+        } else {
+            Context::Raw
         }
     }
 }
 
-/// Which set of names a template may use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Which placeholder names a template may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Namespace {
-    /// Network-token forwards (contract §6).
+    /// Network-token requests: `number`, `cryptogram`, `eci`, ….
     NetworkToken,
-    /// PCI-token forwards (contract §4a).
+    /// PCI-token requests: `account_number`, `security_code`, ….
     PciToken,
 }
 
-/// A value a placeholder can name.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+/// A value a placeholder names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Field {
-    /// The TAVV (null for dynamic CVV).
+    /// `cryptogram` (network token).
     Cryptogram,
-    /// The dynamic CVV (null for TAVV).
+    /// `dynamic_cvv` (network token).
     DynamicCvv,
-    /// ECI.
+    /// `eci` (network token).
     Eci,
-    /// Expiry month.
+    /// `expiry_month` (both namespaces).
     ExpiryMonth,
-    /// Expiry year.
+    /// `expiry_year` (both namespaces).
     ExpiryYear,
-    /// The TPAN.
+    /// `number` (network token).
     Number,
-    /// `tavv` or `dynamic_cvv`.
+    /// `type` (network token).
     Type,
-    /// Cryptogram (or PCI token) metadata.
+    /// `metadata` or `metadata.<key>` (both namespaces).
     Metadata,
-    /// Token service reference.
+    /// `scheme_reference` (network token).
     SchemeReference,
-    /// Token service metadata.
+    /// `scheme_metadata` or `scheme_metadata.<key>` (network token).
     SchemeMetadata,
-    /// Token status.
+    /// `status` (network token).
     Status,
-    /// Device binding support.
+    /// `supports_device_binding` (network token).
     SupportsDeviceBinding,
-    /// Network token id.
+    /// `network_token_id` (network token).
     NetworkTokenId,
-    /// `vts|mdes|tms|hgts`.
+    /// `network_token_type` (network token).
     NetworkTokenType,
-    /// Network token metadata.
+    /// `network_token_metadata` or `network_token_metadata.<key>` (network
+    /// token).
     NetworkTokenMetadata,
-    /// The FPAN.
+    /// `account_number` (PCI token).
     AccountNumber,
-    /// Cardholder name.
+    /// `cardholder_name` (PCI token).
     CardholderName,
-    /// The CVC.
+    /// `security_code` (PCI token).
     SecurityCode,
-    /// First six digits.
+    /// `bin` (PCI token).
     Bin,
-    /// Last four digits.
+    /// `last4` (PCI token).
     Last4,
-    /// PCI token id.
+    /// `pci_token_id` (PCI token).
     PciTokenId,
 }
 
-/// Name table: (name, field, takes a `.key`).
-const NETWORK_TOKEN_NAMES: &[(&str, Field, bool)] = &[
-    ("cryptogram", Field::Cryptogram, false),
-    ("dynamic_cvv", Field::DynamicCvv, false),
-    ("eci", Field::Eci, false),
-    ("expiry_month", Field::ExpiryMonth, false),
-    ("expiry_year", Field::ExpiryYear, false),
-    ("number", Field::Number, false),
-    ("type", Field::Type, false),
-    ("metadata", Field::Metadata, true),
-    ("scheme_reference", Field::SchemeReference, false),
-    ("scheme_metadata", Field::SchemeMetadata, true),
-    ("status", Field::Status, false),
-    (
-        "supports_device_binding",
-        Field::SupportsDeviceBinding,
-        false,
-    ),
-    ("network_token_id", Field::NetworkTokenId, false),
-    ("network_token_type", Field::NetworkTokenType, false),
-    ("network_token_metadata", Field::NetworkTokenMetadata, true),
-];
-
-const PCI_TOKEN_NAMES: &[(&str, Field, bool)] = &[
-    ("account_number", Field::AccountNumber, false),
-    ("expiry_month", Field::ExpiryMonth, false),
-    ("expiry_year", Field::ExpiryYear, false),
-    ("cardholder_name", Field::CardholderName, false),
-    ("security_code", Field::SecurityCode, false),
-    ("bin", Field::Bin, false),
-    ("last4", Field::Last4, false),
-    ("metadata", Field::Metadata, true),
-    ("pci_token_id", Field::PciTokenId, false),
-];
-
 impl Field {
-    /// The placeholder name.
+    /// Every field, in declaration order.
+    pub const ALL: [Field; 21] = [
+        Field::Cryptogram,
+        Field::DynamicCvv,
+        Field::Eci,
+        Field::ExpiryMonth,
+        Field::ExpiryYear,
+        Field::Number,
+        Field::Type,
+        Field::Metadata,
+        Field::SchemeReference,
+        Field::SchemeMetadata,
+        Field::Status,
+        Field::SupportsDeviceBinding,
+        Field::NetworkTokenId,
+        Field::NetworkTokenType,
+        Field::NetworkTokenMetadata,
+        Field::AccountNumber,
+        Field::CardholderName,
+        Field::SecurityCode,
+        Field::Bin,
+        Field::Last4,
+        Field::PciTokenId,
+    ];
+
+    /// The placeholder name, e.g. `"dynamic_cvv"`.
     pub fn name(self) -> &'static str {
-        NETWORK_TOKEN_NAMES
-            .iter()
-            .chain(PCI_TOKEN_NAMES)
-            .find(|(_, f, _)| *f == self)
-            .map_or("?", |(n, _, _)| n)
+        match self {
+            Field::Cryptogram => "cryptogram",
+            Field::DynamicCvv => "dynamic_cvv",
+            Field::Eci => "eci",
+            Field::ExpiryMonth => "expiry_month",
+            Field::ExpiryYear => "expiry_year",
+            Field::Number => "number",
+            Field::Type => "type",
+            Field::Metadata => "metadata",
+            Field::SchemeReference => "scheme_reference",
+            Field::SchemeMetadata => "scheme_metadata",
+            Field::Status => "status",
+            Field::SupportsDeviceBinding => "supports_device_binding",
+            Field::NetworkTokenId => "network_token_id",
+            Field::NetworkTokenType => "network_token_type",
+            Field::NetworkTokenMetadata => "network_token_metadata",
+            Field::AccountNumber => "account_number",
+            Field::CardholderName => "cardholder_name",
+            Field::SecurityCode => "security_code",
+            Field::Bin => "bin",
+            Field::Last4 => "last4",
+            Field::PciTokenId => "pci_token_id",
+        }
+    }
+
+    /// Whether the field may be used in `ns`.
+    pub fn in_namespace(self, ns: Namespace) -> bool {
+        match self {
+            Field::ExpiryMonth | Field::ExpiryYear | Field::Metadata => true,
+            Field::Cryptogram
+            | Field::DynamicCvv
+            | Field::Eci
+            | Field::Number
+            | Field::Type
+            | Field::SchemeReference
+            | Field::SchemeMetadata
+            | Field::Status
+            | Field::SupportsDeviceBinding
+            | Field::NetworkTokenId
+            | Field::NetworkTokenType
+            | Field::NetworkTokenMetadata => ns == Namespace::NetworkToken,
+            Field::AccountNumber
+            | Field::CardholderName
+            | Field::SecurityCode
+            | Field::Bin
+            | Field::Last4
+            | Field::PciTokenId => ns == Namespace::PciToken,
+        }
+    }
+
+    /// Whether the field takes a `.key` (the three metadata maps).
+    pub fn takes_key(self) -> bool {
+        matches!(
+            self,
+            Field::Metadata | Field::SchemeMetadata | Field::NetworkTokenMetadata
+        )
+    }
+
+    /// The field named `name` in `ns`, if any.
+    pub fn from_name(name: &[u8], ns: Namespace) -> Option<Field> {
+        Field::ALL
+            .into_iter()
+            .find(|f| f.name().as_bytes() == name && f.in_namespace(ns))
     }
 }
 
-/// A filter after `|`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// A filter in a placeholder's `| …` chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Filter {
-    /// The native JSON value.
+    /// Write the native JSON value (number, `true`, `null`, object, or a
+    /// quoted string).
     Unwrap,
-    /// Month as two digits.
+    /// A month `1..=12` as two digits.
     Mm,
-    /// Year as two digits.
+    /// A year of two or more digits as its last two.
     Yy,
-    /// Year as four digits.
+    /// A two-digit year as `20YY`.
     Yyyy,
-    /// Last four characters.
+    /// The last four characters.
     Last4,
-    /// First six characters.
+    /// The first six characters.
     First6,
 }
 
 impl Filter {
-    fn parse(s: &str) -> Option<Filter> {
-        Some(match s {
-            "unwrap" => Filter::Unwrap,
-            "mm" => Filter::Mm,
-            "yy" => Filter::Yy,
-            "yyyy" => Filter::Yyyy,
-            "last4" => Filter::Last4,
-            "first6" => Filter::First6,
-            _ => return None,
-        })
+    /// Every filter.
+    pub const ALL: [Filter; 6] = [
+        Filter::Unwrap,
+        Filter::Mm,
+        Filter::Yy,
+        Filter::Yyyy,
+        Filter::Last4,
+        Filter::First6,
+    ];
+
+    /// The filter's name as written in a template.
+    pub fn name(self) -> &'static str {
+        match self {
+            Filter::Unwrap => "unwrap",
+            Filter::Mm => "mm",
+            Filter::Yy => "yy",
+            Filter::Yyyy => "yyyy",
+            Filter::Last4 => "last4",
+            Filter::First6 => "first6",
+        }
+    }
+
+    /// The filter named `name`, if any.
+    pub fn from_name(name: &[u8]) -> Option<Filter> {
+        Filter::ALL
+            .into_iter()
+            .find(|f| f.name().as_bytes() == name)
     }
 }
 
-/// A value to inject.
-#[derive(Debug, Clone, Copy)]
+/// A value to put in place of a placeholder.
+///
+/// `Debug` never shows the value itself.
+#[derive(Clone, Copy, PartialEq, Eq)]
 pub enum Value<'a> {
-    /// Text.
+    /// A string.
     Str(&'a str),
     /// An integer.
     Int(i64),
     /// A boolean.
     Bool(bool),
-    /// Absent.
+    /// No value: empty text, or JSON `null` with `unwrap`.
     Null,
-    /// String metadata.
+    /// A string map, written as a compact JSON object.
     Map(&'a BTreeMap<String, String>),
 }
 
-/// The source of values for a render.
+impl fmt::Debug for Value<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Value::Str(_) => f.write_str("Str(<redacted>)"),
+            Value::Int(_) => f.write_str("Int(<redacted>)"),
+            Value::Bool(_) => f.write_str("Bool(<redacted>)"),
+            Value::Null => f.write_str("Null"),
+            Value::Map(m) => write!(f, "Map(<{} redacted entries>)", m.len()),
+        }
+    }
+}
+
+/// The source of placeholder values for one render.
 pub trait Values {
-    /// The value of `field` (with `key` for the metadata names).
+    /// The value of `field`, with `key` for the metadata maps
+    /// (`metadata.<key>`); [`Value::Null`] when there is none.
     fn get(&self, field: Field, key: Option<&str>) -> Value<'_>;
 }
 
 /// One parsed placeholder.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Placeholder {
-    /// What it names.
+    /// The named field.
     pub field: Field,
-    /// The metadata key, if any.
+    /// The `.key` of a metadata field.
     pub key: Option<Box<str>>,
-    /// Filters, left to right.
+    /// The filters, applied left to right.
     pub filters: Vec<Filter>,
 }
 
-/// A template error; names the placeholder, never a value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TemplateError {
-    kind: ErrorKind,
-    offset: usize,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum ErrorKind {
-    Unclosed,
-    Empty,
-    UnknownName(String),
-    UnknownFilter { filter: String, name: String },
-    KeyNotAllowed(String),
-    BadKey(String),
-}
-
-/// Cuts client text for an error message.
-fn shown(s: &str) -> String {
-    s.chars().take(40).collect()
-}
-
-impl fmt::Display for TemplateError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let at = self.offset;
-        match &self.kind {
-            ErrorKind::Unclosed => write!(f, "unclosed placeholder at byte {at}"),
-            ErrorKind::Empty => write!(f, "empty placeholder at byte {at}"),
-            ErrorKind::UnknownName(n) => {
-                write!(f, "unknown placeholder `{}` at byte {at}", shown(n))
-            }
-            ErrorKind::UnknownFilter { filter, name } => write!(
-                f,
-                "unknown filter `{}` in placeholder `{}` at byte {at}",
-                shown(filter),
-                shown(name)
-            ),
-            ErrorKind::KeyNotAllowed(n) => write!(f, "`{}` takes no key (byte {at})", shown(n)),
-            ErrorKind::BadKey(n) => write!(
-                f,
-                "bad key in `{}` at byte {at}: keys are 1-20 characters [A-Za-z0-9_-]",
-                shown(n)
-            ),
-        }
-    }
-}
-
-impl std::error::Error for TemplateError {}
-
-/// How a hole's value is escaped.
+/// How a hole's text is escaped.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Escape {
-    /// Inside a JSON string literal.
+    None,
     JsonString,
-    /// Percent-encoding.
     Percent,
-    /// XML entities.
     Xml,
-    /// Control bytes dropped.
     Header,
-    /// As is.
-    Raw,
 }
 
+impl Escape {
+    fn for_context(ctx: Context) -> Escape {
+        match ctx {
+            Context::Json | Context::Raw => Escape::None,
+            Context::Form | Context::UrlPath | Context::UrlQuery => Escape::Percent,
+            Context::Xml => Escape::Xml,
+            Context::Header => Escape::Header,
+        }
+    }
+}
+
+/// A placeholder and the input range it replaces.
 #[derive(Debug, Clone)]
 struct Hole {
+    /// First replaced byte (the open delimiter, or the opening quote when
+    /// the quotes are removed).
+    start: usize,
+    /// One past the last replaced byte.
+    end: usize,
     placeholder: Placeholder,
     escape: Escape,
+    /// `unwrap` is in the chain: write the JSON form.
     unwrap: bool,
+    /// No format filter in the chain: the value is written straight out.
+    plain: bool,
 }
 
-#[derive(Debug, Clone)]
-enum Segment {
-    Literal(usize, usize),
-    Hole(Hole),
-}
+/// What a byte sequence expands to at most, per placeholder, when sizing
+/// the output (a PAN is 19 digits; a cryptogram 28 base64 characters).
+const ESTIMATE_PER_HOLE: usize = 32;
 
-/// A parsed template over some input bytes.
+/// A parsed template: literal ranges of the input and the holes between
+/// them. Holds no input bytes: render with the same input given to parse.
 #[derive(Debug, Clone)]
 pub struct Template {
-    segments: Vec<Segment>,
-    holes: usize,
-    input_len: usize,
-}
-
-/// Tracks whether a JSON scan position is inside a string literal.
-struct JsonScan {
-    in_string: bool,
-    /// Offset of the quote that opened the current string.
-    opened_at: usize,
-    /// Scanned up to here.
-    pos: usize,
-}
-
-impl JsonScan {
-    fn advance(&mut self, input: &[u8], to: usize) {
-        let mut i = self.pos;
-        while i < to {
-            if self.in_string {
-                match memchr::memchr2(b'"', b'\\', &input[i..to]) {
-                    None => i = to,
-                    Some(j) => {
-                        let at = i + j;
-                        if input[at] == b'\\' {
-                            i = at + 2;
-                        } else {
-                            self.in_string = false;
-                            i = at + 1;
-                        }
-                    }
-                }
-            } else {
-                match memchr::memchr(b'"', &input[i..to]) {
-                    None => i = to,
-                    Some(j) => {
-                        self.in_string = true;
-                        self.opened_at = i + j;
-                        i += j + 1;
-                    }
-                }
-            }
-        }
-        // An escape at the very end skips into the next region.
-        self.pos = i.max(to);
-    }
-}
-
-fn parse_inner(inner: &[u8], offset: usize, ns: Namespace) -> Result<Placeholder, TemplateError> {
-    let err = |kind| TemplateError { kind, offset };
-    let text = String::from_utf8_lossy(inner);
-    let mut parts = text.split('|').map(|p| p.trim_matches([' ', '\t']));
-    let head = parts.next().unwrap_or("");
-    if head.is_empty() {
-        return Err(err(if text.trim_matches([' ', '\t']).is_empty() {
-            ErrorKind::Empty
-        } else {
-            ErrorKind::UnknownName(String::new())
-        }));
-    }
-    let (name, key) = match head.split_once('.') {
-        Some((n, k)) => (n, Some(k)),
-        None => (head, None),
-    };
-    let table = match ns {
-        Namespace::NetworkToken => NETWORK_TOKEN_NAMES,
-        Namespace::PciToken => PCI_TOKEN_NAMES,
-    };
-    let (_, field, keyed) = table
-        .iter()
-        .find(|(n, _, _)| *n == name)
-        .ok_or_else(|| err(ErrorKind::UnknownName(head.to_owned())))?;
-    let key = match key {
-        None => None,
-        Some(_) if !keyed => return Err(err(ErrorKind::KeyNotAllowed(name.to_owned()))),
-        Some(k)
-            if k.is_empty()
-                || k.len() > 20
-                || !k
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-') =>
-        {
-            return Err(err(ErrorKind::BadKey(name.to_owned())))
-        }
-        Some(k) => Some(Box::from(k)),
-    };
-    let mut filters = Vec::new();
-    for f in parts {
-        filters.push(Filter::parse(f).ok_or_else(|| {
-            err(ErrorKind::UnknownFilter {
-                filter: f.to_owned(),
-                name: head.to_owned(),
-            })
-        })?);
-    }
-    Ok(Placeholder {
-        field: *field,
-        key,
-        filters,
-    })
+    holes: Vec<Hole>,
 }
 
 impl Template {
-    /// Parses `input`; every placeholder must be closed and known.
+    /// Parse `input`, checking every placeholder against `ns`. `ctx` decides
+    /// how values will be escaped.
     pub fn parse(
         input: &[u8],
         syntax: Syntax,
@@ -439,247 +414,568 @@ impl Template {
         ns: Namespace,
     ) -> Result<Template, TemplateError> {
         let (open, close) = syntax.delimiters();
-        let opener = memmem::Finder::new(open);
-        let closer = memmem::Finder::new(close);
-        let mut segments = Vec::new();
-        let mut holes = 0;
-        let mut lit_start = 0;
-        let mut pos = 0;
-        let mut json = JsonScan {
-            in_string: false,
-            opened_at: 0,
-            pos: 0,
-        };
-        while let Some(i) = opener.find(&input[pos..]) {
-            let start = pos + i;
-            let inner_start = start + open.len();
-            let close_at = closer.find(&input[inner_start..]).ok_or(TemplateError {
-                kind: ErrorKind::Unclosed,
-                offset: start,
-            })?;
-            let inner_end = inner_start + close_at;
-            let end = inner_end + close.len();
-            let placeholder = parse_inner(&input[inner_start..inner_end], start, ns)?;
+        let open_finder = memmem::Finder::new(open);
+        let close_finder = memmem::Finder::new(close);
+        let escape = Escape::for_context(ctx);
+        let mut json = JsonScan::default();
+        let mut holes = Vec::new();
+        // Start of the literal run not yet scanned for JSON strings.
+        let mut literal = 0;
+
+        while let Some(rel) = input.get(literal..).and_then(|rest| open_finder.find(rest)) {
+            let at = literal + rel;
+            let content_start = at + open.len();
+            let close_rel = input
+                .get(content_start..)
+                .and_then(|tail| close_finder.find(tail))
+                .ok_or(TemplateError::new(TemplateErrorKind::Unclosed, at))?;
+            let content_end = content_start + close_rel;
+            let close_end = content_end + close.len();
+            let content = input.get(content_start..content_end).unwrap_or_default();
+            let placeholder = parse_placeholder(content, ns, at)?;
             let unwrap = placeholder.filters.contains(&Filter::Unwrap);
-            let mut lit_end = start;
-            let mut next_lit = end;
-            let escape = match ctx {
-                Context::Json => {
-                    json.advance(input, start);
-                    json.pos = end;
-                    if !json.in_string {
-                        Escape::Raw
-                    } else if unwrap
-                        && start > 0
-                        && json.opened_at == start - 1
-                        && input.get(end) == Some(&b'"')
-                    {
-                        // Whole content of a string literal: the quotes go.
-                        lit_end = start - 1;
-                        next_lit = end + 1;
-                        json.in_string = false;
-                        json.pos = end + 1;
-                        Escape::Raw
-                    } else {
-                        Escape::JsonString
-                    }
+            let plain = placeholder.filters.iter().all(|f| *f == Filter::Unwrap);
+
+            let (start, end, escape) = if ctx == Context::Json {
+                json.scan(input.get(literal..at).unwrap_or_default(), literal);
+                let whole = unwrap
+                    && json.in_string
+                    && at.checked_sub(1) == json.string_start
+                    && input.get(close_end) == Some(&b'"');
+                if whole {
+                    json.in_string = false;
+                    json.string_start = None;
+                    (at - 1, close_end + 1, Escape::None)
+                } else if json.in_string {
+                    (at, close_end, Escape::JsonString)
+                } else {
+                    (at, close_end, Escape::None)
                 }
-                Context::Form | Context::UrlPath | Context::UrlQuery => Escape::Percent,
-                Context::Xml => Escape::Xml,
-                Context::Header => Escape::Header,
-                Context::Raw => Escape::Raw,
+            } else {
+                (at, close_end, escape)
             };
-            if lit_end > lit_start {
-                segments.push(Segment::Literal(lit_start, lit_end));
-            }
-            segments.push(Segment::Hole(Hole {
+            holes.push(Hole {
+                start,
+                end,
                 placeholder,
                 escape,
                 unwrap,
-            }));
-            holes += 1;
-            lit_start = next_lit;
-            pos = next_lit;
+                plain,
+            });
+            literal = end;
         }
-        if lit_start < input.len() {
-            segments.push(Segment::Literal(lit_start, input.len()));
-        }
-        Ok(Template {
-            segments,
-            holes,
-            input_len: input.len(),
-        })
+        Ok(Template { holes })
     }
 
-    /// Whether there is no placeholder: the input can pass untouched.
+    /// Whether the template has no placeholders, so the input can be passed
+    /// through untouched.
     pub fn is_static(&self) -> bool {
-        self.holes == 0
+        self.holes.is_empty()
     }
 
-    /// The placeholders, in order.
+    /// The placeholders, in input order.
     pub fn placeholders(&self) -> impl Iterator<Item = &Placeholder> {
-        self.segments.iter().filter_map(|s| match s {
-            Segment::Hole(h) => Some(&h.placeholder),
-            Segment::Literal(..) => None,
-        })
+        self.holes.iter().map(|h| &h.placeholder)
     }
 
-    /// Renders into `out`. `input` must be the bytes given to `parse`.
+    /// A capacity that fits the rendered output in the common case.
+    pub fn size_hint(&self, input_len: usize) -> usize {
+        input_len.saturating_add(self.holes.len().saturating_mul(ESTIMATE_PER_HOLE))
+    }
+
+    /// Append the rendered `input` to `out`. `input` must be the bytes given
+    /// to [`Template::parse`]; given other bytes, the output is unspecified
+    /// (but this never panics).
     pub fn render(&self, input: &[u8], values: &dyn Values, out: &mut Vec<u8>) {
-        debug_assert_eq!(input.len(), self.input_len);
-        out.reserve(input.len() + self.holes * 24);
-        let mut scratch = String::new();
-        for seg in &self.segments {
-            match seg {
-                Segment::Literal(a, b) => out.extend_from_slice(&input[*a..*b]),
-                Segment::Hole(h) => render_hole(h, values, &mut scratch, out),
-            }
+        out.reserve(self.size_hint(input.len()));
+        let mut pos = 0;
+        for hole in &self.holes {
+            out.extend_from_slice(input.get(pos..hole.start).unwrap_or_default());
+            render_hole(
+                hole,
+                values,
+                &mut Out {
+                    buf: out,
+                    escape: hole.escape,
+                },
+            );
+            pos = hole.end;
         }
+        out.extend_from_slice(input.get(pos..).unwrap_or_default());
     }
 
-    /// Renders into a new, pre-sized buffer.
+    /// The rendered `input` in a new, pre-sized vector. `input` must be the
+    /// bytes given to [`Template::parse`].
     pub fn render_to_vec(&self, input: &[u8], values: &dyn Values) -> Vec<u8> {
-        let mut out = Vec::with_capacity(input.len() + self.holes * 24);
+        let mut out = Vec::with_capacity(self.size_hint(input.len()));
         self.render(input, values, &mut out);
         out
     }
 }
 
-/// A value after format filters.
-enum Filtered<'a> {
-    Value(Value<'a>),
-    Text(String),
+/// JSON string-literal tracking over the literal bytes of a template.
+#[derive(Debug, Default)]
+struct JsonScan {
+    in_string: bool,
+    /// Input offset of the opening quote of the current string literal.
+    string_start: Option<usize>,
 }
 
-fn string_form(v: &Value<'_>, out: &mut String) {
-    match v {
-        Value::Str(s) => out.push_str(s),
-        Value::Int(i) => {
-            let _ = write!(out, "{i}");
+impl JsonScan {
+    /// Advance over `bytes`, which start at input offset `base`.
+    fn scan(&mut self, bytes: &[u8], base: usize) {
+        let mut i = 0;
+        while let Some(rest) = bytes.get(i..) {
+            if rest.is_empty() {
+                break;
+            }
+            if self.in_string {
+                let Some(r) = memchr::memchr2(b'"', b'\\', rest) else {
+                    break;
+                };
+                if rest.get(r) == Some(&b'\\') {
+                    i += r + 2;
+                } else {
+                    self.in_string = false;
+                    self.string_start = None;
+                    i += r + 1;
+                }
+            } else {
+                let Some(r) = memchr::memchr(b'"', rest) else {
+                    break;
+                };
+                self.in_string = true;
+                self.string_start = Some(base + i + r);
+                i += r + 1;
+            }
         }
-        Value::Bool(b) => out.push_str(if *b { "true" } else { "false" }),
-        Value::Null => {}
-        Value::Map(m) => json_map(m, out),
     }
 }
 
-fn json_map(m: &BTreeMap<String, String>, out: &mut String) {
-    out.push('{');
-    for (i, (k, v)) in m.iter().enumerate() {
-        if i > 0 {
-            out.push(',');
+fn is_blank(b: u8) -> bool {
+    b == b' ' || b == b'\t'
+}
+
+fn trim_blank(mut s: &[u8]) -> &[u8] {
+    while let [first, rest @ ..] = s {
+        if !is_blank(*first) {
+            break;
         }
-        json_quoted(k, out);
-        out.push(':');
-        json_quoted(v, out);
+        s = rest;
     }
-    out.push('}');
-}
-
-fn json_quoted(s: &str, out: &mut String) {
-    out.push('"');
-    let mut bytes = Vec::new();
-    json_escape(s.as_bytes(), &mut bytes);
-    out.push_str(&String::from_utf8_lossy(&bytes));
-    out.push('"');
-}
-
-fn apply_format(f: Filter, v: Filtered<'_>) -> Filtered<'_> {
-    let text = match &v {
-        Filtered::Value(Value::Null) => return v,
-        Filtered::Value(val) => {
-            let mut s = String::new();
-            string_form(val, &mut s);
-            s
+    while let [rest @ .., last] = s {
+        if !is_blank(*last) {
+            break;
         }
-        Filtered::Text(t) => t.clone(),
+        s = rest;
+    }
+    s
+}
+
+const MAX_KEY_LEN: usize = 20;
+
+fn valid_key(key: &[u8]) -> bool {
+    !key.is_empty()
+        && key.len() <= MAX_KEY_LEN
+        && key
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || *b == b'_' || *b == b'-')
+}
+
+/// Parse the text between the delimiters of the placeholder at `at`.
+fn parse_placeholder(
+    content: &[u8],
+    ns: Namespace,
+    at: usize,
+) -> Result<Placeholder, TemplateError> {
+    let content = trim_blank(content);
+    if content.is_empty() {
+        return Err(TemplateError::new(TemplateErrorKind::Empty, at));
+    }
+    let mut parts = content.split(|b| *b == b'|');
+    let name = trim_blank(parts.next().unwrap_or_default());
+    if name.is_empty() {
+        return Err(TemplateError::new(TemplateErrorKind::Empty, at));
+    }
+    let (base, key) = match memchr::memchr(b'.', name) {
+        Some(dot) => (
+            name.get(..dot).unwrap_or_default(),
+            Some(name.get(dot + 1..).unwrap_or_default()),
+        ),
+        None => (name, None),
     };
-    let out = match f {
-        Filter::Mm => match text.parse::<u8>() {
-            Ok(m @ 1..=12) => format!("{m:02}"),
-            _ => text,
-        },
-        Filter::Yy if text.len() >= 2 && text.bytes().all(|b| b.is_ascii_digit()) => {
-            text[text.len() - 2..].to_owned()
+    let field = Field::from_name(base, ns).ok_or_else(|| {
+        TemplateError::new(
+            TemplateErrorKind::UnknownPlaceholder { name: shown(name) },
+            at,
+        )
+    })?;
+    let key = match key {
+        None => None,
+        Some(_) if !field.takes_key() => {
+            return Err(TemplateError::new(
+                TemplateErrorKind::KeyNotAllowed { name: field.name() },
+                at,
+            ));
         }
-        Filter::Yyyy if text.len() == 2 && text.bytes().all(|b| b.is_ascii_digit()) => {
-            format!("20{text}")
+        Some(k) if !valid_key(k) => {
+            return Err(TemplateError::new(
+                TemplateErrorKind::InvalidKey {
+                    name: field.name(),
+                    key: shown(k),
+                },
+                at,
+            ));
         }
-        Filter::Last4 => {
-            let n = text.chars().count();
-            text.chars().skip(n.saturating_sub(4)).collect()
-        }
-        Filter::First6 => text.chars().take(6).collect(),
-        Filter::Unwrap | Filter::Yy | Filter::Yyyy => text,
+        // `valid_key` admits ASCII only, so this is always `Ok`.
+        Some(k) => std::str::from_utf8(k).ok().map(Box::from),
     };
-    Filtered::Text(out)
+    let mut filters = Vec::new();
+    for part in parts {
+        let part = trim_blank(part);
+        if part.is_empty() {
+            return Err(TemplateError::new(
+                TemplateErrorKind::EmptyFilter {
+                    placeholder: shown(name),
+                },
+                at,
+            ));
+        }
+        let filter = Filter::from_name(part).ok_or_else(|| {
+            TemplateError::new(
+                TemplateErrorKind::UnknownFilter {
+                    filter: shown(part),
+                    placeholder: shown(name),
+                },
+                at,
+            )
+        })?;
+        filters.push(filter);
+    }
+    Ok(Placeholder {
+        field,
+        key,
+        filters,
+    })
 }
 
-fn render_hole(h: &Hole, values: &dyn Values, scratch: &mut String, out: &mut Vec<u8>) {
-    let raw = values.get(h.placeholder.field, h.placeholder.key.as_deref());
-    // Fast path: a plain string value, no filters.
-    if let (Value::Str(s), true) = (raw, h.placeholder.filters.is_empty()) {
-        escape_into(h.escape, s.as_bytes(), out);
+/// Template text for an error message: lossy UTF-8, control characters
+/// escaped, digit runs long enough to be a card number masked, and cut to
+/// a bounded length.
+fn shown(raw: &[u8]) -> Box<str> {
+    const MAX_CHARS: usize = 40;
+    const MASK_DIGITS: usize = 10;
+    fn flush(run: &mut String, out: &mut String) {
+        if run.len() >= MASK_DIGITS {
+            out.extend(std::iter::repeat_n('*', run.len()));
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    }
+    let text = String::from_utf8_lossy(raw);
+    let mut out = String::with_capacity(raw.len().min(MAX_CHARS * 2));
+    let mut run = String::new();
+    for ch in text.chars() {
+        if ch.is_ascii_digit() {
+            run.push(ch);
+            continue;
+        }
+        flush(&mut run, &mut out);
+        if ch.is_control() {
+            out.extend(ch.escape_default());
+        } else {
+            out.push(ch);
+        }
+    }
+    flush(&mut run, &mut out);
+    if out.chars().count() > MAX_CHARS {
+        let mut cut: String = out.chars().take(MAX_CHARS).collect();
+        cut.push('…');
+        cut.into_boxed_str()
+    } else {
+        out.into_boxed_str()
+    }
+}
+
+/// What went wrong in a template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TemplateErrorKind {
+    /// An open delimiter with no close delimiter after it.
+    Unclosed,
+    /// Nothing but whitespace between the delimiters (or before the first
+    /// `|`).
+    Empty,
+    /// A name that is not a field of the namespace.
+    UnknownPlaceholder {
+        /// The name as written (sanitised).
+        name: Box<str>,
+    },
+    /// A filter that does not exist.
+    UnknownFilter {
+        /// The filter as written (sanitised).
+        filter: Box<str>,
+        /// The placeholder name as written (sanitised).
+        placeholder: Box<str>,
+    },
+    /// `||` or a trailing `|`.
+    EmptyFilter {
+        /// The placeholder name as written (sanitised).
+        placeholder: Box<str>,
+    },
+    /// A `.key` on a field that is not a metadata map.
+    KeyNotAllowed {
+        /// The field's name.
+        name: &'static str,
+    },
+    /// A metadata key that is empty, too long or has other characters than
+    /// `[A-Za-z0-9_-]`.
+    InvalidKey {
+        /// The field's name.
+        name: &'static str,
+        /// The key as written (sanitised).
+        key: Box<str>,
+    },
+}
+
+/// A template that cannot be parsed. Its message names the offending
+/// placeholder or filter and the byte offset of the placeholder; it never
+/// holds a value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateError {
+    kind: TemplateErrorKind,
+    offset: usize,
+}
+
+impl TemplateError {
+    fn new(kind: TemplateErrorKind, offset: usize) -> TemplateError {
+        TemplateError { kind, offset }
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> &TemplateErrorKind {
+        &self.kind
+    }
+
+    /// Byte offset of the placeholder's open delimiter in the input.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+}
+
+impl fmt::Display for TemplateError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let at = self.offset;
+        match &self.kind {
+            TemplateErrorKind::Unclosed => write!(f, "unclosed placeholder at byte {at}"),
+            TemplateErrorKind::Empty => write!(f, "empty placeholder at byte {at}"),
+            TemplateErrorKind::UnknownPlaceholder { name } => {
+                write!(f, "unknown placeholder `{name}` at byte {at}")
+            }
+            TemplateErrorKind::UnknownFilter {
+                filter,
+                placeholder,
+            } => write!(
+                f,
+                "unknown filter `{filter}` in placeholder `{placeholder}` at byte {at}"
+            ),
+            TemplateErrorKind::EmptyFilter { placeholder } => {
+                write!(
+                    f,
+                    "empty filter in placeholder `{placeholder}` at byte {at}"
+                )
+            }
+            TemplateErrorKind::KeyNotAllowed { name } => {
+                write!(f, "`{name}` takes no key (placeholder at byte {at})")
+            }
+            TemplateErrorKind::InvalidKey { name, key } => write!(
+                f,
+                "invalid key `{key}` for `{name}` at byte {at}: \
+                 1 to {MAX_KEY_LEN} characters of A-Z a-z 0-9 _ -"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for TemplateError {}
+
+// ---------------------------------------------------------------------------
+// Rendering
+
+/// The output buffer with the escaping of the hole being written.
+struct Out<'a> {
+    buf: &'a mut Vec<u8>,
+    escape: Escape,
+}
+
+const HEX: &[u8; 16] = b"0123456789ABCDEF";
+const HEX_LOWER: &[u8; 16] = b"0123456789abcdef";
+
+impl Out<'_> {
+    /// Write `bytes`, escaped for where they land.
+    fn put(&mut self, bytes: &[u8]) {
+        match self.escape {
+            Escape::None => self.buf.extend_from_slice(bytes),
+            Escape::JsonString => json_escape(bytes, self.buf),
+            Escape::Percent => percent_encode(bytes, self.buf),
+            Escape::Xml => xml_escape(bytes, self.buf),
+            Escape::Header => header_clean(bytes, self.buf),
+        }
+    }
+
+    /// Write `s` as a JSON string literal (quotes included), escaped for
+    /// where it lands.
+    fn put_json_str(&mut self, s: &str) {
+        self.put(b"\"");
+        if self.escape == Escape::None {
+            json_escape(s.as_bytes(), self.buf);
+        } else {
+            json_escape_with(s.as_bytes(), |chunk| self.put(chunk));
+        }
+        self.put(b"\"");
+    }
+
+    fn put_int(&mut self, n: i64) {
+        let mut buf = [0u8; 20];
+        self.put(format_int(n, &mut buf));
+    }
+
+    fn put_bool(&mut self, b: bool) {
+        self.put(if b { b"true" } else { b"false" });
+    }
+
+    fn put_map(&mut self, map: &BTreeMap<String, String>) {
+        self.put(b"{");
+        for (i, (k, v)) in map.iter().enumerate() {
+            if i > 0 {
+                self.put(b",");
+            }
+            self.put_json_str(k);
+            self.put(b":");
+            self.put_json_str(v);
+        }
+        self.put(b"}");
+    }
+
+    /// Write `value` in its string form, or its JSON form with `json`.
+    fn put_value(&mut self, value: Value<'_>, json: bool) {
+        match value {
+            Value::Str(s) if json => self.put_json_str(s),
+            Value::Str(s) => self.put(s.as_bytes()),
+            Value::Int(n) => self.put_int(n),
+            Value::Bool(b) => self.put_bool(b),
+            Value::Null if json => self.put(b"null"),
+            Value::Null => {}
+            Value::Map(m) => self.put_map(m),
+        }
+    }
+}
+
+fn render_hole(hole: &Hole, values: &dyn Values, out: &mut Out<'_>) {
+    let p = &hole.placeholder;
+    let value = values.get(p.field, p.key.as_deref());
+    if hole.plain {
+        out.put_value(value, hole.unwrap);
         return;
     }
-    let mut v = Filtered::Value(raw);
-    for f in &h.placeholder.filters {
-        if *f != Filter::Unwrap {
-            v = apply_format(*f, v);
+    // Format filters work on the string form; `Null` stays `Null`.
+    if value == Value::Null {
+        out.put_value(Value::Null, hole.unwrap);
+        return;
+    }
+    let mut text = {
+        let mut buf = Vec::new();
+        Out {
+            buf: &mut buf,
+            escape: Escape::None,
         }
+        .put_value(value, false);
+        // Only UTF-8 (`&str`, digits, ASCII punctuation) was written.
+        String::from_utf8(buf)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+    };
+    for filter in &p.filters {
+        apply_filter(*filter, &mut text);
     }
-    scratch.clear();
-    match (&v, h.unwrap) {
-        (Filtered::Text(t), false) => scratch.push_str(t),
-        (Filtered::Text(t), true) => json_quoted(t, scratch),
-        (Filtered::Value(val), false) => string_form(val, scratch),
-        (Filtered::Value(val), true) => match val {
-            Value::Str(s) => json_quoted(s, scratch),
-            Value::Null => scratch.push_str("null"),
-            other => string_form(other, scratch),
-        },
-    }
-    escape_into(h.escape, scratch.as_bytes(), out);
+    out.put_value(Value::Str(&text), hole.unwrap);
 }
 
-fn escape_into(e: Escape, s: &[u8], out: &mut Vec<u8>) {
-    match e {
-        Escape::Raw => out.extend_from_slice(s),
-        Escape::JsonString => json_escape(s, out),
-        Escape::Percent => {
-            const HEX: &[u8; 16] = b"0123456789ABCDEF";
-            for &b in s {
-                if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-                    out.push(b);
-                } else {
-                    out.extend_from_slice(&[b'%', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
+/// Apply a format filter to `text` in place; `unwrap` changes nothing here.
+fn apply_filter(filter: Filter, text: &mut String) {
+    let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    match filter {
+        Filter::Unwrap => {}
+        Filter::Mm => {
+            if all_digits {
+                if let Ok(month @ 1..=12) = text.parse::<u8>() {
+                    text.clear();
+                    text.push(char::from(b'0' + month / 10));
+                    text.push(char::from(b'0' + month % 10));
                 }
             }
         }
-        Escape::Xml => {
-            for &b in s {
-                match b {
-                    b'&' => out.extend_from_slice(b"&amp;"),
-                    b'<' => out.extend_from_slice(b"&lt;"),
-                    b'>' => out.extend_from_slice(b"&gt;"),
-                    b'"' => out.extend_from_slice(b"&quot;"),
-                    b'\'' => out.extend_from_slice(b"&apos;"),
-                    _ => out.push(b),
+        Filter::Yy => {
+            if all_digits && text.len() >= 2 {
+                text.drain(..text.len() - 2);
+            }
+        }
+        Filter::Yyyy => {
+            if all_digits && text.len() == 2 {
+                text.insert_str(0, "20");
+            }
+        }
+        Filter::Last4 => {
+            let count = text.chars().count();
+            if count > 4 {
+                if let Some((at, _)) = text.char_indices().nth(count - 4) {
+                    text.drain(..at);
                 }
             }
         }
-        Escape::Header => out.extend(
-            s.iter()
-                .filter(|&&b| (b >= 0x20 || b == b'\t') && b != 0x7f),
-        ),
+        Filter::First6 => {
+            if let Some((at, _)) = text.char_indices().nth(6) {
+                text.truncate(at);
+            }
+        }
     }
 }
 
-fn json_escape(s: &[u8], out: &mut Vec<u8>) {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
-    let mut run = 0;
-    for (i, &b) in s.iter().enumerate() {
-        let esc: &[u8] = match b {
+/// `n` in decimal, written at the end of `buf`.
+fn format_int(n: i64, buf: &mut [u8; 20]) -> &[u8] {
+    let mut v = n.unsigned_abs();
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        // `v % 10` < 10, so the cast cannot truncate.
+        if let Some(slot) = buf.get_mut(i) {
+            *slot = b'0' + (v % 10) as u8;
+        }
+        v /= 10;
+        if v == 0 || i == 0 {
+            break;
+        }
+    }
+    if n < 0 && i > 0 {
+        i -= 1;
+        if let Some(slot) = buf.get_mut(i) {
+            *slot = b'-';
+        }
+    }
+    buf.get(i..).unwrap_or_default()
+}
+
+/// Write `bytes` as JSON string content: `"`, `\` and control bytes
+/// escaped.
+fn json_escape(bytes: &[u8], out: &mut Vec<u8>) {
+    json_escape_with(bytes, |chunk| out.extend_from_slice(chunk));
+}
+
+/// JSON-escape `bytes`, handing the output to `emit` in chunks.
+fn json_escape_with(bytes: &[u8], mut emit: impl FnMut(&[u8])) {
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let short: &[u8] = match b {
             b'"' => b"\\\"",
             b'\\' => b"\\\\",
             b'\n' => b"\\n",
@@ -687,26 +983,72 @@ fn json_escape(s: &[u8], out: &mut Vec<u8>) {
             b'\t' => b"\\t",
             0x08 => b"\\b",
             0x0c => b"\\f",
-            0..=0x1f => {
-                out.extend_from_slice(&s[run..i]);
-                out.extend_from_slice(&[
-                    b'\\',
-                    b'u',
-                    b'0',
-                    b'0',
-                    HEX[(b >> 4) as usize],
-                    HEX[(b & 15) as usize],
-                ]);
-                run = i + 1;
-                continue;
-            }
+            0x00..=0x1f => b"",
             _ => continue,
         };
-        out.extend_from_slice(&s[run..i]);
-        out.extend_from_slice(esc);
-        run = i + 1;
+        emit(bytes.get(start..i).unwrap_or_default());
+        if short.is_empty() {
+            let hi = HEX_LOWER.get(usize::from(b >> 4)).copied().unwrap_or(b'0');
+            let lo = HEX_LOWER.get(usize::from(b & 0xf)).copied().unwrap_or(b'0');
+            emit(&[b'\\', b'u', b'0', b'0', hi, lo]);
+        } else {
+            emit(short);
+        }
+        start = i + 1;
     }
-    out.extend_from_slice(&s[run..]);
+    emit(bytes.get(start..).unwrap_or_default());
+}
+
+fn is_unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+/// Percent-encode every byte outside the RFC 3986 unreserved set.
+fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if is_unreserved(b) {
+            continue;
+        }
+        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
+        let hi = HEX.get(usize::from(b >> 4)).copied().unwrap_or(b'0');
+        let lo = HEX.get(usize::from(b & 0xf)).copied().unwrap_or(b'0');
+        out.extend_from_slice(&[b'%', hi, lo]);
+        start = i + 1;
+    }
+    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
+}
+
+/// Escape the five XML special characters.
+fn xml_escape(bytes: &[u8], out: &mut Vec<u8>) {
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let entity: &[u8] = match b {
+            b'&' => b"&amp;",
+            b'<' => b"&lt;",
+            b'>' => b"&gt;",
+            b'"' => b"&quot;",
+            b'\'' => b"&apos;",
+            _ => continue,
+        };
+        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
+        out.extend_from_slice(entity);
+        start = i + 1;
+    }
+    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
+}
+
+/// Copy `bytes` without control bytes other than tab (so no CR or LF).
+fn header_clean(bytes: &[u8], out: &mut Vec<u8>) {
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        if (b >= 0x20 && b != 0x7f) || b == b'\t' {
+            continue;
+        }
+        out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
+        start = i + 1;
+    }
+    out.extend_from_slice(bytes.get(start..).unwrap_or_default());
 }
 
 #[cfg(test)]
@@ -714,243 +1056,628 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    struct V(BTreeMap<String, String>);
+    /// Fixed test values; `overrides` replaces single fields.
+    struct V {
+        meta: BTreeMap<String, String>,
+        overrides: Vec<(Field, Value<'static>)>,
+    }
+
+    impl V {
+        fn new() -> V {
+            let mut meta = BTreeMap::new();
+            meta.insert("order_id".to_owned(), "ord-1".to_owned());
+            meta.insert("note".to_owned(), "a\"b\nc".to_owned());
+            V {
+                meta,
+                overrides: Vec::new(),
+            }
+        }
+
+        fn with(mut self, field: Field, value: Value<'static>) -> V {
+            self.overrides.push((field, value));
+            self
+        }
+    }
 
     impl Values for V {
         fn get(&self, field: Field, key: Option<&str>) -> Value<'_> {
+            if let Some((_, v)) = self.overrides.iter().find(|(f, _)| *f == field) {
+                return *v;
+            }
             match field {
-                Field::Number | Field::AccountNumber => Value::Str("4895370012345678"),
+                Field::Number | Field::AccountNumber => Value::Str("4111111111111111"),
                 Field::Cryptogram => Value::Str("AgAAAAAAAIR8CQrXcIhbQAAAAAA="),
-                Field::DynamicCvv | Field::SecurityCode => Value::Null,
-                Field::Eci => Value::Str("07"),
+                Field::Eci => Value::Str("05"),
                 Field::ExpiryMonth => Value::Int(3),
                 Field::ExpiryYear => Value::Int(2029),
                 Field::SupportsDeviceBinding => Value::Bool(true),
-                Field::CardholderName => Value::Str("Jane \"JD\" Doe\n<&>"),
+                Field::DynamicCvv => Value::Null,
                 Field::Metadata | Field::SchemeMetadata | Field::NetworkTokenMetadata => {
                     match key {
-                        None => Value::Map(&self.0),
-                        Some(k) => self.0.get(k).map_or(Value::Null, |v| Value::Str(v)),
+                        None => Value::Map(&self.meta),
+                        Some(k) => self.meta.get(k).map_or(Value::Null, |v| Value::Str(v)),
                     }
                 }
+                Field::CardholderName => Value::Str("Zoë O'Brien <z>"),
                 _ => Value::Str("x"),
             }
         }
     }
 
-    fn values() -> V {
-        let mut m = BTreeMap::new();
-        m.insert("order".to_owned(), "o-1".to_owned());
-        m.insert("q".to_owned(), "a\"b".to_owned());
-        V(m)
+    fn render_with(input: &str, syntax: Syntax, ctx: Context, values: &V) -> String {
+        let t = Template::parse(input.as_bytes(), syntax, ctx, Namespace::NetworkToken)
+            .unwrap_or_else(|e| panic!("parse {input:?}: {e}"));
+        String::from_utf8(t.render_to_vec(input.as_bytes(), values)).unwrap()
     }
 
     fn render(input: &str, ctx: Context) -> String {
-        render_ns(input, ctx, Namespace::NetworkToken, Syntax::Angle)
+        render_with(input, Syntax::Angle, ctx, &V::new())
     }
 
-    fn render_ns(input: &str, ctx: Context, ns: Namespace, syntax: Syntax) -> String {
-        let t = Template::parse(input.as_bytes(), syntax, ctx, ns).unwrap();
-        String::from_utf8(t.render_to_vec(input.as_bytes(), &values())).unwrap()
+    fn render_pci(input: &str, ctx: Context) -> String {
+        let t = Template::parse(input.as_bytes(), Syntax::Angle, ctx, Namespace::PciToken).unwrap();
+        String::from_utf8(t.render_to_vec(input.as_bytes(), &V::new())).unwrap()
     }
 
-    fn error(input: &str, ns: Namespace) -> String {
-        Template::parse(input.as_bytes(), Syntax::Angle, Context::Raw, ns)
-            .unwrap_err()
-            .to_string()
+    fn err(input: &str, ns: Namespace) -> String {
+        match Template::parse(input.as_bytes(), Syntax::Angle, Context::Raw, ns) {
+            Ok(_) => panic!("{input:?} parsed"),
+            Err(e) => e.to_string(),
+        }
     }
+
+    const NT_NAMES: &[&str] = &[
+        "cryptogram",
+        "dynamic_cvv",
+        "eci",
+        "expiry_month",
+        "expiry_year",
+        "number",
+        "type",
+        "metadata",
+        "metadata.order_id",
+        "scheme_reference",
+        "scheme_metadata",
+        "scheme_metadata.k",
+        "status",
+        "supports_device_binding",
+        "network_token_id",
+        "network_token_type",
+        "network_token_metadata",
+        "network_token_metadata.A-z_09",
+    ];
+
+    const PCI_NAMES: &[&str] = &[
+        "account_number",
+        "expiry_month",
+        "expiry_year",
+        "cardholder_name",
+        "security_code",
+        "bin",
+        "last4",
+        "metadata",
+        "metadata.order_id",
+        "pci_token_id",
+    ];
 
     #[test]
     fn every_name_parses_in_its_namespace_only() {
-        for (name, field, keyed) in NETWORK_TOKEN_NAMES {
+        for (ns, names, other) in [
+            (Namespace::NetworkToken, NT_NAMES, PCI_NAMES),
+            (Namespace::PciToken, PCI_NAMES, NT_NAMES),
+        ] {
+            for name in names {
+                let input = format!("<< {name} >>");
+                let t = Template::parse(input.as_bytes(), Syntax::Angle, Context::Raw, ns)
+                    .unwrap_or_else(|e| panic!("{name}: {e}"));
+                let p = t.placeholders().next().unwrap();
+                let base = name.split('.').next().unwrap();
+                assert_eq!(p.field.name(), base);
+                assert_eq!(p.key.as_deref(), name.split_once('.').map(|(_, k)| k));
+            }
+            for name in other.iter().filter(|n| !names.contains(n)) {
+                let e = err(&format!("<< {name} >>"), ns);
+                assert_eq!(e, format!("unknown placeholder `{name}` at byte 0"));
+            }
+        }
+        // Every field is reachable in some namespace, with a distinct name.
+        for f in Field::ALL {
+            let ns = if f.in_namespace(Namespace::NetworkToken) {
+                Namespace::NetworkToken
+            } else {
+                Namespace::PciToken
+            };
+            assert_eq!(Field::from_name(f.name().as_bytes(), ns), Some(f));
+        }
+    }
+
+    #[test]
+    fn errors_name_the_offender() {
+        let nt = Namespace::NetworkToken;
+        assert_eq!(
+            err(r#"{"card": {"number": "<< numbr >>"}}"#, nt),
+            "unknown placeholder `numbr` at byte 21"
+        );
+        assert_eq!(
+            err("<< number | upper >>", nt),
+            "unknown filter `upper` in placeholder `number` at byte 0"
+        );
+        assert_eq!(err("ab << number", nt), "unclosed placeholder at byte 3");
+        assert_eq!(
+            err("<< number >> <<", nt),
+            "unclosed placeholder at byte 13"
+        );
+        assert_eq!(err("abc<<  >>", nt), "empty placeholder at byte 3");
+        assert_eq!(err("<<>>", nt), "empty placeholder at byte 0");
+        assert_eq!(err("<< | unwrap >>", nt), "empty placeholder at byte 0");
+        assert!(err("<< number.x >>", nt).starts_with("`number` takes no key"));
+        assert!(err("<< metadata. >>", nt).starts_with("invalid key `` for `metadata`"));
+        assert!(err("<< metadata.a.b >>", nt).starts_with("invalid key `a.b` for `metadata`"));
+        assert!(err("<< metadata.abcdefghijklmnopqrstu >>", nt).contains("invalid key"));
+        assert!(err("<< metadata.a b >>", nt).contains("invalid key `a b`"));
+        assert_eq!(
+            err("<< number | unwrap | >>", nt),
+            "empty filter in placeholder `number` at byte 0"
+        );
+        assert_eq!(
+            err("<< account_number >>", nt),
+            "unknown placeholder `account_number` at byte 0"
+        );
+        assert_eq!(
+            err("<< number >>", Namespace::PciToken),
+            "unknown placeholder `number` at byte 0"
+        );
+        // A card number written where a name goes is not echoed back.
+        let e = err("<< 4111111111111111 >>", nt);
+        assert!(!e.contains("4111111111111111"), "{e}");
+        assert!(e.contains("****************"), "{e}");
+        // Long garbage is cut; control characters are escaped.
+        let long = format!("<< {} >>", "z".repeat(500));
+        assert!(err(&long, nt).len() < 120);
+        assert!(!err("<< a\nb >>", nt).contains('\n'));
+        // The error type is a std error.
+        let e: Box<dyn std::error::Error> =
+            Box::new(Template::parse(b"<<", Syntax::Angle, Context::Raw, nt).unwrap_err());
+        assert_eq!(e.to_string(), "unclosed placeholder at byte 0");
+    }
+
+    #[test]
+    fn both_syntaxes_and_whitespace() {
+        for input in [
+            "<<number>>",
+            "<<  number|unwrap  >>",
+            "<<\tnumber\t|\tunwrap>>",
+        ] {
             let t = Template::parse(
-                format!("<< {name} >>").as_bytes(),
+                input.as_bytes(),
                 Syntax::Angle,
                 Context::Raw,
                 Namespace::NetworkToken,
             )
             .unwrap();
-            assert_eq!(t.placeholders().next().unwrap().field, *field);
-            assert_eq!(field.name(), *name);
-            if *keyed {
-                assert!(Template::parse(
-                    format!("<< {name}.k_1 >>").as_bytes(),
-                    Syntax::Angle,
-                    Context::Raw,
-                    Namespace::NetworkToken
-                )
-                .is_ok());
-            }
+            assert_eq!(t.placeholders().next().unwrap().field, Field::Number);
         }
-        for (name, _, _) in PCI_TOKEN_NAMES {
-            assert!(Template::parse(
-                format!("<<{name}>>").as_bytes(),
-                Syntax::Angle,
+        assert_eq!(
+            render_with(
+                "n={{number}}&e={{ eci | unwrap }}",
+                Syntax::Braces,
                 Context::Raw,
-                Namespace::PciToken
-            )
-            .is_ok());
-        }
-        assert!(error("<< account_number >>", Namespace::NetworkToken)
-            .contains("unknown placeholder `account_number`"));
-        assert!(error("<< cryptogram >>", Namespace::PciToken).contains("`cryptogram`"));
-    }
-
-    #[test]
-    fn errors_name_the_offender() {
-        let ns = Namespace::NetworkToken;
-        assert_eq!(
-            error("ab << numbr >>", ns),
-            "unknown placeholder `numbr` at byte 3"
-        );
-        assert!(error("<< number | upper >>", ns)
-            .contains("unknown filter `upper` in placeholder `number`"));
-        assert!(error("{\"a\": \"<< number \"}", ns).contains("unclosed placeholder at byte 7"));
-        assert!(error("<<  >>", ns).contains("empty placeholder"));
-        assert!(error("<< number.x >>", ns).contains("`number` takes no key"));
-        assert!(error("<< metadata.a b >>", ns).contains("bad key"));
-        assert!(error("<< metadata.aaaaaaaaaaaaaaaaaaaaa >>", ns).contains("bad key"));
-    }
-
-    #[test]
-    fn syntaxes_and_whitespace() {
-        assert_eq!(
-            render("<<number>>|<<  eci|unwrap  >>", Context::Raw),
-            "4895370012345678|\"07\""
-        );
-        assert_eq!(
-            render_ns(
-                "{{ number }} << eci >>",
-                Context::Raw,
-                Namespace::NetworkToken,
-                Syntax::Braces
+                &V::new()
             ),
-            "4895370012345678 << eci >>"
+            "n=4111111111111111&e=\"05\""
+        );
+        // The other syntax's delimiters are literal text.
+        assert_eq!(
+            render_with(
+                "<< number >> {{ number }}",
+                Syntax::Braces,
+                Context::Raw,
+                &V::new()
+            ),
+            "<< number >> 4111111111111111"
+        );
+        let t = Template::parse(
+            b"{{ number }}",
+            Syntax::Angle,
+            Context::Raw,
+            Namespace::NetworkToken,
+        )
+        .unwrap();
+        assert!(t.is_static());
+        // Close is the first close delimiter after the open one.
+        assert_eq!(render("[<<eci>>>]", Context::Raw), "[05>]");
+        assert_eq!(
+            render("<<number>><<eci>>", Context::Raw),
+            "411111111111111105"
         );
     }
 
     #[test]
     fn json_inside_and_outside_strings() {
-        let out = render(
-            r#"{"a\"b": "<< number >>", "n": << number >>, "e": "x<< eci >>y", "c": "<< metadata.q >>"}"#,
-            Context::Json,
+        let c = Context::Json;
+        assert_eq!(
+            render(r#"{"n": "<< number >>", "e": << eci >>}"#, c),
+            r#"{"n": "4111111111111111", "e": 05}"#
+        );
+        // Escaped quotes before the placeholder do not end the string.
+        let v = V::new().with(Field::Number, Value::Str("q\"\n"));
+        assert_eq!(
+            render_with(r#"{"a\"b": "<< number >>"}"#, Syntax::Angle, c, &v),
+            r#"{"a\"b": "q\"\n"}"#
         );
         assert_eq!(
-            out,
-            r#"{"a\"b": "4895370012345678", "n": 4895370012345678, "e": "x07y", "c": "a\"b"}"#
+            render_with(r#"{"k": "x\\", "n": "<< number >>"}"#, Syntax::Angle, c, &v),
+            r#"{"k": "x\\", "n": "q\"\n"}"#
+        );
+        // Partial content of a string.
+        assert_eq!(
+            render_with(r#"{"n": "pre <<number>> post"}"#, Syntax::Angle, c, &v),
+            r#"{"n": "pre q\"\n post"}"#
+        );
+        // Outside a string: raw.
+        assert_eq!(
+            render_with(r#"{"n": <<number>>}"#, Syntax::Angle, c, &v),
+            "{\"n\": q\"\n}"
+        );
+        let v = V::new().with(Field::Number, Value::Str("\u{1}\t\r\u{8}\u{c}\\"));
+        assert_eq!(
+            render_with(r#""<<number>>""#, Syntax::Angle, c, &v),
+            r#""\u0001\t\r\b\f\\""#
         );
     }
 
     #[test]
-    fn unwrap_whole_string_drops_the_quotes() {
-        let out = render(
-            r#"{"m": "<< expiry_month | unwrap >>", "b": "<<supports_device_binding|unwrap>>", "d": "<< dynamic_cvv | unwrap >>", "md": "<< metadata | unwrap >>", "s": "<< eci | unwrap >>", "y": << expiry_year | unwrap >>}"#,
-            Context::Json,
+    fn json_unwrap() {
+        let c = Context::Json;
+        let t = |v: Value<'static>| {
+            render_with(
+                r#"{"exp": "<< expiry_month | unwrap >>"}"#,
+                Syntax::Angle,
+                c,
+                &V::new().with(Field::ExpiryMonth, v),
+            )
+        };
+        assert_eq!(t(Value::Int(12)), r#"{"exp": 12}"#);
+        assert_eq!(t(Value::Int(-7)), r#"{"exp": -7}"#);
+        assert_eq!(t(Value::Bool(false)), r#"{"exp": false}"#);
+        assert_eq!(t(Value::Null), r#"{"exp": null}"#);
+        assert_eq!(t(Value::Str("abc")), r#"{"exp": "abc"}"#);
+        assert_eq!(t(Value::Str("a\"b")), r#"{"exp": "a\"b"}"#);
+        assert_eq!(
+            render(r#"{"m": "<< metadata | unwrap >>"}"#, c),
+            r#"{"m": {"note":"a\"b\nc","order_id":"ord-1"}}"#
+        );
+        // Outside quotes.
+        assert_eq!(
+            render(r#"{"exp": << expiry_month | unwrap >>}"#, c),
+            r#"{"exp": 3}"#
+        );
+        // Partial content: the JSON form, escaped as string content.
+        assert_eq!(
+            render(r#"{"x": "e=<< eci | unwrap >>"}"#, c),
+            r#"{"x": "e=\"05\""}"#
         );
         assert_eq!(
-            out,
-            r#"{"m": 3, "b": true, "d": null, "md": {"order":"o-1","q":"a\"b"}, "s": "07", "y": 2029}"#
-        );
-        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-        assert_eq!(v["md"]["q"], "a\"b");
-    }
-
-    #[test]
-    fn unwrap_inside_a_longer_string_is_escaped_json() {
-        let out = render(r#"{"x": "v=<< eci | unwrap >>"}"#, Context::Json);
-        assert_eq!(out, r#"{"x": "v=\"07\""}"#);
-    }
-
-    #[test]
-    fn values_are_escaped_for_each_context() {
-        let pci = |input: &str, ctx| render_ns(input, ctx, Namespace::PciToken, Syntax::Angle);
-        assert_eq!(
-            pci(r#"{"n": "<< cardholder_name >>"}"#, Context::Json),
-            r#"{"n": "Jane \"JD\" Doe\n<&>"}"#
+            render(r#"{"x": "<< eci | unwrap >>!"}"#, c),
+            r#"{"x": "\"05\"!"}"#
         );
         assert_eq!(
-            pci("n=<< cardholder_name >>&x=1", Context::Form),
-            "n=Jane%20%22JD%22%20Doe%0A%3C%26%3E&x=1"
+            render(r#"{"x": "<< metadata | unwrap >> "}"#, c),
+            r#"{"x": "{\"note\":\"a\\\"b\\nc\",\"order_id\":\"ord-1\"} "}"#
         );
-        assert_eq!(
-            pci("<n><< cardholder_name >></n>", Context::Xml),
-            "<n>Jane &quot;JD&quot; Doe\n&lt;&amp;&gt;</n>"
-        );
-        assert_eq!(
-            pci("Name << cardholder_name >>", Context::Header),
-            "Name Jane \"JD\" Doe<&>"
-        );
-        assert_eq!(
-            render("/v1/<< cryptogram >>/x", Context::UrlPath),
-            "/v1/AgAAAAAAAIR8CQrXcIhbQAAAAAA%3D/x"
-        );
-    }
-
-    #[test]
-    fn format_filters_and_chains() {
-        assert_eq!(render("<< expiry_month | mm >>", Context::Raw), "03");
-        assert_eq!(render("<< expiry_year | yy >>", Context::Raw), "29");
-        assert_eq!(
-            render("<< expiry_year | yy | yyyy >>", Context::Raw),
-            "2029"
-        );
-        assert_eq!(render("<< number | last4 >>", Context::Raw), "5678");
-        assert_eq!(render("<< number | first6 >>", Context::Raw), "489537");
+        // Two whole-content placeholders back to back.
         assert_eq!(
             render(
-                r#"{"m": "<< expiry_month | mm | unwrap >>"}"#,
-                Context::Json
+                r#"["<< expiry_month | unwrap >>","<< expiry_year | unwrap >>"]"#,
+                c
             ),
-            r#"{"m": "03"}"#
+            "[3,2029]"
         );
-        assert_eq!(render("[<< dynamic_cvv | last4 >>]", Context::Raw), "[]");
+        // A quote before the open delimiter that closes a string is not an
+        // opening quote.
+        assert_eq!(
+            render(r#"{"a":"b"<< expiry_month | unwrap >>"}"#, c),
+            r#"{"a":"b"3"}"#
+        );
+        // Without unwrap the quotes stay.
+        assert_eq!(
+            render(r#"{"exp": "<< expiry_month >>"}"#, c),
+            r#"{"exp": "3"}"#
+        );
+        // Map without unwrap inside a string: escaped JSON text.
+        assert_eq!(
+            render(r#"{"m": "<< metadata >>"}"#, c),
+            r#"{"m": "{\"note\":\"a\\\"b\\nc\",\"order_id\":\"ord-1\"}"}"#
+        );
+        assert_eq!(
+            render(r#"{"o": "<< metadata.order_id | unwrap >>"}"#, c),
+            r#"{"o": "ord-1"}"#
+        );
+        assert_eq!(
+            render(r#"{"o": "<< metadata.nope | unwrap >>"}"#, c),
+            r#"{"o": null}"#
+        );
+        assert_eq!(render(r#"{"o": "<< metadata.nope >>"}"#, c), r#"{"o": ""}"#);
+        assert_eq!(
+            render(r#"{"b": "<< supports_device_binding | unwrap >>"}"#, c),
+            r#"{"b": true}"#
+        );
+    }
+
+    #[test]
+    fn rendered_json_is_valid_json() {
+        let v = V::new()
+            .with(Field::Number, Value::Str("\"\\\n\u{0}é"))
+            .with(Field::Cryptogram, Value::Null);
+        let input = r#"{"a\"\\": "<< number >>", "b": "<< number | unwrap >>", "c": "x<< number | unwrap >>", "d": "<< metadata >>", "e": << metadata | unwrap >>, "f": "<< cryptogram | unwrap >>", "g": "<< expiry_month | unwrap >>"}"#;
+        let out = render_with(input, Syntax::Angle, Context::Json, &v);
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed["b"], "\"\\\n\u{0}é");
+        assert_eq!(parsed["a\"\\"], "\"\\\n\u{0}é");
+        assert_eq!(parsed["e"]["order_id"], "ord-1");
+        assert_eq!(parsed["f"], serde_json::Value::Null);
+        assert_eq!(parsed["g"], 3);
+    }
+
+    #[test]
+    fn form_xml_header_url_escaping() {
+        let v = V::new().with(Field::Number, Value::Str("a b&c=d/é~.-_\r\n\t\u{7f}<'\">"));
+        assert_eq!(
+            render_with("n=<< number >>&x=1", Syntax::Angle, Context::Form, &v),
+            "n=a%20b%26c%3Dd%2F%C3%A9~.-_%0D%0A%09%7F%3C%27%22%3E&x=1"
+        );
+        assert_eq!(
+            render_with("/v1/<< number >>/x", Syntax::Angle, Context::UrlPath, &v),
+            "/v1/a%20b%26c%3Dd%2F%C3%A9~.-_%0D%0A%09%7F%3C%27%22%3E/x"
+        );
+        assert_eq!(
+            render_with("q=<< number >>", Syntax::Angle, Context::UrlQuery, &v),
+            "q=a%20b%26c%3Dd%2F%C3%A9~.-_%0D%0A%09%7F%3C%27%22%3E"
+        );
+        assert_eq!(
+            render_with("<p a=\"<< number >>\"/>", Syntax::Angle, Context::Xml, &v),
+            "<p a=\"a b&amp;c=d/é~.-_\r\n\t\u{7f}&lt;&apos;&quot;&gt;\"/>"
+        );
+        assert_eq!(
+            render_with(
+                "Bearer << number >>\r\n",
+                Syntax::Angle,
+                Context::Header,
+                &v
+            ),
+            "Bearer a b&c=d/é~.-_\t<'\">\r\n"
+        );
+        assert_eq!(
+            render_with("<< number >>", Syntax::Angle, Context::Raw, &v),
+            "a b&c=d/é~.-_\r\n\t\u{7f}<'\">"
+        );
+        // unwrap in a non-JSON context: the JSON form, escaped there.
+        assert_eq!(render("e=<< eci | unwrap >>", Context::Form), "e=%2205%22");
+        assert_eq!(
+            render("<e><< metadata | unwrap >></e>", Context::Xml),
+            "<e>{&quot;note&quot;:&quot;a\\&quot;b\\nc&quot;,&quot;order_id&quot;:&quot;ord-1&quot;}</e>"
+        );
+        let header = render("X: << metadata | unwrap >>", Context::Header);
+        assert!(!header.contains('\n') && !header.contains('\r'));
+        assert_eq!(
+            render_pci("n=<< cardholder_name >>", Context::Form),
+            "n=Zo%C3%AB%20O%27Brien%20%3Cz%3E"
+        );
+    }
+
+    #[test]
+    fn filters() {
+        let r = |input: &str, field: Field, v: Value<'static>| {
+            render_with(
+                input,
+                Syntax::Angle,
+                Context::Json,
+                &V::new().with(field, v),
+            )
+        };
+        let m = Field::ExpiryMonth;
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Int(3)), "03");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Str("3")), "03");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Str("03")), "03");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Int(12)), "12");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Int(13)), "13");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Int(0)), "0");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Str("ab")), "ab");
+        assert_eq!(r("<< expiry_month | mm >>", m, Value::Str("+3")), "+3");
+        assert_eq!(r("\"<< expiry_month | mm >>\"", m, Value::Null), "\"\"");
+        assert_eq!(
+            r("\"<< expiry_month | mm | unwrap >>\"", m, Value::Null),
+            "null"
+        );
+        assert_eq!(
+            r("\"<< expiry_month | mm | unwrap >>\"", m, Value::Int(3)),
+            "\"03\""
+        );
+        assert_eq!(
+            r("\"<< expiry_month | unwrap | mm >>\"", m, Value::Int(3)),
+            "\"03\""
+        );
+        let y = Field::ExpiryYear;
+        assert_eq!(r("<< expiry_year | yy >>", y, Value::Int(2029)), "29");
+        assert_eq!(r("<< expiry_year | yy >>", y, Value::Int(29)), "29");
+        assert_eq!(r("<< expiry_year | yy >>", y, Value::Int(9)), "9");
+        assert_eq!(r("<< expiry_year | yy >>", y, Value::Int(-2029)), "-2029");
+        assert_eq!(r("<< expiry_year | yyyy >>", y, Value::Int(29)), "2029");
+        assert_eq!(r("<< expiry_year | yyyy >>", y, Value::Int(2029)), "2029");
+        assert_eq!(r("<< expiry_year | yyyy >>", y, Value::Str("x9")), "x9");
+        assert_eq!(
+            r("<< expiry_year | yy | yyyy >>", y, Value::Int(2031)),
+            "2031"
+        );
+        assert_eq!(
+            r("<< expiry_year | yyyy | unwrap >>", y, Value::Str("31")),
+            "\"2031\""
+        );
+        let n = Field::Number;
+        assert_eq!(
+            r("<< number | last4 >>", n, Value::Str("4111111111111234")),
+            "1234"
+        );
+        assert_eq!(
+            r("<< number | first6 >>", n, Value::Str("4111111111111234")),
+            "411111"
+        );
+        assert_eq!(r("<< number | last4 >>", n, Value::Str("12")), "12");
+        assert_eq!(r("<< number | first6 >>", n, Value::Str("12")), "12");
+        assert_eq!(r("<< number | last4 >>", n, Value::Str("ééééé")), "éééé");
+        assert_eq!(
+            r("<< number | first6 >>", n, Value::Str("éééééééé")),
+            "éééééé"
+        );
+        assert_eq!(
+            r("<< number | first6 | last4 >>", n, Value::Str("4111119999")),
+            "1111"
+        );
+        assert_eq!(r("<< number | last4 >>", n, Value::Int(123456)), "3456");
+        assert_eq!(r("<< number | last4 >>", n, Value::Bool(false)), "alse");
+        // Through a format filter the value is a string; with unwrap, a JSON string.
+        assert_eq!(
+            r(
+                "{\"n\": \"<< number | last4 | unwrap >>\"}",
+                n,
+                Value::Int(123456)
+            ),
+            "{\"n\": \"3456\"}"
+        );
+        // Inside a JSON string, the filtered text is escaped.
+        assert_eq!(
+            r("\"x<< number | last4 >>\"", n, Value::Str("zab\"\n")),
+            "\"xab\\\"\\n\""
+        );
+        assert_eq!(
+            r("<< metadata | last4 >>", Field::Metadata, Value::Null),
+            ""
+        );
     }
 
     #[test]
     fn content_types() {
-        let c = |s: &str| Context::for_content_type(Some(s.as_bytes()));
-        assert_eq!(c("application/json; charset=utf-8"), Context::Json);
-        assert_eq!(c("Application/Vnd.API+JSON"), Context::Json);
-        assert_eq!(c("application/x-www-form-urlencoded"), Context::Form);
-        assert_eq!(c("text/xml"), Context::Xml);
-        assert_eq!(c("application/soap+xml"), Context::Xml);
-        assert_eq!(c("text/plain"), Context::Raw);
+        let ct = |s: &str| Context::for_content_type(Some(s.as_bytes()));
+        assert_eq!(ct("application/json"), Context::Json);
+        assert_eq!(ct("  Application/JSON ; charset=utf-8"), Context::Json);
+        assert_eq!(ct("application/vnd.api+json"), Context::Json);
+        assert_eq!(ct("application/problem+JSON;x=y"), Context::Json);
+        assert_eq!(ct("application/x-www-form-urlencoded"), Context::Form);
+        assert_eq!(
+            ct("application/x-www-form-urlencoded; charset=UTF-8"),
+            Context::Form
+        );
+        assert_eq!(ct("application/xml"), Context::Xml);
+        assert_eq!(ct("TEXT/XML; charset=iso-8859-1"), Context::Xml);
+        assert_eq!(ct("application/soap+xml"), Context::Xml);
+        assert_eq!(ct("text/plain"), Context::Raw);
+        assert_eq!(ct("+json"), Context::Raw);
+        assert_eq!(ct("application/jsonx"), Context::Raw);
+        assert_eq!(ct("multipart/form-data; boundary=x"), Context::Raw);
+        assert_eq!(ct(""), Context::Raw);
         assert_eq!(Context::for_content_type(None), Context::Raw);
+    }
+
+    #[test]
+    fn render_appends_and_value_debug_is_redacted() {
+        let input = b"n=<< number >>";
+        let t =
+            Template::parse(input, Syntax::Angle, Context::Raw, Namespace::NetworkToken).unwrap();
+        let mut out = b"prefix:".to_vec();
+        t.render(input, &V::new(), &mut out);
+        assert_eq!(out, b"prefix:n=4111111111111111");
+        let dbg = format!(
+            "{:?} {:?} {:?}",
+            Value::Str("4111111111111111"),
+            Value::Int(123),
+            Value::Map(&V::new().meta)
+        );
+        assert!(
+            !dbg.contains("4111") && !dbg.contains("123") && !dbg.contains("ord"),
+            "{dbg}"
+        );
+        // A template is Send + Sync (shared across requests).
+        fn assert_send_sync<T: Send + Sync>() {}
+        assert_send_sync::<Template>();
+        assert_send_sync::<TemplateError>();
+    }
+
+    #[test]
+    fn format_int_extremes() {
+        let mut buf = [0u8; 20];
+        for n in [0, 1, -1, 9, 10, i64::MAX, i64::MIN, 1234567890] {
+            assert_eq!(format_int(n, &mut buf), n.to_string().as_bytes());
+        }
+    }
+
+    fn chunk(delims: &'static [u8]) -> impl Strategy<Value = Vec<u8>> {
+        proptest::collection::vec(any::<u8>(), 0..40).prop_map(move |mut v| {
+            v.retain(|b| !delims.contains(b) && *b != b'"' && *b != b'\\');
+            v
+        })
     }
 
     proptest! {
         #[test]
-        fn bytes_without_delimiters_pass_through(input in proptest::collection::vec(any::<u8>(), 0..512)) {
-            prop_assume!(memmem::find(&input, b"<<").is_none());
-            for ctx in [Context::Json, Context::Raw, Context::Form] {
-                let t = Template::parse(&input, Syntax::Angle, ctx, Namespace::NetworkToken).unwrap();
-                prop_assert!(t.is_static());
-                prop_assert_eq!(t.render_to_vec(&input, &values()), input.clone());
-            }
+        fn without_open_delimiter_is_byte_identical(
+            input in proptest::collection::vec(any::<u8>(), 0..512),
+            braces in any::<bool>(),
+            ctx in prop_oneof![
+                Just(Context::Json), Just(Context::Form), Just(Context::Xml),
+                Just(Context::Raw), Just(Context::Header), Just(Context::UrlPath),
+            ],
+        ) {
+            let syntax = if braces { Syntax::Braces } else { Syntax::Angle };
+            let open = syntax.delimiters().0;
+            prop_assume!(memmem::find(&input, open).is_none());
+            let t = Template::parse(&input, syntax, ctx, Namespace::NetworkToken).unwrap();
+            prop_assert!(t.is_static());
+            prop_assert_eq!(t.render_to_vec(&input, &V::new()), input);
         }
 
         #[test]
-        fn bytes_outside_placeholders_never_change(
-            chunks in proptest::collection::vec("[a-zA-Z0-9 ,:;{}\\[\\]\n\t=&/.-]{0,40}", 1..8),
-            picks in proptest::collection::vec(any::<bool>(), 8),
+        fn literals_pass_through_unchanged(
+            parts in proptest::collection::vec(
+                (chunk(b"<>{}"), any::<bool>(), 0usize..3), 0..12),
+            tail in chunk(b"<>{}"),
+            braces in any::<bool>(),
         ) {
-            let mut input = String::new();
-            let mut expected = String::new();
-            for (i, c) in chunks.iter().enumerate() {
-                input.push_str(c);
-                expected.push_str(c);
-                if i + 1 < chunks.len() {
-                    if picks[i] {
-                        input.push_str("<< number >>");
-                        expected.push_str("4895370012345678");
-                    } else {
-                        input.push_str("<<eci>>");
-                        expected.push_str("07");
-                    }
+            let syntax = if braces { Syntax::Braces } else { Syntax::Angle };
+            let (open, close) = syntax.delimiters();
+            let mut input = Vec::new();
+            let mut expected = Vec::new();
+            for (lit, is_number, ws) in &parts {
+                input.extend_from_slice(lit);
+                expected.extend_from_slice(lit);
+                let pad = &b"  \t"[..*ws];
+                input.extend_from_slice(open);
+                input.extend_from_slice(pad);
+                input.extend_from_slice(if *is_number { b"number" } else { b"eci" });
+                input.extend_from_slice(pad);
+                input.extend_from_slice(close);
+                expected.extend_from_slice(if *is_number { b"4111111111111111" } else { b"05" });
+            }
+            input.extend_from_slice(&tail);
+            expected.extend_from_slice(&tail);
+            let t = Template::parse(&input, syntax, Context::Raw, Namespace::NetworkToken).unwrap();
+            prop_assert_eq!(t.placeholders().count(), parts.len());
+            prop_assert_eq!(t.is_static(), parts.is_empty());
+            prop_assert_eq!(t.render_to_vec(&input, &V::new()), expected);
+        }
+
+        #[test]
+        fn parse_never_panics(
+            input in proptest::collection::vec(
+                prop_oneof![Just(b'<'), Just(b'>'), Just(b'"'), Just(b'\\'), Just(b'|'),
+                            Just(b' '), Just(b'.'), any::<u8>()], 0..200),
+        ) {
+            for ctx in [Context::Json, Context::Raw] {
+                if let Ok(t) = Template::parse(&input, Syntax::Angle, ctx, Namespace::NetworkToken) {
+                    let _ = t.render_to_vec(&input, &V::new());
+                    // A shorter input must not panic either.
+                    let _ = t.render_to_vec(&input[..input.len() / 2], &V::new());
                 }
             }
-            let t = Template::parse(input.as_bytes(), Syntax::Angle, Context::Raw, Namespace::NetworkToken).unwrap();
-            prop_assert_eq!(String::from_utf8(t.render_to_vec(input.as_bytes(), &values())).unwrap(), expected);
         }
     }
 }
