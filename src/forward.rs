@@ -215,9 +215,9 @@ pub async fn handle(
             if failure.nothing_sent {
                 // The payment was never attempted: what it used is usable again.
                 match bound {
-                    Bound::Network { .. } => {
+                    Bound::Network { reference, .. } => {
                         if let Some(rid) = &checked.reference {
-                            state.references.restore(rid).await?;
+                            state.references.restore(rid, reference).await?;
                             state.metrics.references_restored.inc();
                         }
                     }

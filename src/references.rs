@@ -138,13 +138,17 @@ pub trait ReferenceStore: Send + Sync + 'static {
     async fn peek(&self, id: &ReferenceId, token_id: TokenId) -> Result<Reference, TakeFailure>;
 
     /// Makes a taken reference usable again, with its original expiry; for
-    /// a payment that was never attempted.
-    async fn restore(&self, id: &ReferenceId) -> Result<(), ReferenceStoreError>;
+    /// a payment that was never attempted. `reference` is what `take` gave.
+    async fn restore(
+        &self,
+        id: &ReferenceId,
+        reference: Reference,
+    ) -> Result<(), ReferenceStoreError>;
 
     /// Kills every reference bound to `token_id`.
     async fn revoke_token(&self, token_id: TokenId) -> Result<(), ReferenceStoreError>;
 
-    /// References currently held (approximate), for metrics.
+    /// Unused references currently held (approximate), for metrics.
     fn len(&self) -> u64;
 
     /// Whether no reference is held.

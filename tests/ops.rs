@@ -116,8 +116,8 @@ async fn metrics_parse_and_move_with_traffic() {
     );
     assert_eq!(
         sample(&after, "tokenrelay_reference_cache_size"),
-        1.0,
-        "a used reference is held until expiry"
+        0.0,
+        "a used reference is a tombstone, not a held reference"
     );
 }
 

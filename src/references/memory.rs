@@ -4,9 +4,16 @@
 //! entry that has expired but not yet been evicted, so every entry carries
 //! its own `expires_at` and every read checks it. Second, with a size bound
 //! moka's admission policy may silently refuse an insert; so moka gets no
-//! size bound at all, and the bound is enforced here with a counter: when it
-//! is reached, `issue` fails with [`ReferenceStoreError::Full`] and nothing
-//! is handed out that is not stored.
+//! size bound at all, and the bound is enforced here with a counter of
+//! *unused* references: when it is reached, `issue` fails with
+//! [`ReferenceStoreError::Full`] and nothing is handed out that is not
+//! stored.
+//!
+//! A taken reference becomes a tombstone until its expiry — its cryptogram
+//! dropped, a few dozen bytes left — so a retry answers 409, not 404.
+//! Tombstones do not count toward the bound (otherwise the bound would cap
+//! the issuance *rate* at `max_entries / reference_ttl`); their number is
+//! bounded by that rate times the TTL instead.
 //!
 //! Every state change goes through `and_compute_with`, which moka serialises
 //! per key: that is what makes `take` exactly-once.
@@ -22,7 +29,9 @@ use moka::sync::Cache;
 use moka::Expiry;
 use time::OffsetDateTime;
 
-use super::{Reference, ReferenceId, ReferenceStore, ReferenceStoreError, TakeError, TakeFailure};
+use super::{
+    Payload, Reference, ReferenceId, ReferenceStore, ReferenceStoreError, TakeError, TakeFailure,
+};
 use crate::vault::TokenId;
 
 #[derive(Clone)]
@@ -67,8 +76,11 @@ impl Expiry<ReferenceId, Entry> for ByExpiresAt {
 /// The moka-backed store.
 pub struct MemoryReferenceStore {
     cache: Cache<ReferenceId, Entry>,
+    /// Unused references held.
     live: Arc<AtomicU64>,
     max_entries: u64,
+    /// What a tombstone keeps instead of the cryptogram.
+    spent: Arc<Payload>,
 }
 
 impl MemoryReferenceStore {
@@ -80,9 +92,11 @@ impl MemoryReferenceStore {
         let cache = Cache::builder()
             .expire_after(ByExpiresAt)
             .support_invalidation_closures()
-            .eviction_listener(move |_k, _v, cause| {
-                // A replacement is the same reference changing state.
-                if cause != RemovalCause::Replaced {
+            .eviction_listener(move |_k, v: Entry, cause| {
+                // A replacement is the same reference changing state (the
+                // counter moves with the state change); tombstones are not
+                // counted.
+                if cause != RemovalCause::Replaced && !v.used {
                     counter.fetch_sub(1, Ordering::Relaxed);
                 }
             })
@@ -91,6 +105,13 @@ impl MemoryReferenceStore {
             cache,
             live,
             max_entries,
+            spent: Arc::new(Payload {
+                cryptogram: None,
+                dynamic_cvv: None,
+                cryptogram_type: crate::tsp::CryptogramType::Tavv,
+                eci: "",
+                metadata: crate::vault::Metadata::new(),
+            }),
         }
     }
 
@@ -149,11 +170,15 @@ impl ReferenceStore for MemoryReferenceStore {
             match (outcome.is_ok(), current) {
                 (true, Some(mut e)) => {
                     e.used = true;
+                    e.reference.payload = self.spent.clone();
                     Op::Put(e)
                 }
                 _ => Op::Nop,
             }
         });
+        if outcome.is_ok() {
+            self.live.fetch_sub(1, Ordering::AcqRel);
+        }
         Ok(outcome?)
     }
 
@@ -161,17 +186,28 @@ impl ReferenceStore for MemoryReferenceStore {
         Ok(Self::judge(self.cache.get(id).as_ref(), token_id)?)
     }
 
-    async fn restore(&self, id: &ReferenceId) -> Result<(), ReferenceStoreError> {
+    async fn restore(
+        &self,
+        id: &ReferenceId,
+        reference: Reference,
+    ) -> Result<(), ReferenceStoreError> {
+        let mut restored = false;
         self.cache
             .entry_by_ref(id)
             .and_compute_with(|current| match current {
                 Some(e) if e.value().used => {
-                    let mut e = e.into_value();
-                    e.used = false;
-                    Op::Put(e)
+                    restored = true;
+                    Op::Put(Entry {
+                        reference,
+                        used: false,
+                    })
                 }
                 _ => Op::Nop,
             });
+        if restored {
+            // It was counted when issued; it is unused again.
+            self.live.fetch_add(1, Ordering::AcqRel);
+        }
         Ok(())
     }
 
@@ -217,12 +253,12 @@ mod tests {
             .await
             .unwrap();
         assert!(s.peek(&id, t).await.is_ok());
-        assert!(s.take(&id, t).await.is_ok());
+        let taken = s.take(&id, t).await.unwrap();
         assert!(matches!(
             s.take(&id, t).await,
             Err(TakeFailure::Refused(TakeError::AlreadyUsed))
         ));
-        s.restore(&id).await.unwrap();
+        s.restore(&id, taken).await.unwrap();
         assert!(s.take(&id, t).await.is_ok());
     }
 
@@ -276,6 +312,45 @@ mod tests {
         for id in &ids {
             assert!(s.peek(id, t).await.is_ok());
         }
+    }
+
+    #[tokio::test]
+    async fn used_references_do_not_count_toward_the_bound() {
+        let s = MemoryReferenceStore::new(2);
+        let t = TokenId::new();
+        // Far more references than the bound, each used right away.
+        for _ in 0..50 {
+            let id = s
+                .issue(reference(t, Duration::from_secs(60)))
+                .await
+                .unwrap();
+            let taken = s.take(&id, t).await.unwrap();
+            assert_eq!(taken.payload.eci, "07");
+            // The tombstone still answers "already used".
+            assert!(matches!(
+                s.take(&id, t).await,
+                Err(TakeFailure::Refused(TakeError::AlreadyUsed))
+            ));
+        }
+        assert_eq!(s.len(), 0);
+        let a = s
+            .issue(reference(t, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        let _b = s
+            .issue(reference(t, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        assert!(matches!(
+            s.issue(reference(t, Duration::from_secs(60))).await,
+            Err(ReferenceStoreError::Full)
+        ));
+        // Taking one frees a slot; restoring it takes the slot back.
+        let taken = s.take(&a, t).await.unwrap();
+        assert_eq!(s.len(), 1);
+        s.restore(&a, taken).await.unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s.take(&a, t).await.unwrap().payload.eci, "07");
     }
 
     #[tokio::test]
