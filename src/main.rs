@@ -138,7 +138,7 @@ fn demo() -> anyhow::Result<()> {
 }
 
 fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Result<()> {
-    tokenrelay::telemetry::init_logging();
+    let _log_guard = tokenrelay::telemetry::init_logging();
     runtime()?.block_on(async move {
         let pki = tokenrelay::sandbox_acquirer::generate_pki()
             .map_err(|e| anyhow::anyhow!("generating certificates: {e}"))?;
@@ -169,7 +169,7 @@ fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Re
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    tokenrelay::telemetry::init_logging();
+    let _log_guard = tokenrelay::telemetry::init_logging();
     runtime()?.block_on(async move {
         let state = tokenrelay::AppState::build(config).await?;
         let listener = tokio::net::TcpListener::bind(state.config.listen)

@@ -13,15 +13,25 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 /// Installs the JSON log subscriber (`RUST_LOG` filters, default `info`).
-pub fn init_logging() {
+///
+/// Lines are written to stdout by a dedicated thread, so request threads
+/// never wait on the write syscall; the queue blocks rather than drops when
+/// full (audit lines must not be lost). Keep the returned guard alive: it
+/// flushes the queue when dropped at exit.
+pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .finish(std::io::stdout());
     let _ = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)
         .with_current_span(false)
         .with_target(true)
+        .with_writer(writer)
         .try_init();
+    guard
 }
 
 /// Labels of the request counter.
