@@ -29,6 +29,8 @@
 #   OHA_CONNECTIONS=32
 #   MINT_THREADS=4        Python threads minting references
 #   CLOSED_POOL=          override the closed-loop reference pool size
+#   PROFILE=1             perf-record tokenrelay during its closed-loop run
+#                         (target/load/profile.txt)
 #   SKIP_INSTALL=0 SKIP_BUILD=0
 set -euo pipefail
 
@@ -662,7 +664,20 @@ PY
 fi
 mint "$CLOSED_POOL" "$RUN/refs_closed.txt" closed
 log "  tokenrelay (closed)"
+PERF_PID=""
+if [[ "${PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
+    # Software clock sampling (hardware counters are not always available).
+    perf record -e cpu-clock -F 499 -g -p "$TR_PID" -o "$OUT/perf.data" -- sleep "$DURATION" \
+        >"$RUN/perf.log" 2>&1 &
+    PERF_PID=$!
+fi
 run_wrk "closed_tokenrelay" tokenrelay closed "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$DURATION" "$RUN/refs_closed.txt" "$CLOSED_POOL"
+if [[ -n "$PERF_PID" ]]; then
+    wait "$PERF_PID" || true
+    perf report -i "$OUT/perf.data" --stdio --no-children --sort symbol --percent-limit 1 \
+        >"$OUT/profile.txt" 2>/dev/null || true
+    log "  profile of the closed-loop forward: $OUT/profile.txt"
+fi
 
 # --------------------------------------------------------------------------
 # oha: token GET and cryptogram POST (reference mode), closed loop

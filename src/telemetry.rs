@@ -12,6 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+/// Log lines queued for the writer thread before request threads wait.
+const LOG_QUEUE_LINES: usize = 4096;
+
 /// Installs the JSON log subscriber (`RUST_LOG` filters, default `info`).
 ///
 /// Lines are written to stdout by a dedicated thread, so request threads
@@ -22,6 +25,8 @@ pub fn init_logging() -> tracing_appender::non_blocking::WorkerGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        // A small queue: its slots are allocated up front and count in RSS.
+        .buffered_lines_limit(LOG_QUEUE_LINES)
         .lossy(false)
         .finish(std::io::stdout());
     let _ = tracing_subscriber::fmt()
