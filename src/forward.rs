@@ -595,6 +595,9 @@ fn relay(
 ) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
+    // Only tokenrelay's own errors carry this header: an acquirer cannot
+    // make its answer look like one.
+    parts.headers.remove(&crate::X_RELAY_ERROR);
     parts.version = http::Version::default();
     parts.headers.insert(
         X_RELAY_UPSTREAM_DURATION_MS.clone(),

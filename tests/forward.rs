@@ -451,7 +451,13 @@ async fn acquirer_errors_and_redirects_pass_through_unchanged() {
     let acq = Acquirer::with(Arc::new(|r| {
         Box::pin(async move {
             match r.path_and_query.as_str() {
-                "/decline" => full(402, r#"{"declined":"insufficient funds"}"#),
+                "/decline" => {
+                    let mut resp = full(402, r#"{"declined":"insufficient funds"}"#);
+                    // An acquirer cannot pass itself off as tokenrelay.
+                    resp.headers_mut()
+                        .insert("x-relay-error", "token_not_active".parse().unwrap());
+                    resp
+                }
                 "/broken" => full(503, "upstream maintenance"),
                 _ => {
                     let mut resp = full(302, "");
