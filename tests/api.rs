@@ -218,6 +218,38 @@ async fn unknown_api_route_is_not_found_after_auth() {
     s.stop().await;
 }
 
+#[tokio::test]
+async fn wrong_method_on_a_route_is_method_not_allowed() {
+    let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
+    for (method, path) in [
+        (Method::GET, "/api/network/tokens"),
+        (
+            Method::PUT,
+            "/api/network/tokens/6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11",
+        ),
+        (
+            Method::GET,
+            "/api/network/tokens/6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11/cryptograms",
+        ),
+        (Method::PATCH, "/api/pci/tokens"),
+    ] {
+        let r = s.req(method, path).send().await.unwrap();
+        assert_error(r, 405, "method_not_allowed").await;
+    }
+}
+
+#[tokio::test]
+async fn session_source_is_not_supported_yet() {
+    let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
+    let r = s
+        .req(Method::POST, TOKENS)
+        .json(&json!({"source": {"type": "session", "id": "sess_1"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 422, "source_not_supported").await;
+}
+
 // ---------------------------------------------------------------------------
 // §4 Provisioning
 

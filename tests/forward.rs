@@ -33,22 +33,14 @@ async fn token_with_tpan(s: &TestServer) -> (String, String) {
     (id, inline["number"].as_str().unwrap().to_owned())
 }
 
-fn forward(s: &TestServer, token: &str, reference: &str, dest: &str) -> reqwest::RequestBuilder {
-    s.req(
-        Method::POST,
-        &format!("/api/network/tokens/{token}/forward"),
-    )
-    .header("x-cryptogram-reference", reference)
-    .header("x-destination-url", dest)
-}
-
 #[tokio::test]
 async fn json_authorisation_reaches_the_acquirer_rendered_and_verifiable() {
     let acq = Acquirer::start().await;
     let s = server_for(&acq, ComplianceLevel::SaqD).await;
     let (id, tpan) = token_with_tpan(&s).await;
     let r = s.reference(&id).await;
-    let resp = forward(&s, &id, &r, &acq.url("/v1/payments?x=1"))
+    let resp = s
+        .forward(&id, &r, &acq.url("/v1/payments?x=1"))
         .header("content-type", "application/json")
         .header("authorization", "Bearer acquirer-secret")
         .body(AUTH_BODY)
@@ -115,7 +107,8 @@ async fn every_placeholder_in_json_form_xml_and_headers() {
     // JSON: every name, unwrap for non-strings.
     let r = s.reference(id).await;
     let body = r#"{"n":"<< number >>","c":"<< cryptogram >>","d":<< dynamic_cvv | unwrap >>,"e":"<< eci >>","m":<< expiry_month | unwrap >>,"y":<< expiry_year | unwrap >>,"t":"<< type >>","md":<< metadata | unwrap >>,"sr":"<< scheme_reference >>","sm":<< scheme_metadata | unwrap >>,"smk":"<< scheme_metadata.token_service >>","st":"<< status >>","db":<< supports_device_binding | unwrap >>,"id":"<< network_token_id >>","tt":"<< network_token_type >>","ntm":<< network_token_metadata | unwrap >>,"ntmk":"<< network_token_metadata.merchant_ref >>"}"#;
-    let resp = forward(&s, id, &r, &acq.url("/json"))
+    let resp = s
+        .forward(id, &r, &acq.url("/json"))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -143,7 +136,7 @@ async fn every_placeholder_in_json_form_xml_and_headers() {
 
     // Form: percent-encoded.
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/form"))
+    let resp = s.forward(id, &r, &acq.url("/form"))
         .header("content-type", "application/x-www-form-urlencoded")
         .body("pan=<< number >>&cavv=<< cryptogram >>&ref=<< network_token_metadata.merchant_ref >>&x=a+b%20")
         .send()
@@ -166,7 +159,7 @@ async fn every_placeholder_in_json_form_xml_and_headers() {
 
     // XML: entity-escaped; literal bytes untouched.
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/xml"))
+    let resp = s.forward(id, &r, &acq.url("/xml"))
         .header("content-type", "application/xml")
         .body("<?xml version=\"1.0\"?><auth><pan><< number >></pan><sm><< scheme_metadata >></sm></auth>")
         .send()
@@ -182,7 +175,8 @@ async fn every_placeholder_in_json_form_xml_and_headers() {
 
     // Headers.
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/hdr"))
+    let resp = s
+        .forward(id, &r, &acq.url("/hdr"))
         .header("x-card", "<< number | last4 >>")
         .header("x-eci", "<< eci >>")
         .body("")
@@ -240,7 +234,7 @@ async fn header_and_destination_classifiers() {
         "https://<< number >>/x",
         "https://user@127.0.0.1/",
     ] {
-        let resp = forward(&s, id, &r, bad).send().await.unwrap();
+        let resp = s.forward(id, &r, bad).send().await.unwrap();
         assert_error(resp, 400, "invalid_destination").await;
     }
     for refused in [
@@ -250,11 +244,12 @@ async fn header_and_destination_classifiers() {
         // On the list by name, but resolves to loopback without allow_private.
         "https://localhost/pay".to_owned(),
     ] {
-        let resp = forward(&s, id, &r, &refused).send().await.unwrap();
+        let resp = s.forward(id, &r, &refused).send().await.unwrap();
         assert_error(resp, 403, "destination_not_allowed").await;
     }
 
-    let resp = forward(&s, id, &r, &acq.url("/"))
+    let resp = s
+        .forward(id, &r, &acq.url("/"))
         .body(vec![b'a'; 1025])
         .send()
         .await
@@ -266,7 +261,8 @@ async fn header_and_destination_classifiers() {
         ("{\"n\":\"<< number | upper >>\"}", "upper"),
         ("{\"n\":\"<< number \"}", "unclosed"),
     ] {
-        let resp = forward(&s, id, &r, &acq.url("/"))
+        let resp = s
+            .forward(id, &r, &acq.url("/"))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -277,7 +273,7 @@ async fn header_and_destination_classifiers() {
     }
     // None of the refusals consumed the reference or reached the acquirer.
     assert_eq!(acq.count(), 0);
-    let resp = forward(&s, id, &r, &acq.url("/")).send().await.unwrap();
+    let resp = s.forward(id, &r, &acq.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     s.stop().await;
 }
@@ -292,7 +288,8 @@ async fn reference_classifiers() {
     let a = seed_token(&s, VISA, tokenrelay::card::Brand::Visa).await;
     let b = seed_token(&s, VISA, tokenrelay::card::Brand::Visa).await;
 
-    let resp = forward(&s, &a, "cref_nonexistent", &acq.url("/"))
+    let resp = s
+        .forward(&a, "cref_nonexistent", &acq.url("/"))
         .send()
         .await
         .unwrap();
@@ -300,19 +297,19 @@ async fn reference_classifiers() {
 
     // Bound to another token: 422 and not consumed.
     let r = s.reference(&a).await;
-    let resp = forward(&s, &b, &r, &acq.url("/")).send().await.unwrap();
+    let resp = s.forward(&b, &r, &acq.url("/")).send().await.unwrap();
     assert_error(resp, 422, "reference_token_mismatch").await;
-    let resp = forward(&s, &a, &r, &acq.url("/")).send().await.unwrap();
+    let resp = s.forward(&a, &r, &acq.url("/")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     // Used.
-    let resp = forward(&s, &a, &r, &acq.url("/")).send().await.unwrap();
+    let resp = s.forward(&a, &r, &acq.url("/")).send().await.unwrap();
     assert_error(resp, 409, "reference_already_used").await;
     assert_eq!(acq.count(), 1);
 
     // Expired.
     let r = s.reference(&a).await;
     tokio::time::sleep(Duration::from_millis(900)).await;
-    let resp = forward(&s, &a, &r, &acq.url("/")).send().await.unwrap();
+    let resp = s.forward(&a, &r, &acq.url("/")).send().await.unwrap();
     assert_error(resp, 404, "reference_not_found").await;
 
     // Token deleted: its references die, the token is not active.
@@ -323,7 +320,7 @@ async fn reference_classifiers() {
         .await
         .unwrap();
     assert_eq!(del.status(), 204);
-    let resp = forward(&s, &b, &r, &acq.url("/")).send().await.unwrap();
+    let resp = s.forward(&b, &r, &acq.url("/")).send().await.unwrap();
     assert_error(resp, 424, "token_not_active").await;
     assert_eq!(acq.count(), 1);
     s.stop().await;
@@ -342,7 +339,7 @@ async fn concurrent_forwards_with_one_reference_deliver_exactly_once() {
         let s = s.clone();
         let (id, r, url) = (id.clone(), r.clone(), acq.url("/pay"));
         tasks.push(tokio::spawn(async move {
-            forward(&s, &id, &r, &url)
+            s.forward(&id, &r, &url)
                 .body(AUTH_BODY)
                 .send()
                 .await
@@ -379,14 +376,16 @@ async fn connection_refused_restores_the_reference() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &format!("https://127.0.0.1:{dead_port}/pay"))
+    let resp = s
+        .forward(id, &r, &format!("https://127.0.0.1:{dead_port}/pay"))
         .body(AUTH_BODY)
         .send()
         .await
         .unwrap();
     assert_error(resp, 502, "destination_unreachable").await;
     // Never attempted, so the same reference still pays.
-    let resp = forward(&s, id, &r, &acq.url("/pay"))
+    let resp = s
+        .forward(id, &r, &acq.url("/pay"))
         .body(AUTH_BODY)
         .send()
         .await
@@ -407,19 +406,105 @@ async fn tls_failure_restores_the_reference() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(
-        &s,
-        id,
-        &r,
-        &format!("https://localhost:{}/pay", acq.addr.port()),
-    )
-    .send()
-    .await
-    .unwrap();
+    let resp = s
+        .forward(
+            id,
+            &r,
+            &format!("https://localhost:{}/pay", acq.addr.port()),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, 502, "destination_unreachable").await;
     assert_eq!(acq.count(), 0);
-    let resp = forward(&s, id, &r, &acq.url("/pay")).send().await.unwrap();
+    let resp = s.forward(id, &r, &acq.url("/pay")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
+}
+
+/// A TLS "acquirer" that reads the request head and hangs up without an
+/// answer: the request left, so the reference must stay consumed.
+async fn hang_up_acquirer() -> (
+    std::net::SocketAddr,
+    Pki,
+    Arc<std::sync::atomic::AtomicUsize>,
+) {
+    use tokio::io::AsyncReadExt;
+    let pki = pki();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let sc = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        pki.leaf.clone(),
+        rustls::pki_types::PrivateKeyDer::Pkcs8(pki.key_der.clone().into()),
+    )
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
+    let heads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = heads.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let Ok(mut tls) = acceptor.accept(tcp).await else {
+                continue;
+            };
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = tls.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                buf.extend_from_slice(&chunk[..n]);
+                if memchr::memmem::find(&buf, b"\r\n\r\n").is_some() {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    break;
+                }
+            }
+            drop(tls);
+        }
+    });
+    (addr, pki, heads)
+}
+
+#[tokio::test]
+async fn a_connection_lost_after_sending_is_destination_failed_and_stays_consumed() {
+    let (addr, pki, heads) = hang_up_acquirer().await;
+    let mut c = config(ComplianceLevel::SaqD);
+    c.destinations = vec![DestinationRule {
+        host: HostPattern::Exact("127.0.0.1".into()),
+        port: addr.port(),
+        scheme: DestScheme::Https,
+        allow_private: true,
+        ca_file: Some(pki.ca_file.clone()),
+        client_cert: None,
+        client_key: None,
+    }];
+    let s = TestServer::start(c).await;
+    let t = s.provision(VISA).await;
+    let id = t["id"].as_str().unwrap();
+    let r = s.reference(id).await;
+    let url = format!("https://127.0.0.1:{}/pay", addr.port());
+    let resp = s
+        .forward(id, &r, &url)
+        .body(AUTH_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 502, "destination_failed").await;
+    assert!(
+        heads.load(std::sync::atomic::Ordering::SeqCst) >= 1,
+        "the request head reached the acquirer"
+    );
+    let resp = s
+        .forward(id, &r, &url)
+        .body(AUTH_BODY)
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 409, "reference_already_used").await;
 }
 
 #[tokio::test]
@@ -439,10 +524,10 @@ async fn response_timeout_is_504_and_the_reference_stays_consumed() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/slow")).send().await.unwrap();
+    let resp = s.forward(id, &r, &acq.url("/slow")).send().await.unwrap();
     assert_error(resp, 504, "destination_timeout").await;
     assert_eq!(acq.count(), 1, "the request was sent");
-    let resp = forward(&s, id, &r, &acq.url("/slow")).send().await.unwrap();
+    let resp = s.forward(id, &r, &acq.url("/slow")).send().await.unwrap();
     assert_error(resp, 409, "reference_already_used").await;
 }
 
@@ -478,7 +563,7 @@ async fn acquirer_errors_and_redirects_pass_through_unchanged() {
         ("/redirect", 302, ""),
     ] {
         let r = s.reference(id).await;
-        let resp = forward(&s, id, &r, &acq.url(path)).send().await.unwrap();
+        let resp = s.forward(id, &r, &acq.url(path)).send().await.unwrap();
         assert_eq!(resp.status().as_u16(), status);
         assert!(resp.headers().get("x-relay-error").is_none());
         assert!(resp.headers().contains_key("x-relay-upstream-duration-ms"));
@@ -530,7 +615,7 @@ async fn large_response_streams_before_the_acquirer_finishes() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/big")).send().await.unwrap();
+    let resp = s.forward(id, &r, &acq.url("/big")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     let mut stream = resp.bytes_stream();
     let mut total = 0usize;
@@ -554,7 +639,7 @@ async fn http2_is_negotiated_by_alpn() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/h2")).send().await.unwrap();
+    let resp = s.forward(id, &r, &acq.url("/h2")).send().await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(acq.last().version, http::Version::HTTP_2);
 }

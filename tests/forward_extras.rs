@@ -6,19 +6,9 @@ mod support;
 
 use std::sync::Arc;
 
-use reqwest::Method;
 use serde_json::{json, Value};
 use support::*;
 use tokenrelay::config::ComplianceLevel;
-
-fn forward(s: &TestServer, token: &str, reference: &str, dest: &str) -> reqwest::RequestBuilder {
-    s.req(
-        Method::POST,
-        &format!("/api/network/tokens/{token}/forward"),
-    )
-    .header("x-cryptogram-reference", reference)
-    .header("x-destination-url", dest)
-}
 
 /// The TPAN of a token, read through the library (tests may; merchants can't).
 async fn tpan_of(s: &TestServer, id: &str) -> String {
@@ -41,19 +31,15 @@ async fn dry_run_checks_everything_and_spends_nothing() {
     let tpan = tpan_of(&s, id).await;
     let r = s.reference(id).await;
     let body = r#"{"pan":"<< number >>","c":"<< cryptogram >>","m":"<< expiry_month | unwrap >>"}"#;
-    let resp = forward(
-        &s,
-        id,
-        &r,
-        &acq.url("/v1/<< number | last4 >>/pay?e=<< eci >>"),
-    )
-    .header("x-relay-dry-run", "true")
-    .header("content-type", "application/json")
-    .header("x-card", "<< number >>")
-    .body(body)
-    .send()
-    .await
-    .unwrap();
+    let resp = s
+        .forward(id, &r, &acq.url("/v1/<< number | last4 >>/pay?e=<< eci >>"))
+        .header("x-relay-dry-run", "true")
+        .header("content-type", "application/json")
+        .header("x-card", "<< number >>")
+        .body(body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     assert!(resp.headers().get("x-relay-error").is_none());
     let text = resp.text().await.unwrap();
@@ -79,20 +65,23 @@ async fn dry_run_checks_everything_and_spends_nothing() {
     );
     assert_eq!(acq.count(), 0, "nothing was sent");
     // The reference is still good.
-    let resp = forward(&s, id, &r, &acq.url("/pay"))
+    let resp = s
+        .forward(id, &r, &acq.url("/pay"))
         .body("{}")
         .send()
         .await
         .unwrap();
     assert_eq!(resp.status(), 200);
     // A dry run still refuses what a real forward would.
-    let resp = forward(&s, id, &r, &acq.url("/pay"))
+    let resp = s
+        .forward(id, &r, &acq.url("/pay"))
         .header("x-relay-dry-run", "true")
         .send()
         .await
         .unwrap();
     assert_error(resp, 409, "reference_already_used").await;
-    let resp = forward(&s, id, &s.reference(id).await, &acq.url("/pay"))
+    let resp = s
+        .forward(id, &s.reference(id).await, &acq.url("/pay"))
         .header("x-relay-dry-run", "true")
         .body("<< nope >>")
         .send()
@@ -110,7 +99,8 @@ async fn filters_and_unwrap_through_the_proxy() {
     let tpan = tpan_of(&s, id).await;
     let r = s.reference(id).await;
     let body = r#"{"mm":"<< expiry_month | mm >>","yy":"<< expiry_year | yy >>","yyyy":"<< expiry_year | yy | yyyy >>","l4":"<< number | last4 >>","f6":"<< number | first6 >>","m":"<< expiry_month | unwrap >>","b":"<< supports_device_binding | unwrap >>","n":"<< dynamic_cvv | unwrap >>","o":"<< scheme_metadata | unwrap >>"}"#;
-    let resp = forward(&s, id, &r, &acq.url("/f"))
+    let resp = s
+        .forward(id, &r, &acq.url("/f"))
         .header("content-type", "application/json")
         .body(body)
         .send()
@@ -144,15 +134,15 @@ async fn destination_path_placeholders_are_percent_encoded() {
     let id = t["id"].as_str().unwrap();
     let tpan = tpan_of(&s, id).await;
     let r = s.reference(id).await;
-    let resp = forward(
-        &s,
-        id,
-        &r,
-        &acq.url("/cards/<< number >>/<< network_token_metadata.ref >>?c=<< cryptogram >>&x=1"),
-    )
-    .send()
-    .await
-    .unwrap();
+    let resp = s
+        .forward(
+            id,
+            &r,
+            &acq.url("/cards/<< number >>/<< network_token_metadata.ref >>?c=<< cryptogram >>&x=1"),
+        )
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let pq = acq.last().path_and_query;
     let (path, query) = pq.split_once('?').unwrap();
@@ -177,7 +167,8 @@ async fn reserved_header_escape_sends_the_merchants_own_api_key() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/k"))
+    let resp = s
+        .forward(id, &r, &acq.url("/k"))
         .header("x-relay-header-name", "x-api-key")
         .header("x-relay-header-value", "acquirer-key-123")
         .send()
@@ -189,7 +180,8 @@ async fn reserved_header_escape_sends_the_merchants_own_api_key() {
     assert!(!h.contains_key("x-relay-header-name"));
     assert!(!h.contains_key("x-relay-header-value"));
     // Half of the pair is refused before anything is spent.
-    let resp = forward(&s, id, &s.reference(id).await, &acq.url("/k"))
+    let resp = s
+        .forward(id, &s.reference(id).await, &acq.url("/k"))
         .header("x-relay-header-name", "x-api-key")
         .send()
         .await
@@ -238,7 +230,8 @@ async fn echoed_card_numbers_are_masked_at_saq_a() {
     let id = seed_token(&s, VISA, tokenrelay::card::Brand::Visa).await;
     let tpan = tpan_of(&s, &id).await;
     let r = s.reference(&id).await;
-    let resp = forward(&s, &id, &r, &acq.url("/echo"))
+    let resp = s
+        .forward(&id, &r, &acq.url("/echo"))
         .header("content-type", "application/json")
         .body(r#"{"pan":"<< number >>"}"#)
         .send()
@@ -266,7 +259,8 @@ async fn redaction_is_off_by_default_above_saq_a() {
     let id = t["id"].as_str().unwrap();
     let tpan = tpan_of(&s, id).await;
     let r = s.reference(id).await;
-    let resp = forward(&s, id, &r, &acq.url("/echo"))
+    let resp = s
+        .forward(id, &r, &acq.url("/echo"))
         .header("content-type", "application/json")
         .body(r#"{"pan":"<< number >>"}"#)
         .send()

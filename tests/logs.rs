@@ -61,9 +61,7 @@ async fn no_secret_in_any_log_line() {
     let inline_cryptogram = inline["cryptogram"].as_str().unwrap().to_owned();
     let r = s.reference(id).await;
     let resp = s
-        .req(Method::POST, &format!("/api/network/tokens/{id}/forward"))
-        .header("x-cryptogram-reference", &r)
-        .header("x-destination-url", acq.url("/pay"))
+        .forward(id, &r, &acq.url("/pay"))
         .header("content-type", "application/json")
         .body(r#"{"n":"<< number >>","c":"<< cryptogram >>"}"#)
         .send()
@@ -80,9 +78,7 @@ async fn no_secret_in_any_log_line() {
         .await
         .unwrap();
     let _ = s
-        .req(Method::POST, &format!("/api/network/tokens/{id}/forward"))
-        .header("x-cryptogram-reference", &r)
-        .header("x-destination-url", acq.url("/pay"))
+        .forward(id, &r, &acq.url("/pay"))
         .body("<< number >>")
         .send()
         .await

@@ -131,9 +131,7 @@ async fn provision_with_cvc(s: &TestServer) -> Value {
 }
 
 async fn forward_nt(s: &TestServer, id: &str, reference: &str, url: &str) -> reqwest::Response {
-    s.req(Method::POST, &format!("/api/network/tokens/{id}/forward"))
-        .header("x-cryptogram-reference", reference)
-        .header("x-destination-url", url)
+    s.forward(id, reference, url)
         .header("content-type", "application/json")
         .body(TPAN_AUTH)
         .send()

@@ -108,6 +108,16 @@ impl TestServer {
             .header("x-api-key", KEY)
     }
 
+    /// A network-token forward with its two headers.
+    pub fn forward(&self, token: &str, reference: &str, dest: &str) -> reqwest::RequestBuilder {
+        self.req(
+            reqwest::Method::POST,
+            &format!("/api/network/tokens/{token}/forward"),
+        )
+        .header("x-cryptogram-reference", reference)
+        .header("x-destination-url", dest)
+    }
+
     /// Provisions a token from a PAN; returns the token object.
     pub async fn provision(&self, pan: &str) -> Value {
         self.provision_with(json!({
