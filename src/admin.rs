@@ -3,7 +3,7 @@
 //! | endpoint | answer |
 //! |---|---|
 //! | `GET /healthz` | 200 while the process serves |
-//! | `GET /readyz` | 200 when the stores answer, else 503 |
+//! | `GET /readyz` | 200 when the stores (vault, references) answer, else 503 |
 //! | `GET /metrics` | Prometheus text exposition |
 //!
 //! It carries no API and no secrets; keep it on a pod-local address.
@@ -42,17 +42,23 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
-        "/readyz" => match state.tokens.ping().await {
-            Ok(()) => text(StatusCode::OK, "text/plain", "ready\n".into()),
-            Err(e) => {
-                tracing::warn!(error = %e, "not ready");
-                text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "token store unavailable\n".into(),
-                )
+        "/readyz" => {
+            let (tokens, references) = tokio::join!(state.tokens.ping(), state.references.ping());
+            let mut down = Vec::new();
+            if let Err(e) = tokens {
+                tracing::warn!(error = %e, "not ready: token store");
+                down.push("token store unavailable\n");
             }
-        },
+            if let Err(e) = references {
+                tracing::warn!(error = %e, "not ready: reference store");
+                down.push("reference store unavailable\n");
+            }
+            if down.is_empty() {
+                text(StatusCode::OK, "text/plain", "ready\n".into())
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "text/plain", down.concat())
+            }
+        }
         "/metrics" => {
             state
                 .metrics

@@ -99,7 +99,23 @@ pub struct VaultConfig {
 pub enum ReferenceBackend {
     /// In-process TTL cache (moka).
     Memory,
+    /// Redis, for several replicas sharing references.
+    Redis(RedisConfig),
 }
+
+/// The Redis reference backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisConfig {
+    /// `redis://host:port/db` or `rediss://…`, never with a password.
+    pub url: String,
+    /// File holding the password (`TOKENRELAY_REDIS_PASSWORD` wins).
+    pub password_file: Option<PathBuf>,
+    /// Prefix of every key tokenrelay writes.
+    pub key_prefix: String,
+}
+
+/// Default [`RedisConfig::key_prefix`].
+pub const DEFAULT_REDIS_KEY_PREFIX: &str = "tokenrelay:";
 
 /// Scheme allowed for a destination rule.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -282,6 +298,8 @@ struct RawVault {
 struct RawReferences {
     backend: Option<String>,
     url: Option<String>,
+    password_file: Option<PathBuf>,
+    key_prefix: Option<String>,
     max_entries: Option<u64>,
 }
 
@@ -364,6 +382,49 @@ fn readable_file(key: &str, path: &Option<PathBuf>) -> Result<(), ConfigError> {
                 format!("file not found: {}", p.display()),
             ));
         }
+    }
+    Ok(())
+}
+
+/// Checks a Redis URL without connecting: scheme, parseable by the client,
+/// and no password (secrets never live in the TOML).
+fn redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    use redis::IntoConnectionInfo;
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(ConfigError::new(
+            key,
+            "must start with redis:// or rediss:// (TLS)",
+        ));
+    }
+    let no_password = || {
+        ConfigError::new(
+            key,
+            "must not contain a password; use references.password_file or TOKENRELAY_REDIS_PASSWORD",
+        )
+    };
+    let authority = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split(['/', '?', '#'])
+        .next()
+        .unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if userinfo.contains(':') {
+            return Err(no_password());
+        }
+    }
+    if url.contains('#') {
+        // `#insecure` would turn certificate checks off.
+        return Err(ConfigError::new(key, "must not contain a #fragment"));
+    }
+    let info = url
+        .into_connection_info()
+        // The client's message names what is wrong, never a password:
+        // passwords are refused below, before anything could echo one.
+        .map_err(|e| ConfigError::new(key, format!("not a usable Redis URL ({e})")))?;
+    if info.redis_settings().password().is_some() {
+        return Err(no_password());
     }
     Ok(())
 }
@@ -537,20 +598,48 @@ impl RawConfig {
                 let backend = r.backend.as_deref().unwrap_or("memory");
                 let backend = match backend {
                     "memory" => {
-                        if r.url.is_some() {
-                            return Err(ConfigError::new(
-                                "references.url",
-                                "does not apply to backend \"memory\"",
-                            ));
+                        for (key, given) in [
+                            ("references.url", r.url.is_some()),
+                            ("references.password_file", r.password_file.is_some()),
+                            ("references.key_prefix", r.key_prefix.is_some()),
+                        ] {
+                            if given {
+                                return Err(ConfigError::new(
+                                    key,
+                                    "applies to backend \"redis\" only",
+                                ));
+                            }
                         }
                         ReferenceBackend::Memory
+                    }
+                    "redis" => {
+                        let url = r.url.ok_or_else(|| {
+                            ConfigError::new("references.url", "required for backend \"redis\"")
+                        })?;
+                        redis_url("references.url", &url)?;
+                        readable_file("references.password_file", &r.password_file)?;
+                        let key_prefix = r
+                            .key_prefix
+                            .unwrap_or_else(|| DEFAULT_REDIS_KEY_PREFIX.to_owned());
+                        if key_prefix.is_empty()
+                            || key_prefix.len() > 64
+                            || !key_prefix.bytes().all(|b| b.is_ascii_graphic())
+                        {
+                            return Err(ConfigError::new(
+                                "references.key_prefix",
+                                "must be 1-64 printable ASCII characters without spaces",
+                            ));
+                        }
+                        ReferenceBackend::Redis(RedisConfig {
+                            url,
+                            password_file: r.password_file,
+                            key_prefix,
+                        })
                     }
                     other => {
                         return Err(ConfigError::new(
                             "references.backend",
-                            format!(
-                            "unsupported backend {other:?} in this build (supported: \"memory\")"
-                        ),
+                            format!("unknown backend {other:?} (memory, redis)"),
                         ))
                     }
                 };
@@ -721,6 +810,70 @@ mod tests {
         ] {
             let e = Config::parse(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");
+        }
+    }
+
+    #[test]
+    fn redis_references_need_a_url_without_a_password() {
+        let c = Config::parse(
+            "[references]\nbackend = \"redis\"\nurl = \"redis://cache.internal:6379/2\"",
+        )
+        .unwrap();
+        assert_eq!(
+            c.references,
+            ReferenceBackend::Redis(RedisConfig {
+                url: "redis://cache.internal:6379/2".into(),
+                password_file: None,
+                key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+            })
+        );
+        assert!(Config::parse(
+            "[references]\nbackend = \"redis\"\nurl = \"rediss://tokenrelay@cache.internal\"\nkey_prefix = \"tr-eu:\""
+        )
+        .is_ok());
+        for (doc, key) in [
+            ("[references]\nbackend = \"redis\"", "references.url"),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"redis://:hunter2@cache.internal\"",
+                "references.url",
+            ),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"redis://tokenrelay:hunter2@cache.internal/0\"",
+                "references.url",
+            ),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"rediss://cache.internal#insecure\"",
+                "references.url",
+            ),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"unix:///run/redis.sock\"",
+                "references.url",
+            ),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"redis://cache.internal/db\"",
+                "references.url",
+            ),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"redis://cache.internal\"\npassword_file = \"/nonexistent\"",
+                "references.password_file",
+            ),
+            (
+                "[references]\nbackend = \"redis\"\nurl = \"redis://cache.internal\"\nkey_prefix = \"a b\"",
+                "references.key_prefix",
+            ),
+            (
+                "[references]\nbackend = \"memory\"\nurl = \"redis://cache.internal\"",
+                "references.url",
+            ),
+            (
+                "[references]\nbackend = \"memory\"\npassword_file = \"/etc/hosts\"",
+                "references.password_file",
+            ),
+            ("[references]\nbackend = \"memcached\"", "references.backend"),
+        ] {
+            let e = Config::parse(doc).unwrap_err();
+            assert_eq!(e.key, key, "{doc}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
         }
     }
 

@@ -50,7 +50,7 @@ pub mod template;
 pub mod tsp;
 pub mod vault;
 
-use config::{Config, ConfigError, ReferenceBackend};
+use config::{Config, ConfigError, ReferenceBackend, VaultBackend};
 use references::ReferenceStore;
 use tsp::TokenServiceProvider;
 use vault::TokenStore;
@@ -87,15 +87,35 @@ pub struct AppState {
 }
 
 impl AppState {
-    /// Builds stores and clients from `config`: opens (and migrates) the
-    /// vault, loads TLS material. Fails, naming the key where it can.
+    /// Builds stores and clients from `config`: loads the master keys once
+    /// (the vault and a Redis reference store seal under the same keyring),
+    /// opens (and migrates) the vault, connects the reference store, loads
+    /// TLS material. Fails, naming the key where it can.
     pub async fn build(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(telemetry::Metrics::new());
-        let tokens: Arc<dyn TokenStore> = vault::open(&config.vault).await?;
-        let references: Arc<dyn ReferenceStore> = match config.references {
+        let keys = match (&config.vault.backend, &config.references) {
+            (VaultBackend::Memory, ReferenceBackend::Memory) => None,
+            _ => Some(vault::load_keys(&config.vault)?),
+        };
+        let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
+        let references: Arc<dyn ReferenceStore> = match &config.references {
             ReferenceBackend::Memory => Arc::new(references::memory::MemoryReferenceStore::new(
                 config.reference_max_entries,
             )),
+            ReferenceBackend::Redis(redis) => {
+                let keys = match keys {
+                    Some(k) => k,
+                    None => vault::load_keys(&config.vault)?,
+                };
+                Arc::new(
+                    references::redis::RedisReferenceStore::open(
+                        redis,
+                        keys,
+                        config.reference_max_entries,
+                    )
+                    .await?,
+                )
+            }
         };
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
             tsp::sandbox::DEFAULT_SANDBOX_KEY,
@@ -123,6 +143,9 @@ pub enum StartError {
     /// The vault could not be opened.
     #[error("vault")]
     Vault(#[from] vault::OpenError),
+    /// The reference store could not be opened.
+    #[error("reference store")]
+    References(#[from] references::redis::OpenError),
 }
 
 /// Loads the listener's TLS acceptor when `[tls]` is configured.

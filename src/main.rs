@@ -111,8 +111,8 @@ fn rotate_key(path: PathBuf, batch: usize) -> anyhow::Result<()> {
     anyhow::ensure!(batch > 0, "--batch must be at least 1");
     let config = Config::load(&path)?;
     runtime()?.block_on(async move {
-        let store = tokenrelay::vault::open(&config.vault).await?;
         let keys = tokenrelay::vault::load_keys(&config.vault)?;
+        let store = tokenrelay::vault::open(&config.vault, Some(keys.clone())).await?;
         println!("re-encrypting under key {:?}", keys.active_id());
         let mut total = 0;
         loop {

@@ -1,10 +1,12 @@
 //! Cryptogram references: short-lived, single-use handles for a minted
 //! cryptogram, so a SAQ-A merchant never holds the cryptogram itself.
 //!
-//! The seam is [`ReferenceStore`]. Its one hard promise is [`take`]: of any
-//! number of concurrent takers of one reference, exactly one gets it. A taken
-//! reference stays as a tombstone until its expiry so that a retry answers
-//! 409 `reference_already_used` rather than 404.
+//! The seam is [`ReferenceStore`], with an in-process implementation
+//! ([`memory`], the default) and a shared one ([`redis`], for several
+//! replicas). Its one hard promise is [`take`]: of any number of concurrent
+//! takers of one reference, exactly one gets it. A taken reference stays as
+//! a tombstone until its expiry so that a retry answers 409
+//! `reference_already_used` rather than 404.
 //!
 //! [`take`]: ReferenceStore::take
 
@@ -20,6 +22,10 @@ use crate::tsp::CryptogramType;
 use crate::vault::{Metadata, TokenId};
 
 pub mod memory;
+pub mod redis;
+
+#[cfg(test)]
+mod conformance;
 
 const PREFIX: &str = "cref_";
 /// 32 random bytes, base64url without padding.
@@ -150,6 +156,11 @@ pub trait ReferenceStore: Send + Sync + 'static {
 
     /// Unused references currently held (approximate), for metrics.
     fn len(&self) -> u64;
+
+    /// Checks the backend answers, for `/readyz`. In-process stores always do.
+    async fn ping(&self) -> Result<(), ReferenceStoreError> {
+        Ok(())
+    }
 
     /// Whether no reference is held.
     fn is_empty(&self) -> bool {

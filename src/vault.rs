@@ -362,21 +362,29 @@ pub fn load_keys(config: &crate::config::VaultConfig) -> Result<Arc<keyring::Key
     Ok(Arc::new(keys))
 }
 
-/// Opens the configured token store.
-pub async fn open(config: &crate::config::VaultConfig) -> Result<Arc<dyn TokenStore>, OpenError> {
+/// Opens the configured token store, sealing under `keys` (loaded from the
+/// config when `None` and the backend needs them).
+pub async fn open(
+    config: &crate::config::VaultConfig,
+    keys: Option<Arc<keyring::Keyring>>,
+) -> Result<Arc<dyn TokenStore>, OpenError> {
     use crate::config::VaultBackend;
+    let keys = || match &keys {
+        Some(k) => Ok(k.clone()),
+        None => load_keys(config),
+    };
     Ok(match &config.backend {
         VaultBackend::Memory => Arc::new(memory::MemoryTokenStore::new()),
         VaultBackend::Sqlite { path } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
             }
-            let keys = load_keys(config)?;
+            let keys = keys()?;
             let url = format!("sqlite://{}?mode=rwc", path.display());
             Arc::new(sql::SqlTokenStore::connect(&url, keys).await?)
         }
         VaultBackend::Postgres { url, password_file } => {
-            let keys = load_keys(config)?;
+            let keys = keys()?;
             let password = match password_file {
                 Some(f) => Some(
                     std::fs::read_to_string(f)
