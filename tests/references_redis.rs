@@ -12,6 +12,8 @@
 
 mod support;
 
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use reqwest::Method;
@@ -115,6 +117,66 @@ impl Drop for Redis {
         if !keys.is_empty() {
             let _: Result<u64, _> = redis::cmd("DEL").arg(keys).query(&mut con);
         }
+    }
+}
+
+/// A TCP relay to Redis that the test can cut, to play an outage without
+/// touching the shared Redis.
+struct CuttableRelay {
+    addr: SocketAddr,
+    tasks: Arc<Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+}
+
+impl CuttableRelay {
+    async fn to(url: &str) -> CuttableRelay {
+        let target = url
+            .trim_start_matches("redis://")
+            .split(['/', '?'])
+            .next()
+            .unwrap()
+            .rsplit('@')
+            .next()
+            .unwrap()
+            .to_owned();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let tasks = Arc::new(Mutex::new(Vec::new()));
+        let conns = tasks.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let target = target.clone();
+                let conn = tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await {
+                        let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                    }
+                });
+                conns.lock().unwrap().push(conn);
+            }
+        });
+        tasks.lock().unwrap().push(accept);
+        CuttableRelay { addr, tasks }
+    }
+
+    /// The URL to give tokenrelay: the test's Redis, through the relay.
+    fn url(&self, redis_url: &str) -> String {
+        let path = redis_url
+            .trim_start_matches("redis://")
+            .split_once('/')
+            .map_or(String::new(), |(_, p)| format!("/{p}"));
+        format!("redis://{}{path}", self.addr)
+    }
+
+    /// Stops accepting and drops every relayed connection.
+    fn cut(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for CuttableRelay {
+    fn drop(&mut self) {
+        self.cut();
     }
 }
 
@@ -233,4 +295,62 @@ async fn a_refused_redis_password_stops_start_without_echoing_it() {
     };
     assert!(e.contains("references.url"), "{e}");
     assert!(!e.contains("not-the-password"), "{e}");
+}
+
+#[tokio::test]
+async fn a_redis_outage_answers_503_and_fails_readiness() {
+    let Some(redis) = Redis::for_test("outage") else {
+        return;
+    };
+    if !redis.url.starts_with("redis://") {
+        println!("skipped: the relay speaks plain TCP, {REDIS_ENV} is not redis://");
+        return;
+    }
+    let relay = CuttableRelay::to(&redis.url).await;
+    let acq = Acquirer::start().await;
+    let key_dir = tempfile::tempdir().unwrap();
+    let mut c = redis_config(&redis, &acq, &key_dir);
+    c.references = ReferenceBackend::Redis(RedisConfig {
+        url: relay.url(&redis.url),
+        password_file: None,
+        key_prefix: redis.prefix.clone(),
+    });
+    let s = TestServer::start(c).await;
+    let token = s.provision(VISA).await;
+    let id = token["id"].as_str().unwrap().to_owned();
+    let reference = s.reference(&id).await;
+
+    relay.cut();
+    let resp = s
+        .forward(&id, &reference, &acq.url("/v1/payments"))
+        .header("content-type", "application/json")
+        .body(AUTH_BODY)
+        .send()
+        .await
+        .unwrap();
+    let body = assert_error(resp, 503, "service_unavailable").await;
+    assert!(
+        !body.to_string().contains(&reference),
+        "the reference in an error: {body}"
+    );
+    assert_eq!(acq.count(), 0);
+    let minted = s
+        .req(
+            Method::POST,
+            &format!("/api/network/tokens/{id}/cryptograms"),
+        )
+        .json(&json!({"type": "ecom", "mode": "reference", "amount": "10.00"}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(minted, 503, "service_unavailable").await;
+    let ready = s
+        .http
+        .get(format!("http://{}/readyz", s.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ready.status(), 503);
+    assert!(ready.text().await.unwrap().contains("reference store"));
+    s.stop().await;
 }
