@@ -209,7 +209,7 @@ if cfg is not None:
     in_set("placeholder_syntax", cfg.get("placeholder_syntax"), {"angle", "braces"})
     in_set("tsp", cfg.get("tsp"), {"sandbox"})
     in_set("vault.backend", cfg.get("vault", {}).get("backend"), {"memory", "sqlite", "postgres"})
-    in_set("references.backend", cfg.get("references", {}).get("backend"), {"memory"})
+    in_set("references.backend", cfg.get("references", {}).get("backend"), {"memory", "redis"})
     for i, k in enumerate(cfg.get("api_keys", [])):
         if not re.fullmatch(r"sha256:[0-9a-fA-F]{64}", str(k.get("hash", ""))):
             fail(f"ConfigMap api_keys[{i}].hash is not sha256:<64 hex digits>")
