@@ -31,6 +31,11 @@
 #   CLOSED_POOL=          override the closed-loop reference pool size
 #   PROFILE=1             perf-record tokenrelay during its closed-loop run
 #                         (target/load/profile.txt)
+#   QUICK=1               closed loop only, haproxy vs tokenrelay, no report
+#                         (for before/after comparisons while optimising)
+#   VAULT=sqlite          tokenrelay's vault: sqlite (the default backend, a
+#                         file in the run dir) or memory
+#   TR_LOG=info           tokenrelay's RUST_LOG
 #   SKIP_INSTALL=0 SKIP_BUILD=0
 set -euo pipefail
 
@@ -46,6 +51,10 @@ MINT_THREADS="${MINT_THREADS:-4}"
 CLOSED_POOL="${CLOSED_POOL:-}"
 SKIP_INSTALL="${SKIP_INSTALL:-0}"
 SKIP_BUILD="${SKIP_BUILD:-0}"
+QUICK="${QUICK:-0}"
+VAULT="${VAULT:-sqlite}"
+TR_LOG="${TR_LOG:-info}"
+case "$VAULT" in sqlite|memory) ;; *) echo "VAULT must be sqlite or memory" >&2; exit 1 ;; esac
 
 UP_PORT=18443
 NGINX_PORT=18081
@@ -305,7 +314,8 @@ hash = "$KEY_HASH"
 scopes = ["tokens", "cryptograms", "forward"]
 
 [vault]
-backend = "memory"
+backend = "$VAULT"
+$([[ "$VAULT" == sqlite ]] && printf 'path = "%s"\n' "$RUN/vault.db")
 
 [references]
 backend = "memory"
@@ -332,7 +342,8 @@ done
 
 log "starting tokenrelay (:$TR_PORT, admin :$TR_ADMIN_PORT)"
 T0=$(now_ns)
-(cd "$RUN" && exec "$BIN" serve --config "$RUN/tokenrelay.toml") >"$RUN/tokenrelay.log" 2>&1 &
+(cd "$RUN" && TOKENRELAY_MASTER_KEY="$(openssl rand -base64 32)" RUST_LOG="$TR_LOG" \
+    exec "$BIN" serve --config "$RUN/tokenrelay.toml") >"$RUN/tokenrelay.log" 2>&1 &
 TR_PID=$!; PIDS+=("$TR_PID")
 ready=0
 for _ in $(seq 1 3000); do  # ≤ 30 s at 10 ms
@@ -446,6 +457,7 @@ PY
 # Fixed-rate pool: warm-up + measured run at RATE, +10 % and a floor of slack
 # (wrk with delay() stays below RATE; this is an upper bound).
 FIXED_POOL=$(( (RATE * (DURATION + WARMUP) * 11) / 10 + 2000 ))
+[[ "$QUICK" == 1 ]] && FIXED_POOL=10
 mint "$FIXED_POOL" "$RUN/refs_fixed.txt" fixed
 
 # Sanity: one forward end to end, then the same reference again must be 409.
@@ -629,6 +641,40 @@ head -n "$WARM_N" "$RUN/refs_fixed.txt" >"$RUN/refs_warm.txt"
 tail -n +"$((WARM_N + 1))" "$RUN/refs_fixed.txt" >"$RUN/refs_fixed_run.txt"
 FIXED_RUN_N=$(wc -l <"$RUN/refs_fixed_run.txt")
 
+# Closed loop against tokenrelay (a fresh reference per request from
+# refs_closed.txt), perf-recorded when PROFILE=1.
+closed_tokenrelay() {
+    local perf_pid=""
+    if [[ "${PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
+        # Software clock sampling (hardware counters are not always available).
+        perf record -e cpu-clock -F 499 -g -p "$TR_PID" -o "$OUT/perf.data" -- sleep "$DURATION" \
+            >"$RUN/perf.log" 2>&1 &
+        perf_pid=$!
+    fi
+    run_wrk "closed_tokenrelay" tokenrelay closed "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$DURATION" "$RUN/refs_closed.txt" "$CLOSED_POOL"
+    if [[ -n "$perf_pid" ]]; then
+        wait "$perf_pid" || true
+        perf report -i "$OUT/perf.data" --stdio --no-children --sort symbol --percent-limit 1 \
+            >"$OUT/profile.txt" 2>/dev/null || true
+        log "  profile of the closed-loop forward: $OUT/profile.txt"
+    fi
+}
+
+if [[ "$QUICK" == 1 ]]; then
+    log "QUICK=1: closed loop only, haproxy vs tokenrelay (vault $VAULT, RUST_LOG=$TR_LOG)"
+    run_wrk closed_haproxy haproxy closed "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$DURATION"
+    [[ -n "$CLOSED_POOL" ]] || CLOSED_POOL=$(python3 -c "import json,math; print(math.ceil(json.load(open('$OUT/closed_haproxy.json'))['rps'] * 1.2 * $DURATION) + 5000)")
+    mint "$CLOSED_POOL" "$RUN/refs_closed.txt" closed
+    closed_tokenrelay
+    python3 - "$OUT" <<'PY'
+import json, sys
+h, t = (json.load(open(f"{sys.argv[1]}/closed_{n}.json")) for n in ("haproxy", "tokenrelay"))
+print(f"QUICK closed loop: haproxy {h['rps']:.0f} req/s, tokenrelay {t['rps']:.0f} req/s = {t['rps'] / h['rps']:.2f}x "
+      f"(tokenrelay p50 {t['latency_us']['p50']} us, non-2xx {t['non_2xx']})")
+PY
+    exit 0
+fi
+
 log "fixed rate: $RATE rps, $FIXED_THREADS threads × $FIXED_CONNECTIONS connections, ${DURATION}s each (+${WARMUP}s warm-up)"
 for target in direct nginx haproxy tokenrelay; do
     log "  $target (warm-up ${WARMUP}s)"
@@ -664,20 +710,7 @@ PY
 fi
 mint "$CLOSED_POOL" "$RUN/refs_closed.txt" closed
 log "  tokenrelay (closed)"
-PERF_PID=""
-if [[ "${PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
-    # Software clock sampling (hardware counters are not always available).
-    perf record -e cpu-clock -F 499 -g -p "$TR_PID" -o "$OUT/perf.data" -- sleep "$DURATION" \
-        >"$RUN/perf.log" 2>&1 &
-    PERF_PID=$!
-fi
-run_wrk "closed_tokenrelay" tokenrelay closed "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$DURATION" "$RUN/refs_closed.txt" "$CLOSED_POOL"
-if [[ -n "$PERF_PID" ]]; then
-    wait "$PERF_PID" || true
-    perf report -i "$OUT/perf.data" --stdio --no-children --sort symbol --percent-limit 1 \
-        >"$OUT/profile.txt" 2>/dev/null || true
-    log "  profile of the closed-loop forward: $OUT/profile.txt"
-fi
+closed_tokenrelay
 
 # --------------------------------------------------------------------------
 # oha: token GET and cryptogram POST (reference mode), closed loop
