@@ -18,18 +18,7 @@ const AUTH_BODY: &str = r#"{"card":{"number":"<< number >>","exp_month":"<< expi
 async fn token_with_tpan(s: &TestServer) -> (String, String) {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap().to_owned();
-    let inline: Value = s
-        .req(
-            Method::POST,
-            &format!("/api/network/tokens/{id}/cryptograms"),
-        )
-        .json(&json!({"type": "ecom", "mode": "inline"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let inline = s.inline_cryptogram(&id).await;
     (id, inline["number"].as_str().unwrap().to_owned())
 }
 

@@ -45,18 +45,7 @@ async fn no_secret_in_any_log_line() {
         .provision_with(json!({"source": {"type": "pan", "number": pan, "expiry_month": 12, "expiry_year": 2031, "cvc": cvc}}))
         .await;
     let id = t["id"].as_str().unwrap();
-    let inline: Value = s
-        .req(
-            Method::POST,
-            &format!("/api/network/tokens/{id}/cryptograms"),
-        )
-        .json(&json!({"type": "ecom", "mode": "inline"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let inline = s.inline_cryptogram(id).await;
     let tpan = inline["number"].as_str().unwrap().to_owned();
     let inline_cryptogram = inline["cryptogram"].as_str().unwrap().to_owned();
     let r = s.reference(id).await;

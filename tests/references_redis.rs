@@ -208,18 +208,7 @@ async fn a_reference_in_redis_forwards_once_and_a_replay_gets_409() {
 
     let token = s.provision(VISA).await;
     let id = token["id"].as_str().unwrap().to_owned();
-    let inline: Value = s
-        .req(
-            Method::POST,
-            &format!("/api/network/tokens/{id}/cryptograms"),
-        )
-        .json(&json!({"type": "ecom", "mode": "inline"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let inline = s.inline_cryptogram(&id).await;
     let tpan = inline["number"].as_str().unwrap().to_owned();
     let reference = s.reference(&id).await;
 

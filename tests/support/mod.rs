@@ -143,6 +143,22 @@ impl TestServer {
     }
 
     /// A fresh cryptogram reference for `token_id`.
+    /// An inline cryptogram for `token_id` (saq-d and up): the TPAN is in
+    /// `number`, so tests can look for it where it must or must not be.
+    pub async fn inline_cryptogram(&self, token_id: &str) -> Value {
+        let r = self
+            .req(
+                reqwest::Method::POST,
+                &format!("/api/network/tokens/{token_id}/cryptograms"),
+            )
+            .json(&json!({"type": "ecom", "mode": "inline"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "inline cryptogram failed");
+        r.json().await.unwrap()
+    }
+
     pub async fn reference(&self, token_id: &str) -> String {
         let r = self
             .req(
