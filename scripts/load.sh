@@ -643,9 +643,24 @@ head -n "$WARM_N" "$RUN/refs_fixed.txt" >"$RUN/refs_warm.txt"
 tail -n +"$((WARM_N + 1))" "$RUN/refs_fixed.txt" >"$RUN/refs_fixed_run.txt"
 FIXED_RUN_N=$(wc -l <"$RUN/refs_fixed_run.txt")
 
-# Closed loop against tokenrelay (a fresh reference per request from
-# refs_closed.txt), perf-recorded when PROFILE=1.
-closed_tokenrelay() {
+# Closed loop against tokenrelay, a fresh reference per request, perf-recorded
+# when PROFILE=1. The pool (unless CLOSED_POOL is set): 1.2 × the best
+# closed-loop rate of the proxies named as arguments × DURATION, + slack
+# (tokenrelay does strictly more work per request than those proxies on the
+# same cores). Should it still run dry, wrk stops that thread rather than
+# reuse a reference and the report says "pool exhausted".
+closed_tokenrelay() { # baseline targets already measured closed-loop
+    if [[ -z "$CLOSED_POOL" ]]; then
+        CLOSED_POOL=$(python3 - "$OUT" "$DURATION" "$@" <<'PY'
+import json, sys, math
+out, d, targets = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
+best = max(json.load(open(f"{out}/closed_{t}.json"))["rps"] for t in targets)
+print(math.ceil(best * 1.2 * d) + 5000)
+PY
+)
+    fi
+    mint "$CLOSED_POOL" "$RUN/refs_closed.txt" closed
+    log "  tokenrelay (closed)"
     local perf_pid=""
     if [[ "${PROFILE:-0}" == 1 ]] && command -v perf >/dev/null; then
         # Software clock sampling (hardware counters are not always available).
@@ -665,9 +680,7 @@ closed_tokenrelay() {
 if [[ "$QUICK" == 1 ]]; then
     log "QUICK=1: closed loop only, haproxy vs tokenrelay (vault $VAULT, RUST_LOG=$TR_LOG)"
     run_wrk closed_haproxy haproxy closed "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$DURATION"
-    [[ -n "$CLOSED_POOL" ]] || CLOSED_POOL=$(python3 -c "import json,math; print(math.ceil(json.load(open('$OUT/closed_haproxy.json'))['rps'] * 1.2 * $DURATION) + 5000)")
-    mint "$CLOSED_POOL" "$RUN/refs_closed.txt" closed
-    closed_tokenrelay
+    closed_tokenrelay haproxy
     python3 - "$OUT" <<'PY'
 import json, sys
 h, t = (json.load(open(f"{sys.argv[1]}/closed_{n}.json")) for n in ("haproxy", "tokenrelay"))
@@ -697,22 +710,7 @@ for target in direct nginx haproxy; do
     run_wrk "closed_$target" "$target" closed "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$DURATION"
 done
 
-# Closed-loop pool: 1.2 × the better of the nginx/haproxy closed-loop rates
-# × DURATION, + slack (tokenrelay does strictly more work per request than
-# those proxies on the same cores). Should it still run dry, wrk stops that
-# thread rather than reuse a reference and the report says "pool exhausted".
-if [[ -z "$CLOSED_POOL" ]]; then
-    CLOSED_POOL=$(python3 - "$OUT" "$DURATION" <<'PY'
-import json, sys, math
-out, d = sys.argv[1], int(sys.argv[2])
-best = max(json.load(open(f"{out}/closed_{t}.json"))["rps"] for t in ("nginx", "haproxy"))
-print(math.ceil(best * 1.2 * d) + 5000)
-PY
-)
-fi
-mint "$CLOSED_POOL" "$RUN/refs_closed.txt" closed
-log "  tokenrelay (closed)"
-closed_tokenrelay
+closed_tokenrelay nginx haproxy
 
 # --------------------------------------------------------------------------
 # oha: token GET and cryptogram POST (reference mode), closed loop

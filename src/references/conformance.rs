@@ -126,6 +126,13 @@ impl Fixture {
             cursor = next;
         }
     }
+
+    /// The per-reference hashes among [`keys_written`](Self::keys_written).
+    async fn ref_keys(&self) -> Vec<String> {
+        let mut keys = self.keys_written().await;
+        keys.retain(|k| k.contains(":ref:"));
+        keys
+    }
 }
 
 impl Drop for Fixture {
@@ -559,12 +566,7 @@ async fn take_drops_the_sealed_payload_and_keeps_the_expiry(f: &Fixture) {
     let t = TokenId::new();
     let id = s.issue(reference(t, MINUTE)).await.unwrap();
     let mut con = f.raw().await;
-    let ref_keys: Vec<String> = f
-        .keys_written()
-        .await
-        .into_iter()
-        .filter(|k| k.contains(":ref:"))
-        .collect();
+    let ref_keys = f.ref_keys().await;
     assert_eq!(ref_keys.len(), 1);
     let key = &ref_keys[0];
     let before: i64 = ::redis::cmd("PTTL")
@@ -597,19 +599,14 @@ async fn tampered_or_moved_ciphertext_is_refused(f: &Fixture) {
     let t = TokenId::new();
     let a = s.issue(reference(t, MINUTE)).await.unwrap();
     let mut con = f.raw().await;
-    let ref_keys: Vec<String> = f
-        .keys_written()
-        .await
-        .into_iter()
-        .filter(|k| k.contains(":ref:"))
-        .collect();
+    let ref_keys = f.ref_keys().await;
     let key_a = ref_keys[0].clone();
     let b = s.issue(reference(t, MINUTE)).await.unwrap();
     let key_b = f
-        .keys_written()
+        .ref_keys()
         .await
         .into_iter()
-        .find(|k| k.contains(":ref:") && *k != key_a)
+        .find(|k| *k != key_a)
         .unwrap();
     // b's sealed payload copied into a's hash does not open under a's key.
     let sealed_b: Vec<u8> = ::redis::cmd("HGET")
@@ -654,12 +651,7 @@ async fn expiry_is_checked_against_our_clock(f: &Fixture) {
     let s = f.store(10).await;
     let t = TokenId::new();
     let id = s.issue(reference(t, MINUTE)).await.unwrap();
-    let key = f
-        .keys_written()
-        .await
-        .into_iter()
-        .find(|k| k.contains(":ref:"))
-        .unwrap();
+    let key = f.ref_keys().await.remove(0);
     let past = (OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64 - 1000;
     let mut con = f.raw().await;
     let _: () = ::redis::cmd("HSET")
