@@ -158,6 +158,13 @@ rss_tree_kib() { # pid → RSS of pid + direct children (KiB)
     { ps -o rss= -p "$pid"; ps -o rss= --ppid "$pid"; } 2>/dev/null | awk '{s+=$1} END {print s+0}'
 }
 
+cpu_tree_ticks() { # pid → user+system clock ticks of pid + direct children
+    local pid="$1" p
+    for p in "$pid" $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+        awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{s+=$1} END {print s+0}'
+}
+
 start_rss_sampler() { # pid outfile → sampler pid in SAMPLER_PID
     local pid="$1" file="$2"
     ( while kill -0 "$pid" 2>/dev/null; do rss_tree_kib "$pid"; sleep 0.2; done ) >"$file" 2>/dev/null &
@@ -610,15 +617,18 @@ run_wrk() {
     [[ "$mode" != closed ]] && delay=$(python3 -c "print(round($c * 1000 / $RATE, 3))")
     local raw="$RUN/wrk_$name.txt" rssf="$RUN/rss_$name.txt"
     start_rss_sampler "${RSS_PID[$target]}" "$rssf"
+    local cpu0 up0; cpu0=$(cpu_tree_ticks "${RSS_PID[$target]}"); up0=$(cpu_tree_ticks "$NGINX_UP_PID")
     local cmd=(wrk -t"$t" -c"$c" -d"${d}s" --timeout 5s -s "$RUN/wrk.lua" "${URLS[$target]}")
     WRK_THREADS="$t" WRK_METHOD=POST WRK_BODY="$FWD_BODY" WRK_HEADERS="$headers" \
         WRK_DELAY_MS="$delay" REF_FILE="$rfile" REF_COUNT="$rcount" \
         timeout $((d + 30)) "${cmd[@]}" >"$raw" 2>&1 || {
             stop_rss_sampler "$rssf"; cat "$raw" >&2; die "wrk $name failed"; }
+    local cpu1 up1; cpu1=$(cpu_tree_ticks "${RSS_PID[$target]}"); up1=$(cpu_tree_ticks "$NGINX_UP_PID")
     stop_rss_sampler "$rssf"; local rss_max="$RSS_MAX"
-    python3 - "$raw" "$OUT/$name.json" "$target" "$mode" "$t" "$c" "$d" "${delay:-}" "$RATE" "$rss_max" "${cmd[*]}" <<'PY'
+    python3 - "$raw" "$OUT/$name.json" "$target" "$mode" "$t" "$c" "$d" "${delay:-}" "$RATE" "$rss_max" "${cmd[*]}" \
+        "$((cpu1 - cpu0))" "$((up1 - up0))" "$(getconf CLK_TCK)" <<'PY'
 import json, sys
-raw, out, target, mode, t, c, d, delay, rate, rss, cmd = sys.argv[1:]
+raw, out, target, mode, t, c, d, delay, rate, rss, cmd, cpu, up, tck = sys.argv[1:]
 line = next(l for l in open(raw) if l.startswith("WRKJSON "))
 r = json.loads(line[len("WRKJSON "):])
 r.update({"target": target, "mode": mode, "threads": int(t), "connections": int(c), "duration_s": int(d),
@@ -627,11 +637,16 @@ r.update({"target": target, "mode": mode, "threads": int(t), "connections": int(
           "socket_errors": sum(v for k, v in r["errors"].items() if k != "status_ge_400"),
           "rss_max_kib": int(rss) if rss else None, "rss_of": "server process + direct children (ps -o rss=, every 200 ms)",
           "command": cmd, "wrk_stdout": open(raw).read()})
+# CPU per request from /proc/<pid>/stat (user + system, clock ticks): the
+# measured server and, behind every proxy, the upstream nginx.
+r["cpu_us_per_request"] = round(int(cpu) / int(tck) * 1e6 / max(r["requests"], 1), 1)
+r["upstream_cpu_us_per_request"] = round(int(up) / int(tck) * 1e6 / max(r["requests"], 1), 1)
 if mode == "fixed":
     r.update({"target_rps": int(rate), "pacing": "wrk delay() per connection, uniform in [0.5,1.5] x %s ms "
               "(= connections*1000/RATE); NOT a coordinated-omission-corrected generator" % delay})
 json.dump(r, open(out, "w"), indent=2)
 print(f'{r["rps"]:>9} req/s  p50 {r["latency_us"]["p50"]} us  p99 {r["latency_us"]["p99"]} us  '
+      f'cpu {r["cpu_us_per_request"]} us/req (upstream {r["upstream_cpu_us_per_request"]})  '
       f'non-2xx {r["non_2xx"]}  socket errors {r["socket_errors"]}  statuses {r["statuses"]}'
       + (f'  pool_exhausted {r["pool_exhausted"]}' if r["pool_exhausted"] else ""), file=sys.stderr)
 PY

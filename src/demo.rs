@@ -21,7 +21,8 @@ use crate::config::{ComplianceLevel, Config, DestScheme, DestinationRule, HostPa
 use crate::sandbox_acquirer::{generate_pki, SandboxAcquirer};
 use crate::tsp::sandbox::DEFAULT_SANDBOX_KEY;
 
-type DemoError = Box<dyn std::error::Error + Send + Sync>;
+/// Why the demo or the sandbox failed.
+pub type DemoError = Box<dyn std::error::Error + Send + Sync>;
 
 struct Merchant {
     client: Client<HttpConnector, Full<Bytes>>,
@@ -65,65 +66,101 @@ fn pretty(v: &Value) -> String {
     serde_json::to_string_pretty(v).unwrap_or_default()
 }
 
+/// A sandbox deployment on loopback: a sandbox acquirer with a fresh CA
+/// and a tokenrelay (SAQ-D, memory stores) whose allow-list names only
+/// that acquirer. The demo walks it; `benches/forward.rs` measures it.
+pub struct Sandbox {
+    /// The acquirer.
+    pub acquirer: SandboxAcquirer,
+    /// `http://127.0.0.1:<port>` of tokenrelay's API listener.
+    pub base: String,
+    /// An API key with every scope.
+    pub key: String,
+    dir: std::path::PathBuf,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<Result<(), crate::config::ConfigError>>,
+}
+
+impl Sandbox {
+    /// Starts both on ephemeral loopback ports.
+    pub async fn start() -> Result<Sandbox, DemoError> {
+        let pki = generate_pki()?;
+        let dir = std::env::temp_dir().join(format!("tokenrelay-demo-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir)?;
+        let ca_file = dir.join("sandbox-ca.pem");
+        std::fs::write(&ca_file, &pki.ca_pem)?;
+        let acq_listener = TcpListener::bind("127.0.0.1:0").await?;
+        let acquirer =
+            SandboxAcquirer::spawn(acq_listener, pki.server_config.clone(), DEFAULT_SANDBOX_KEY)?;
+
+        let key = format!("demo-{}", uuid::Uuid::new_v4().simple());
+        let mut config = Config::defaults();
+        config.compliance_level = ComplianceLevel::SaqD;
+        config.api_keys = vec![ApiKey {
+            name: "demo".into(),
+            hash: KeyHash::of(key.as_bytes()),
+            scopes: vec![
+                Scope::Tokens,
+                Scope::Cryptograms,
+                Scope::Forward,
+                Scope::Admin,
+            ],
+        }];
+        config.destinations = vec![DestinationRule {
+            host: HostPattern::Exact("127.0.0.1".into()),
+            port: acquirer.addr.port(),
+            scheme: DestScheme::Https,
+            allow_private: true,
+            ca_file: Some(ca_file),
+            client_cert: None,
+            client_key: None,
+        }];
+        let state = crate::AppState::build(config).await?;
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let admin = TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (shutdown, rx) = tokio::sync::watch::channel(false);
+        let server = tokio::spawn(crate::run(state, listener, admin, rx));
+        Ok(Sandbox {
+            acquirer,
+            base: format!("http://{addr}"),
+            key,
+            dir,
+            shutdown,
+            server,
+        })
+    }
+
+    /// Drains tokenrelay and removes the CA file.
+    pub async fn stop(self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.server.await;
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Runs the demo; prints to stdout.
 pub async fn run() -> Result<(), DemoError> {
-    // 1. The acquirer.
-    let pki = generate_pki()?;
-    let dir = std::env::temp_dir().join(format!("tokenrelay-demo-{}", uuid::Uuid::new_v4()));
-    std::fs::create_dir_all(&dir)?;
-    let ca_file = dir.join("sandbox-ca.pem");
-    std::fs::write(&ca_file, &pki.ca_pem)?;
-    let acq_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let acquirer =
-        SandboxAcquirer::spawn(acq_listener, pki.server_config.clone(), DEFAULT_SANDBOX_KEY)?;
+    let sandbox = Sandbox::start().await?;
     show(
         "sandbox acquirer",
         &format!(
             "listening on https://127.0.0.1:{} (TLS, fresh CA)",
-            acquirer.addr.port()
+            sandbox.acquirer.addr.port()
         ),
     );
-
-    // 2. tokenrelay.
-    let key = format!("demo-{}", uuid::Uuid::new_v4().simple());
-    let mut config = Config::defaults();
-    config.compliance_level = ComplianceLevel::SaqD;
-    config.api_keys = vec![ApiKey {
-        name: "demo".into(),
-        hash: KeyHash::of(key.as_bytes()),
-        scopes: vec![
-            Scope::Tokens,
-            Scope::Cryptograms,
-            Scope::Forward,
-            Scope::Admin,
-        ],
-    }];
-    config.destinations = vec![DestinationRule {
-        host: HostPattern::Exact("127.0.0.1".into()),
-        port: acquirer.addr.port(),
-        scheme: DestScheme::Https,
-        allow_private: true,
-        ca_file: Some(ca_file.clone()),
-        client_cert: None,
-        client_key: None,
-    }];
-    let state = crate::AppState::build(config).await?;
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let admin = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let (tx, rx) = tokio::sync::watch::channel(false);
-    let server = tokio::spawn(crate::run(state, listener, admin, rx));
     show(
         "tokenrelay",
         &format!(
-            "listening on http://{addr} (compliance saq-d, allow-list: the sandbox acquirer only)"
+            "listening on {} (compliance saq-d, allow-list: the sandbox acquirer only)",
+            sandbox.base
         ),
     );
-
+    let acquirer = &sandbox.acquirer;
     let merchant = Merchant {
         client: Client::builder(TokioExecutor::new()).build_http(),
-        base: format!("http://{addr}"),
-        key,
+        base: sandbox.base.clone(),
+        key: sandbox.key.clone(),
     };
 
     // 3. Provision.
@@ -211,9 +248,7 @@ pub async fn run() -> Result<(), DemoError> {
         &format!("{status}\n{}", pretty(&replay)),
     );
 
-    let _ = tx.send(true);
-    let _ = server.await;
-    let _ = std::fs::remove_dir_all(&dir);
+    sandbox.stop().await;
     println!("\ndone.");
     Ok(())
 }

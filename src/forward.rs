@@ -105,7 +105,7 @@ impl Part {
         fwd: &Forwarder,
         ns: Namespace,
         ctx: Context,
-        what: &str,
+        what: &dyn std::fmt::Display,
     ) -> Result<Part, ApiError> {
         if memchr::memmem::find(&input, fwd.delims.0.as_bytes()).is_none() {
             return Ok(Part {
@@ -311,14 +311,14 @@ async fn read_and_parse(
             .get(header::CONTENT_TYPE)
             .map(HeaderValue::as_bytes),
     );
-    let body = Part::parse(body, fwd, ns, ctx, "body")?;
+    let body = Part::parse(body, fwd, ns, ctx, &"body")?;
     let dest = &checked.destination;
     let path = Part::parse(
         Bytes::from(dest.path.clone()),
         fwd,
         ns,
         Context::UrlPath,
-        "destination path",
+        &"destination path",
     )?;
     let query = match &dest.query {
         Some(q) => Some(Part::parse(
@@ -326,7 +326,7 @@ async fn read_and_parse(
             fwd,
             ns,
             Context::UrlQuery,
-            "destination query",
+            &"destination query",
         )?),
         None => None,
     };
@@ -351,7 +351,7 @@ async fn read_and_parse(
             fwd,
             ns,
             Context::Header,
-            &format!("header {name}"),
+            &format_args!("header {name}"),
         )?;
         headers.push((name.clone(), part));
     }
@@ -366,7 +366,7 @@ async fn read_and_parse(
                 fwd,
                 ns,
                 Context::Header,
-                "x-relay-header-value",
+                &"x-relay-header-value",
             )?;
             headers.push((name, part));
         }

@@ -12,6 +12,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod json_line;
+pub use json_line::JsonLine;
+
 /// How long the writer thread gathers lines before one `write` of them all.
 const LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
 /// Buffered bytes past which the logging thread writes the batch itself
@@ -29,10 +32,8 @@ pub fn init_logging() -> LogGuard {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let (buffer, guard) = LogBuffer::spawn(std::io::stdout());
     let _ = tracing_subscriber::fmt()
-        .json()
+        .event_format(JsonLine)
         .with_env_filter(filter)
-        .with_current_span(false)
-        .with_target(true)
         .with_writer(buffer)
         .try_init();
     guard

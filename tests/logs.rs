@@ -30,8 +30,9 @@ impl Write for Capture {
 async fn no_secret_in_any_log_line() {
     let capture = Capture::default();
     let writer = capture.clone();
+    // The product's own line format: the one that must not leak.
     let subscriber = tracing_subscriber::fmt()
-        .json()
+        .event_format(tokenrelay::telemetry::JsonLine)
         .with_max_level(tracing::Level::TRACE)
         .with_writer(move || writer.clone())
         .finish();
