@@ -92,6 +92,10 @@ pub struct VaultConfig {
     pub key_file: Option<PathBuf>,
     /// Create a development key file when missing (local tries only).
     pub create_key_file: bool,
+    /// How long a SQL vault's tokens stay cached in this process
+    /// (`vault.cache_ttl`, default 5 s; zero turns the cache off). Another
+    /// replica's changes show here after at most this long.
+    pub cache_ttl: Duration,
 }
 
 /// Where cryptogram references are kept.
@@ -291,6 +295,7 @@ struct RawVault {
     create_key_file: Option<bool>,
     url: Option<String>,
     password_file: Option<PathBuf>,
+    cache_ttl: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +358,9 @@ impl Config {
         }
     }
 }
+
+/// `vault.cache_ttl` when not set.
+pub const DEFAULT_VAULT_CACHE_TTL: Duration = Duration::from_secs(5);
 
 fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match value {
@@ -515,6 +523,7 @@ impl RawConfig {
                 backend: VaultBackend::Memory,
                 key_file: None,
                 create_key_file: false,
+                cache_ttl: DEFAULT_VAULT_CACHE_TTL,
             },
             Some(v) => {
                 let backend = match v.backend.as_deref().unwrap_or("sqlite") {
@@ -584,10 +593,17 @@ impl RawConfig {
                         ))
                     }
                 };
+                let cache_ttl = match v.cache_ttl {
+                    None => DEFAULT_VAULT_CACHE_TTL,
+                    Some(t) => humantime::parse_duration(&t).map_err(|e| {
+                        ConfigError::new("vault.cache_ttl", format!("not a duration ({e}): {t:?}"))
+                    })?,
+                };
                 VaultConfig {
                     backend,
                     key_file: v.key_file,
                     create_key_file: v.create_key_file.unwrap_or(false),
+                    cache_ttl,
                 }
             }
         };
@@ -807,6 +823,7 @@ mod tests {
                 "destinations[0].ca_file",
             ),
             ("[vault]\nbackend = \"oracle\"", "vault.backend"),
+            ("[vault]\ncache_ttl = \"soon\"", "vault.cache_ttl"),
         ] {
             let e = Config::parse(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");

@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::card::{Brand, CardNumber};
 
+pub mod cached;
 pub mod keyring;
 pub mod memory;
 pub mod sql;
@@ -373,8 +374,8 @@ pub async fn open(
         Some(k) => Ok(k.clone()),
         None => load_keys(config),
     };
-    Ok(match &config.backend {
-        VaultBackend::Memory => Arc::new(memory::MemoryTokenStore::new()),
+    let sql: Arc<dyn TokenStore> = match &config.backend {
+        VaultBackend::Memory => return Ok(Arc::new(memory::MemoryTokenStore::new())),
         VaultBackend::Sqlite { path } => {
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
                 std::fs::create_dir_all(dir).map_err(|e| StoreError::Unavailable(e.to_string()))?;
@@ -400,6 +401,11 @@ pub async fn open(
             };
             Arc::new(sql::SqlTokenStore::connect(&url, keys).await?)
         }
+    };
+    Ok(if config.cache_ttl.is_zero() {
+        sql
+    } else {
+        Arc::new(cached::CachedTokenStore::new(sql, config.cache_ttl))
     })
 }
 

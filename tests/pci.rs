@@ -388,6 +388,7 @@ async fn the_cvc_never_reaches_the_database() {
         backend: VaultBackend::Sqlite { path: db.clone() },
         key_file: Some(key_file.clone()),
         create_key_file: true,
+        cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
     };
     let s = TestServer::start(c).await;
     let cvc = "7319";

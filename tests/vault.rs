@@ -467,6 +467,7 @@ async fn sqlite_files_hold_no_tpan_or_pan() {
         backend: VaultBackend::Sqlite { path: path.clone() },
         key_file: Some(dir.path().join("master.key")),
         create_key_file: true,
+        cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
     };
     let s = TestServer::start(c).await;
 
@@ -839,6 +840,7 @@ async fn restart_keeps_tokens() {
         },
         key_file: Some(dir.path().join("master.key")),
         create_key_file: true,
+        cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
     };
     let mut c = config(ComplianceLevel::SaqD);
     c.vault = vault.clone();
@@ -1197,6 +1199,7 @@ async fn sqlite_backend_is_ready() {
         },
         key_file: Some(dir.path().join("master.key")),
         create_key_file: true,
+        cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
     };
     let s = TestServer::start(c).await;
     let r = s
