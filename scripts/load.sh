@@ -165,6 +165,12 @@ cpu_tree_ticks() { # pid → user+system clock ticks of pid + direct children
     done | awk '{s+=$1} END {print s+0}'
 }
 
+children_cpu_s() { # var → user+system seconds of this shell's waited-for children
+    # `times` runs here, not in a $(…) subshell, whose own counters start at 0.
+    times >"$RUN/times.txt"
+    printf -v "$1" '%s' "$(tail -n1 "$RUN/times.txt" | awk '{ for (i = 1; i <= 2; i++) { split($i, a, /[ms]/); s += a[1] * 60 + a[2] } } END { printf "%.3f", s }')"
+}
+
 start_rss_sampler() { # pid outfile → sampler pid in SAMPLER_PID
     local pid="$1" file="$2"
     ( while kill -0 "$pid" 2>/dev/null; do rss_tree_kib "$pid"; sleep 0.2; done ) >"$file" 2>/dev/null &
@@ -548,10 +554,15 @@ if delay_ms then
   end
 end
 
-if ref_file then
-  function request()
-    idx = idx + 1
-    local r = refs[idx]
+-- Every target gets a request built per request with a fresh
+-- x-cryptogram-reference, so the generator (on the same cores) does the
+-- same work whichever server it measures: the plain proxies get a
+-- placeholder of the same length, which they pass through.
+function request()
+  idx = idx + 1
+  local r
+  if ref_file then
+    r = refs[idx]
     if r == nil then
       -- Pool slice exhausted: never reuse a reference. Flag and stop.
       exhausted = exhausted + 1
@@ -560,9 +571,11 @@ if ref_file then
     else
       used = used + 1
     end
-    wrk.headers["x-cryptogram-reference"] = r
-    return wrk.format(nil, nil, nil, nil)
+  else
+    r = string.format("cref_%043d", idx)
   end
+  wrk.headers["x-cryptogram-reference"] = r
+  return wrk.format(nil, nil, nil, nil)
 end
 
 function response(status, headers, body)
@@ -617,18 +630,20 @@ run_wrk() {
     [[ "$mode" != closed ]] && delay=$(python3 -c "print(round($c * 1000 / $RATE, 3))")
     local raw="$RUN/wrk_$name.txt" rssf="$RUN/rss_$name.txt"
     start_rss_sampler "${RSS_PID[$target]}" "$rssf"
-    local cpu0 up0; cpu0=$(cpu_tree_ticks "${RSS_PID[$target]}"); up0=$(cpu_tree_ticks "$NGINX_UP_PID")
+    local cpu0 up0 gen0; cpu0=$(cpu_tree_ticks "${RSS_PID[$target]}"); up0=$(cpu_tree_ticks "$NGINX_UP_PID")
+    children_cpu_s gen0
     local cmd=(wrk -t"$t" -c"$c" -d"${d}s" --timeout 5s -s "$RUN/wrk.lua" "${URLS[$target]}")
     WRK_THREADS="$t" WRK_METHOD=POST WRK_BODY="$FWD_BODY" WRK_HEADERS="$headers" \
         WRK_DELAY_MS="$delay" REF_FILE="$rfile" REF_COUNT="$rcount" \
         timeout $((d + 30)) "${cmd[@]}" >"$raw" 2>&1 || {
             stop_rss_sampler "$rssf"; cat "$raw" >&2; die "wrk $name failed"; }
-    local cpu1 up1; cpu1=$(cpu_tree_ticks "${RSS_PID[$target]}"); up1=$(cpu_tree_ticks "$NGINX_UP_PID")
+    local cpu1 up1 gen1; cpu1=$(cpu_tree_ticks "${RSS_PID[$target]}"); up1=$(cpu_tree_ticks "$NGINX_UP_PID")
+    children_cpu_s gen1
     stop_rss_sampler "$rssf"; local rss_max="$RSS_MAX"
     python3 - "$raw" "$OUT/$name.json" "$target" "$mode" "$t" "$c" "$d" "${delay:-}" "$RATE" "$rss_max" "${cmd[*]}" \
-        "$((cpu1 - cpu0))" "$((up1 - up0))" "$(getconf CLK_TCK)" <<'PY'
+        "$((cpu1 - cpu0))" "$((up1 - up0))" "$(getconf CLK_TCK)" "$gen0" "$gen1" <<'PY'
 import json, sys
-raw, out, target, mode, t, c, d, delay, rate, rss, cmd, cpu, up, tck = sys.argv[1:]
+raw, out, target, mode, t, c, d, delay, rate, rss, cmd, cpu, up, tck, gen0, gen1 = sys.argv[1:]
 line = next(l for l in open(raw) if l.startswith("WRKJSON "))
 r = json.loads(line[len("WRKJSON "):])
 r.update({"target": target, "mode": mode, "threads": int(t), "connections": int(c), "duration_s": int(d),
@@ -641,12 +656,14 @@ r.update({"target": target, "mode": mode, "threads": int(t), "connections": int(
 # measured server and, behind every proxy, the upstream nginx.
 r["cpu_us_per_request"] = round(int(cpu) / int(tck) * 1e6 / max(r["requests"], 1), 1)
 r["upstream_cpu_us_per_request"] = round(int(up) / int(tck) * 1e6 / max(r["requests"], 1), 1)
+# The generator (wrk, a child of this shell, with its Lua per request).
+r["generator_cpu_us_per_request"] = round((float(gen1) - float(gen0)) * 1e6 / max(r["requests"], 1), 1)
 if mode == "fixed":
     r.update({"target_rps": int(rate), "pacing": "wrk delay() per connection, uniform in [0.5,1.5] x %s ms "
               "(= connections*1000/RATE); NOT a coordinated-omission-corrected generator" % delay})
 json.dump(r, open(out, "w"), indent=2)
 print(f'{r["rps"]:>9} req/s  p50 {r["latency_us"]["p50"]} us  p99 {r["latency_us"]["p99"]} us  '
-      f'cpu {r["cpu_us_per_request"]} us/req (upstream {r["upstream_cpu_us_per_request"]})  '
+      f'cpu {r["cpu_us_per_request"]} us/req (upstream {r["upstream_cpu_us_per_request"]}, wrk {r["generator_cpu_us_per_request"]})  '
       f'non-2xx {r["non_2xx"]}  socket errors {r["socket_errors"]}  statuses {r["statuses"]}'
       + (f'  pool_exhausted {r["pool_exhausted"]}' if r["pool_exhausted"] else ""), file=sys.stderr)
 PY
