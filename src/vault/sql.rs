@@ -124,6 +124,29 @@ struct PublicFields {
 pub struct SqlTokenStore {
     pool: AnyPool,
     keys: Arc<Keyring>,
+    /// Transaction counters reserved in the database and not yet handed
+    /// out, per token (see [`ATC_BLOCK`]).
+    atc: std::sync::Mutex<std::collections::HashMap<TokenId, AtcBlock>>,
+}
+
+/// Counters reserved by one database write (hi-lo). The `atc` column holds
+/// the highest counter this or any replica may have handed out, and is
+/// durable before any of the block is used: after a crash or on another
+/// replica the next block starts above it, so a counter never repeats. The
+/// price: up to `ATC_BLOCK - 1` unused counters per token at each restart
+/// (a gap, which an ATC may have), and with several replicas the counters of
+/// one token are unique but interleave.
+const ATC_BLOCK: u64 = 32;
+
+/// Tokens whose unused block is kept; past this the blocks are dropped
+/// (gaps, never repeats).
+const ATC_BLOCKS_KEPT: usize = 100_000;
+
+/// The reserved counters `next..=last` of one token.
+#[derive(Debug, Clone, Copy)]
+struct AtcBlock {
+    next: u64,
+    last: u64,
 }
 
 fn unavailable(e: sqlx::Error) -> StoreError {
@@ -238,9 +261,20 @@ impl SqlTokenStore {
             .connect(url)
             .await
             .map_err(unavailable)?;
-        let store = Self { pool, keys };
+        let store = Self {
+            pool,
+            keys,
+            atc: Default::default(),
+        };
         store.migrate().await?;
         Ok(store)
+    }
+
+    fn atc_blocks(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<TokenId, AtcBlock>> {
+        // Plain data: a poisoned lock still holds usable blocks.
+        self.atc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     async fn migrate(&self) -> Result<(), StoreError> {
@@ -635,15 +669,40 @@ impl TokenStore for SqlTokenStore {
     }
 
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
+        if let Some(b) = self.atc_blocks().get_mut(&id) {
+            if b.next <= b.last {
+                b.next += 1;
+                return Ok(b.next - 1);
+            }
+        }
         let row =
-            sqlx::query("UPDATE network_tokens SET atc = atc + 1 WHERE id = $1 RETURNING atc")
+            sqlx::query("UPDATE network_tokens SET atc = atc + $2 WHERE id = $1 RETURNING atc")
                 .bind(id.to_string())
+                .bind(ATC_BLOCK as i64)
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("token vanished"))?;
-        let atc: i64 = row.try_get(0).map_err(unavailable)?;
-        Ok(atc as u64)
+        let last = row.try_get::<i64, _>(0).map_err(unavailable)? as u64;
+        let first = last + 1 - ATC_BLOCK;
+        let mut blocks = self.atc_blocks();
+        if blocks.len() >= ATC_BLOCKS_KEPT {
+            blocks.clear();
+        }
+        // A block reserved meanwhile by a concurrent call stays if it is
+        // above this one (counters handed out here keep increasing); this
+        // block's rest is then a gap.
+        let keep_theirs = blocks.get(&id).is_some_and(|b| b.last > last);
+        if !keep_theirs {
+            blocks.insert(
+                id,
+                AtcBlock {
+                    next: first + 1,
+                    last,
+                },
+            );
+        }
+        Ok(first)
     }
 
     async fn get_idempotency(
