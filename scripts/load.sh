@@ -815,8 +815,9 @@ PY
 # --------------------------------------------------------------------------
 # 5. Report
 # --------------------------------------------------------------------------
+VAULT="$VAULT" TR_LOG="$TR_LOG" \
 python3 - "$OUT" "$RATE" "$DURATION" "$WARMUP" "$FIXED_THREADS" "$FIXED_CONNECTIONS" "$CLOSED_THREADS" "$CLOSED_CONNECTIONS" "$OHA_CONNECTIONS" >"$OUT/report.md" <<'PY'
-import json, sys, datetime
+import json, os, sys, datetime
 out, rate, dur, warm, ft, fc, ct, cc, oc = sys.argv[1:]
 J = lambda n: json.load(open(f"{out}/{n}.json"))
 m, st, b = J("machine"), J("startup"), J("binary")
@@ -830,7 +831,8 @@ print(f"**Machine:** nproc {m['nproc']}, {m['cpu_model']}, {m['mem_total_gib']} 
 print("Upstream: nginx (1 worker, TLS, keep-alive) answering `200 {\"approved\":true}` on 127.0.0.1:18443. "
       "Every request is the same POST with a JSON body holding `<< placeholders >>` (rendered by tokenrelay only). "
       "nginx proxy: 1 worker, keep-alive pool 64, proxy_ssl_verify on. haproxy 2.6: nbthread 1, http-reuse always, ssl verify required. "
-      "tokenrelay: memory vault, memory references, RUST_LOG default (info, one JSON line per request to a file).\n")
+      f"tokenrelay: {os.environ['VAULT']} vault, memory references, RUST_LOG={os.environ['TR_LOG']} "
+      "(at info: an access line per request and an audit line per forward, JSON, to a file).\n")
 print(f"## Fixed rate — target {rate} req/s, {dur} s (after {warm} s warm-up), wrk -t{ft} -c{fc}\n")
 print("Paced with wrk's Lua `delay()` (per-connection delay = connections×1000/RATE ms, jittered uniformly ×[0.5,1.5]); "
       "latency is measured from request write to response, so this is **not** a coordinated-omission-corrected generator "
@@ -846,16 +848,19 @@ for t in T:
     extra = f" (409: {r['statuses'].get('409', 0)})" if t == "tokenrelay" else ""
     print(f"| {t} | {r['rps']:.0f} | {ms(l['p50'])} | {ms(l['p90'])} | {ms(l['p99'])} | {ms(l['max'])} | {add('p50')} | {add('p90')} | {add('p99')} | {r['non_2xx']}{extra} | {r['socket_errors']} | {rss} |")
 print(f"\n## Closed loop — wrk -t{ct} -c{cc}, {dur} s\n")
-print("| target | req/s | vs haproxy | p50 ms | p99 ms | non-2xx | socket errors | max RSS MiB |")
-print("|---|---:|---:|---:|---:|---:|---:|---:|")
+print("| target | req/s | vs haproxy | p50 ms | p99 ms | non-2xx | socket errors | max RSS MiB | server CPU µs/req | upstream µs/req | wrk µs/req |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 cl = {t: J(f"closed_{t}") for t in T}
 hp = cl["haproxy"]["rps"]
 for t in T:
     r = cl[t]; l = r["latency_us"]
     rss = f"{r['rss_max_kib'] / 1024:.1f}" if r["rss_max_kib"] else "—"
     extra = f" (409: {r['statuses'].get('409', 0)}, pool exhausted: {r['pool_exhausted']})" if t == "tokenrelay" else ""
-    print(f"| {t} | {r['rps']:.0f} | {r['rps'] / hp:.2f}× | {ms(l['p50'])} | {ms(l['p99'])} | {r['non_2xx']}{extra} | {r['socket_errors']} | {rss} |")
-print(f"\nRSS = server process + direct children (nginx master+worker), sampled every 200 ms; 'direct' = the upstream nginx.\n")
+    up = "—" if t == "direct" else r["upstream_cpu_us_per_request"]
+    print(f"| {t} | {r['rps']:.0f} | {r['rps'] / hp:.2f}× | {ms(l['p50'])} | {ms(l['p99'])} | {r['non_2xx']}{extra} | {r['socket_errors']} | {rss} "
+          f"| {r['cpu_us_per_request']} | {up} | {r['generator_cpu_us_per_request']} |")
+print(f"\nRSS = server process + direct children (nginx master+worker), sampled every 200 ms; 'direct' = the upstream nginx. "
+      "CPU = user + system time from /proc/<pid>/stat over the run, per request answered: the server measured, the upstream nginx behind it, and wrk.\n")
 print(f"## tokenrelay API — oha -c{oc} -z {dur}s (fixed headers)\n")
 print("| request | req/s | p50 ms | p99 ms | non-2xx | errors |")
 print("|---|---:|---:|---:|---:|---:|")
