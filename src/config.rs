@@ -361,6 +361,8 @@ impl Config {
 
 /// `vault.cache_ttl` when not set.
 pub const DEFAULT_VAULT_CACHE_TTL: Duration = Duration::from_secs(5);
+/// The longest `vault.cache_ttl` accepted.
+const MAX_VAULT_CACHE_TTL: Duration = Duration::from_secs(3600);
 
 fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
     match value {
@@ -599,6 +601,13 @@ impl RawConfig {
                         ConfigError::new("vault.cache_ttl", format!("not a duration ({e}): {t:?}"))
                     })?,
                 };
+                // Another replica's changes show after this long: keep it short.
+                if cache_ttl > MAX_VAULT_CACHE_TTL {
+                    return Err(ConfigError::new(
+                        "vault.cache_ttl",
+                        "must be at most 1h (another replica's changes show only after it)",
+                    ));
+                }
                 VaultConfig {
                     backend,
                     key_file: v.key_file,
@@ -824,6 +833,7 @@ mod tests {
             ),
             ("[vault]\nbackend = \"oracle\"", "vault.backend"),
             ("[vault]\ncache_ttl = \"soon\"", "vault.cache_ttl"),
+            ("[vault]\ncache_ttl = \"2h\"", "vault.cache_ttl"),
         ] {
             let e = Config::parse(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");
