@@ -34,9 +34,7 @@
 #   QUICK=1               closed loop only, haproxy vs tokenrelay, no report
 #                         (for before/after comparisons while optimising)
 #   VAULT=memory          tokenrelay's vault: memory, or sqlite (the product
-#                         default, a file in the run dir). With sqlite every
-#                         minted reference is a durable ATC write (~1.9k/s
-#                         here), so minting the closed-loop pool takes minutes
+#                         default, a file in the run dir)
 #   TR_LOG=info           tokenrelay's RUST_LOG
 #   SKIP_INSTALL=0 SKIP_BUILD=0
 set -euo pipefail
@@ -153,14 +151,18 @@ wait_http() { # url timeout_s [curl args…] — until 2xx
     return 1
 }
 
+tree_pids() { # pid → pid and its direct children (nginx: master + worker)
+    echo "$1"; ps -o pid= --ppid "$1" 2>/dev/null || true
+}
+
 rss_tree_kib() { # pid → RSS of pid + direct children (KiB)
-    local pid="$1"
-    { ps -o rss= -p "$pid"; ps -o rss= --ppid "$pid"; } 2>/dev/null | awk '{s+=$1} END {print s+0}'
+    local p
+    for p in $(tree_pids "$1"); do ps -o rss= -p "$p" 2>/dev/null || true; done | awk '{s+=$1} END {print s+0}'
 }
 
 cpu_tree_ticks() { # pid → user+system clock ticks of pid + direct children
-    local pid="$1" p
-    for p in "$pid" $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+    local p
+    for p in $(tree_pids "$1"); do
         awk '{print $14 + $15}' "/proc/$p/stat" 2>/dev/null || true
     done | awk '{s+=$1} END {print s+0}'
 }
@@ -370,12 +372,11 @@ T1=$(now_ns)
 ((ready)) || die "tokenrelay not ready after 30 s"
 STARTUP_MS=$(( (T1 - T0) / 1000000 ))
 sleep 1
-IDLE_RSS=$(ps -o rss= -p "$TR_PID" | tr -d ' ')
 # RSS counts the binary's clean, shared file pages too (on this kernel the
 # page cache maps them in large folios: ~10 MiB of a 12 MiB text); the
 # process's own memory is the anonymous part.
-IDLE_ANON=$(awk '/^RssAnon:/ {print $2}' "/proc/$TR_PID/status")
-IDLE_FILE=$(awk '/^RssFile:/ {print $2}' "/proc/$TR_PID/status")
+read -r IDLE_RSS IDLE_ANON IDLE_FILE < <(awk '/^VmRSS:/ {r = $2} /^RssAnon:/ {a = $2} /^RssFile:/ {f = $2}
+    END {print r, a, f}' "/proc/$TR_PID/status")
 log "tokenrelay ready in ${STARTUP_MS} ms, idle RSS ${IDLE_RSS} KiB (anonymous ${IDLE_ANON}, file ${IDLE_FILE})"
 
 # Binary size, as built (profile.release keeps line tables) and stripped.
@@ -397,7 +398,7 @@ import json, sys
 out, ms, rss, anon, file = sys.argv[1:]
 json.dump({"startup_to_ready_ms": int(ms), "idle_rss_kib": int(rss),
            "idle_rss_anon_kib": int(anon), "idle_rss_file_kib": int(file),
-           "method": "spawn → first GET /readyz 200 (curl every 10 ms); RSS via ps -o rss= 1 s after ready"},
+           "method": "spawn → first GET /readyz 200 (curl every 10 ms); VmRSS, RssAnon, RssFile from /proc/<pid>/status 1 s after ready"},
           open(out, "w"), indent=2)
 PY
 

@@ -91,7 +91,7 @@ impl Sandbox {
         std::fs::write(&ca_file, &pki.ca_pem)?;
         let acq_listener = TcpListener::bind("127.0.0.1:0").await?;
         let acquirer =
-            SandboxAcquirer::spawn(acq_listener, pki.server_config.clone(), DEFAULT_SANDBOX_KEY)?;
+            SandboxAcquirer::spawn(acq_listener, pki.server_config, DEFAULT_SANDBOX_KEY)?;
 
         let key = format!("demo-{}", uuid::Uuid::new_v4().simple());
         let mut config = Config::defaults();

@@ -344,9 +344,16 @@ mod tests {
 
     use super::*;
 
-    /// An output the test can read back.
+    /// An output the test can read back (also the log formatter's tests').
     #[derive(Clone, Default)]
-    struct Captured(Arc<Mutex<Vec<u8>>>);
+    pub(super) struct Captured(pub(super) Arc<Mutex<Vec<u8>>>);
+
+    impl<'a> MakeWriter<'a> for Captured {
+        type Writer = Captured;
+        fn make_writer(&'a self) -> Captured {
+            self.clone()
+        }
+    }
 
     impl Write for Captured {
         fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
