@@ -16,7 +16,11 @@
 //!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
-//! Errors from every handler become responses in [`error`].
+//! The `{id}` segment is parsed here, once: a malformed id is simply not
+//! found. Errors from every handler become responses in [`error`]. What a
+//! handler did beyond its status (the token it created, the host it
+//! forwarded to) goes into its [`Audit`], which the request's one log line
+//! carries.
 
 use std::sync::Arc;
 
@@ -26,6 +30,8 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use crate::template::Namespace;
+use crate::vault::{PciTokenId, TokenId};
 use crate::{AppState, Body};
 
 pub mod auth;
@@ -87,6 +93,21 @@ impl Route {
         }
     }
 
+    fn family(self) -> Family {
+        match self {
+            Route::ProvisionToken
+            | Route::GetToken
+            | Route::DeleteToken
+            | Route::CreateCryptogram
+            | Route::Forward
+            | Route::TokenEvent => Family::Network,
+            Route::CreatePciToken
+            | Route::GetPciToken
+            | Route::DeletePciToken
+            | Route::ForwardPci => Family::Pci,
+        }
+    }
+
     fn scope(self) -> Scope {
         match self {
             Route::ProvisionToken
@@ -145,23 +166,94 @@ enum Family {
     Pci,
 }
 
+/// Whom a request is about: the token in its path, or the one it created.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subject {
+    /// A network token.
+    NetworkToken(TokenId),
+    /// A PCI token (FPAN fallback).
+    PciToken(PciTokenId),
+}
+
+impl Subject {
+    /// The `{id}` path segment of a route in `family`; a malformed id is
+    /// not found.
+    fn parse(family: Family, id: &str) -> Result<Subject, ApiError> {
+        match family {
+            Family::Network => TokenId::parse(id)
+                .map(Subject::NetworkToken)
+                .ok_or(ApiError::TokenNotFound),
+            Family::Pci => pci::parse_id(id).map(Subject::PciToken),
+        }
+    }
+
+    /// A forward for a network token spends a cryptogram reference.
+    pub(crate) fn needs_reference(self) -> bool {
+        matches!(self, Subject::NetworkToken(_))
+    }
+
+    /// The placeholder namespace a forward for this subject renders.
+    pub(crate) fn namespace(self) -> Namespace {
+        match self {
+            Subject::NetworkToken(_) => Namespace::NetworkToken,
+            Subject::PciToken(_) => Namespace::PciToken,
+        }
+    }
+}
+
+impl std::fmt::Display for Subject {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Subject::NetworkToken(id) => write!(f, "network_token:{id}"),
+            Subject::PciToken(id) => write!(f, "pci_token:{id}"),
+        }
+    }
+}
+
+/// What a request did beyond its route and status, for its one log line.
+/// Handlers fill in what applies; nothing here is secret (a card number
+/// only ever as its masked `Display`).
+#[derive(Debug, Default)]
+pub struct Audit {
+    /// The token the request is about: from the path, or the one created.
+    pub subject: Option<Subject>,
+    /// The card scheme of a provisioned token.
+    pub scheme: Option<&'static str>,
+    /// The provisioned card, masked (first6…last4).
+    pub card: Option<String>,
+    /// A PCI token store: whether the card was new.
+    pub created: Option<bool>,
+    /// A cryptogram's kind.
+    pub kind: Option<&'static str>,
+    /// A cryptogram's delivery: `inline` or `reference`.
+    pub mode: Option<&'static str>,
+    /// A lifecycle event applied to a token.
+    pub change: Option<&'static str>,
+    /// A forward's destination host.
+    pub destination_host: Option<String>,
+}
+
 /// Everything the access log needs about a finished API request.
 pub struct Outcome {
     /// The matched route, if any.
     pub route: Option<Route>,
     /// The authenticated key's name, if any.
     pub key_name: Option<String>,
+    /// What the handler did.
+    pub audit: Audit,
     /// The response.
     pub response: Response<Body>,
 }
 
 /// Serves one request on the main listener.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
+    let mut audit = Audit::default();
     let path = req.uri().path().to_owned();
     if !path.starts_with("/api/") {
         return Outcome {
             route: None,
             key_name: None,
+            audit,
             response: ApiError::RouteNotFound.into_response(),
         };
     }
@@ -182,30 +274,39 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
         if !key.allows(route.scope()) {
             return Err(ApiError::Forbidden(route.scope()));
         }
-        let id = id.map(str::to_owned);
-        match route {
-            Route::ProvisionToken => tokens::provision(&state, key, req).await,
-            Route::GetToken => tokens::get(&state, id.as_deref()).await,
-            Route::DeleteToken => tokens::delete(&state, id.as_deref()).await,
-            Route::CreateCryptogram => cryptograms::create(&state, key, id.as_deref(), req).await,
-            Route::Forward => {
-                let id = tokens::parse_id(id.as_deref())?;
-                crate::forward::handle(&state, crate::forward::Subject::NetworkToken(id), req).await
+        audit.subject = id
+            .map(|id| Subject::parse(route.family(), id))
+            .transpose()?;
+        let a = &mut audit;
+        match (route, a.subject) {
+            (Route::ProvisionToken, None) => tokens::provision(&state, key, req, a).await,
+            (Route::GetToken, Some(Subject::NetworkToken(id))) => tokens::get(&state, id).await,
+            (Route::DeleteToken, Some(Subject::NetworkToken(id))) => {
+                tokens::delete(&state, id).await
             }
-            Route::ForwardPci => {
-                let id = pci::parse_id(id.as_deref())?;
-                crate::forward::handle(&state, crate::forward::Subject::PciToken(id), req).await
+            (Route::CreateCryptogram, Some(Subject::NetworkToken(id))) => {
+                cryptograms::create(&state, key, id, req, a).await
             }
-            Route::TokenEvent => tokens::event(&state, id.as_deref(), req).await,
-            Route::CreatePciToken => pci::create(&state, req).await,
-            Route::GetPciToken => pci::get(&state, id.as_deref()).await,
-            Route::DeletePciToken => pci::delete(&state, id.as_deref()).await,
+            (Route::TokenEvent, Some(Subject::NetworkToken(id))) => {
+                tokens::event(&state, id, req, a).await
+            }
+            (Route::Forward | Route::ForwardPci, Some(subject)) => {
+                crate::forward::handle(&state, subject, req, a).await
+            }
+            (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
+            (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,
+            (Route::DeletePciToken, Some(Subject::PciToken(id))) => pci::delete(&state, id).await,
+            _ => Err(ApiError::Internal(format!(
+                "route {} matched with a mismatched id",
+                route.label()
+            ))),
         }
     }
     .await;
     Outcome {
         route: route_seen,
         key_name,
+        audit,
         response: result.unwrap_or_else(ApiError::into_response),
     }
 }

@@ -26,12 +26,12 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::{check_content_length, json_response, read_body, ApiError};
+use crate::api::{check_content_length, json_response, read_body, ApiError, Audit, Subject};
 use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};
 use crate::template::{Context, Field, Namespace, Syntax, Template, Value, Values};
-use crate::vault::{NetworkToken, PciToken, PciTokenId, TokenId, TokenStatus};
+use crate::vault::{NetworkToken, PciToken, TokenStatus};
 use crate::{AppState, Body};
 
 pub mod destination;
@@ -178,17 +178,18 @@ pub async fn handle(
     state: &AppState,
     subject: Subject,
     req: Request<Incoming>,
+    audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let fwd = &state.forwarder;
     let checked = check_headers(fwd, req.headers(), subject.needs_reference()).await?;
+    audit.destination_host = Some(checked.destination.host.clone());
     let parsed = read_and_parse(state, &checked, req, subject.namespace()).await?;
     let bound = consume(state, subject, &checked, &parsed).await?;
 
     if checked.dry_run {
         return dry_run(&checked.destination, &parsed);
     }
-    let host = checked.destination.host.clone();
     let result = match &bound {
         Bound::Network { token, reference } => {
             send(
@@ -235,13 +236,6 @@ pub async fn handle(
         .metrics
         .forward_duration
         .observe(started.elapsed().as_secs_f64());
-    tracing::info!(
-        target: "tokenrelay::audit",
-        event = "forward",
-        subject = %subject,
-        destination_host = %host,
-        outcome = match &result { Ok(r) => r.status().as_str().to_owned(), Err(e) => e.status_and_classifier().1.to_owned() },
-    );
     result
 }
 
@@ -383,37 +377,6 @@ async fn read_and_parse(
         headers,
         body,
     })
-}
-
-/// Whose values a forward injects.
-#[derive(Debug, Clone, Copy)]
-pub enum Subject {
-    /// A network token, with a cryptogram reference.
-    NetworkToken(TokenId),
-    /// A PCI token (FPAN fallback), without a reference.
-    PciToken(PciTokenId),
-}
-
-impl Subject {
-    fn needs_reference(self) -> bool {
-        matches!(self, Subject::NetworkToken(_))
-    }
-
-    fn namespace(self) -> Namespace {
-        match self {
-            Subject::NetworkToken(_) => Namespace::NetworkToken,
-            Subject::PciToken(_) => Namespace::PciToken,
-        }
-    }
-}
-
-impl std::fmt::Display for Subject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Subject::NetworkToken(id) => write!(f, "network_token:{id}"),
-            Subject::PciToken(id) => write!(f, "pci_token:{id}"),
-        }
-    }
 }
 
 /// What step 4 bound the request to.

@@ -239,14 +239,23 @@ async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
     let status = response.status().as_u16();
     let route = outcome.route.map_or("none", api::Route::label);
     state.metrics.count_request(route, status);
+    let audit = &outcome.audit;
     tracing::info!(
         target: "tokenrelay::access",
         request_id = id.to_str().unwrap_or(""),
         method = method.as_str(),
         route,
         status,
-        relay_error = response.headers().get(&X_RELAY_ERROR).and_then(|v| v.to_str().ok()).unwrap_or(""),
-        key = outcome.key_name.as_deref().unwrap_or(""),
+        relay_error = response.headers().get(&X_RELAY_ERROR).and_then(|v| v.to_str().ok()),
+        key = outcome.key_name.as_deref(),
+        subject = audit.subject.as_ref().map(tracing::field::display),
+        scheme = audit.scheme,
+        card = audit.card.as_deref(),
+        created = audit.created,
+        kind = audit.kind,
+        mode = audit.mode,
+        change = audit.change,
+        destination_host = audit.destination_host.as_deref(),
         duration_us = started.elapsed().as_micros() as u64,
     );
     response.headers_mut().insert(X_REQUEST_ID.clone(), id);

@@ -1,7 +1,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code: a failed unwrap is a failed test
-//! No secret reaches the logs: the whole API and forward flow runs with a
+//! What the logs hold: no secret (the whole API and forward flow runs with a
 //! capturing subscriber at TRACE, and every line is searched for the PAN,
-//! the TPAN, the cryptogram, the CVC and the API key.
+//! the TPAN, the cryptogram, the CVC and the API key), and one line per
+//! request, with its request id and what the request did.
 
 mod support;
 
@@ -26,17 +27,29 @@ impl Write for Capture {
     }
 }
 
+impl Capture {
+    /// Captures this thread's events, in the product's own line format (the
+    /// one that must not leak), until the guard drops. The tests run on a
+    /// current-thread runtime, so the server's tasks log on this thread.
+    fn start() -> (Capture, tracing::subscriber::DefaultGuard) {
+        let capture = Capture::default();
+        let writer = capture.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .event_format(tokenrelay::telemetry::JsonLine)
+            .with_max_level(tracing::Level::TRACE)
+            .with_writer(move || writer.clone())
+            .finish();
+        (capture, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+}
+
 #[tokio::test]
 async fn no_secret_in_any_log_line() {
-    let capture = Capture::default();
-    let writer = capture.clone();
-    // The product's own line format: the one that must not leak.
-    let subscriber = tracing_subscriber::fmt()
-        .event_format(tokenrelay::telemetry::JsonLine)
-        .with_max_level(tracing::Level::TRACE)
-        .with_writer(move || writer.clone())
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let (capture, _guard) = Capture::start();
 
     let acq = Acquirer::start().await;
     let s = server_for(&acq, ComplianceLevel::SaqD).await;
@@ -75,7 +88,7 @@ async fn no_secret_in_any_log_line() {
         .unwrap();
     s.stop().await;
 
-    let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
+    let logs = capture.text();
     assert!(
         logs.contains("tokenrelay::access"),
         "the capture saw the access log"
@@ -92,4 +105,97 @@ async fn no_secret_in_any_log_line() {
         assert!(!logs.contains(secret), "{what} found in logs");
     }
     assert!(!logs.contains(&format!("\"{cvc}\"")), "CVC found in logs");
+}
+
+#[tokio::test]
+async fn one_line_per_request_with_its_id_and_what_it_did() {
+    let (capture, _guard) = Capture::start();
+    let acq = Acquirer::start().await;
+    let s = server_for(&acq, ComplianceLevel::SaqD).await;
+    let t = s.provision(MASTERCARD).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let r = s.reference(&id).await;
+    let ok = s
+        .forward(&id, &r, &acq.url("/pay"))
+        .header("x-request-id", "merchant-req-1")
+        .body("<< number >>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 200);
+    // The reference is spent: the retry fails, and its line says so.
+    let spent = s
+        .forward(&id, &r, &acq.url("/pay"))
+        .header("x-request-id", "merchant-req-2")
+        .body("<< number >>")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(spent.status(), 409);
+    let relay_error = spent.headers()["x-relay-error"]
+        .to_str()
+        .unwrap()
+        .to_owned();
+    s.stop().await;
+
+    let lines: Vec<Value> = capture
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .filter(|l: &Value| {
+            let target = l["target"].as_str().unwrap();
+            target.starts_with("tokenrelay::access") || target.starts_with("tokenrelay::audit")
+        })
+        .collect();
+    // Four requests (provision, cryptogram, two forwards), four lines: no
+    // separate audit line, and every line is the request's.
+    let routes: Vec<&str> = lines
+        .iter()
+        .map(|l| {
+            assert_eq!(l["target"], "tokenrelay::access", "{l}");
+            assert!(
+                l["fields"]["request_id"]
+                    .as_str()
+                    .is_some_and(|i| !i.is_empty()),
+                "{l}"
+            );
+            l["fields"]["route"].as_str().unwrap()
+        })
+        .collect();
+    assert_eq!(
+        routes,
+        ["provision_token", "create_cryptogram", "forward", "forward"]
+    );
+    let subject = format!("network_token:{id}");
+    let f = &lines[0]["fields"];
+    assert_eq!(
+        (f["status"].as_u64(), f["subject"].as_str()),
+        (Some(201), Some(subject.as_str()))
+    );
+    assert_eq!(f["scheme"], "mastercard");
+    assert_eq!(
+        f["card"],
+        format!("{}…{}", &MASTERCARD[..6], &MASTERCARD[12..])
+    );
+    let f = &lines[1]["fields"];
+    assert_eq!(
+        (f["subject"].as_str(), f["mode"].as_str()),
+        (Some(subject.as_str()), Some("reference"))
+    );
+    let f = &lines[2]["fields"];
+    assert_eq!(f["request_id"], "merchant-req-1");
+    assert_eq!(
+        (f["status"].as_u64(), f["subject"].as_str()),
+        (Some(200), Some(subject.as_str()))
+    );
+    assert_eq!(f["destination_host"], "127.0.0.1");
+    assert!(f.get("relay_error").is_none(), "{f}");
+    let f = &lines[3]["fields"];
+    assert_eq!(f["request_id"], "merchant-req-2");
+    assert_eq!(
+        (f["status"].as_u64(), f["subject"].as_str()),
+        (Some(409), Some(subject.as_str()))
+    );
+    assert_eq!(f["destination_host"], "127.0.0.1");
+    assert_eq!(f["relay_error"], relay_error);
 }

@@ -11,8 +11,8 @@ use time::OffsetDateTime;
 
 use super::auth::ApiKey;
 use super::idempotency::{self, Pending, Stored};
-use super::tokens::{parse_id, rfc3339};
-use super::{json, ApiError};
+use super::tokens::rfc3339;
+use super::{json, ApiError, Audit};
 use crate::config::ComplianceLevel;
 use crate::references::{Payload, Reference};
 use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType};
@@ -59,16 +59,16 @@ struct ReferenceView<'a> {
 pub async fn create(
     state: &AppState,
     key: &ApiKey,
-    id: Option<&str>,
+    token_id: TokenId,
     req: Request<Incoming>,
+    audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
-    let token_id = parse_id(id)?;
     idempotency::respond(
         state,
         key,
         "create_cryptogram",
         req,
-        |body, pending| async move { create_inner(state, token_id, &body, pending).await },
+        |body, pending| async move { create_inner(state, token_id, &body, pending, audit).await },
     )
     .await
 }
@@ -167,6 +167,7 @@ async fn create_inner(
     token_id: TokenId,
     body: &[u8],
     pending: Option<Pending>,
+    audit: &mut Audit,
 ) -> Result<Stored, ApiError> {
     let obj = json::object(body)?;
     let token = state
@@ -185,13 +186,12 @@ async fn create_inner(
 
     let counter = state.tokens.next_counter(token_id).await?;
     let minted = state.tsp.cryptogram(&token, counter, &parsed.params)?;
-    tracing::info!(
-        target: "tokenrelay::audit",
-        event = "cryptogram_created",
-        token_id = %token_id,
-        kind = parsed.params.kind.as_str(),
-        mode = if parsed.mode == Mode::Inline { "inline" } else { "reference" },
-    );
+    audit.kind = Some(parsed.params.kind.as_str());
+    audit.mode = Some(if parsed.mode == Mode::Inline {
+        "inline"
+    } else {
+        "reference"
+    });
     let (status, body) = match parsed.mode {
         Mode::Inline => {
             let view = InlineView {

@@ -16,7 +16,9 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::tokens::rfc3339;
-use super::{check_content_length, empty_response, json, json_response, read_body, ApiError};
+use super::{
+    check_content_length, empty_response, json, json_response, read_body, ApiError, Audit, Subject,
+};
 use crate::card::{validate_card, Brand, CardNumber, Secret};
 use crate::vault::{Metadata, PciToken, PciTokenId};
 use crate::{AppState, Body};
@@ -140,14 +142,17 @@ impl<'a> From<&'a PciToken> for PciView<'a> {
     }
 }
 
-/// Parses a PCI token id from the path.
-pub fn parse_id(id: Option<&str>) -> Result<PciTokenId, ApiError> {
-    id.and_then(|s| Uuid::try_parse(s).ok())
-        .ok_or(ApiError::PciTokenNotFound)
+/// Parses a PCI token id; a malformed one is simply not found.
+pub fn parse_id(id: &str) -> Result<PciTokenId, ApiError> {
+    Uuid::try_parse(id).map_err(|_| ApiError::PciTokenNotFound)
 }
 
 /// `POST /api/pci/tokens`
-pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+pub async fn create(
+    state: &AppState,
+    req: Request<Incoming>,
+    audit: &mut Audit,
+) -> Result<Response<Body>, ApiError> {
     if !state.config.compliance_level.handles_card_data() {
         return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
     }
@@ -169,7 +174,8 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
     let metadata = json::metadata(&obj)?;
     let card = card_input(&obj)?;
     let (token, created) = store_card(state, card, metadata).await?;
-    tracing::info!(target: "tokenrelay::audit", event = "pci_token_stored", pci_token_id = %token.id, created);
+    audit.subject = Some(Subject::PciToken(token.id));
+    audit.created = Some(created);
     let status = if created {
         StatusCode::CREATED
     } else {
@@ -179,8 +185,7 @@ pub async fn create(state: &AppState, req: Request<Incoming>) -> Result<Response
 }
 
 /// `GET /api/pci/tokens/{id}`
-pub async fn get(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let id = parse_id(id)?;
+pub async fn get(state: &AppState, id: PciTokenId) -> Result<Response<Body>, ApiError> {
     let token = state
         .tokens
         .get_pci(id)
@@ -190,12 +195,10 @@ pub async fn get(state: &AppState, id: Option<&str>) -> Result<Response<Body>, A
 }
 
 /// `DELETE /api/pci/tokens/{id}`: the card data is destroyed.
-pub async fn delete(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let id = parse_id(id)?;
+pub async fn delete(state: &AppState, id: PciTokenId) -> Result<Response<Body>, ApiError> {
     if !state.tokens.delete_pci(id).await? {
         return Err(ApiError::PciTokenNotFound);
     }
     state.cvcs.forget(id);
-    tracing::info!(target: "tokenrelay::audit", event = "pci_token_deleted", pci_token_id = %id);
     Ok(empty_response(StatusCode::NO_CONTENT))
 }

@@ -11,7 +11,9 @@ use time::OffsetDateTime;
 
 use super::auth::ApiKey;
 use super::idempotency::{self, Pending, Stored};
-use super::{check_content_length, empty_response, json_response, read_body, ApiError};
+use super::{
+    check_content_length, empty_response, json_response, read_body, ApiError, Audit, Subject,
+};
 use super::{json, pci};
 use crate::card::validate_expiry;
 use crate::tsp::ProvisionRequest;
@@ -65,23 +67,19 @@ impl<'a> From<&'a NetworkToken> for TokenView<'a> {
     }
 }
 
-/// Parses a token id from the path; a malformed one is simply not found.
-pub fn parse_id(id: Option<&str>) -> Result<TokenId, ApiError> {
-    id.and_then(TokenId::parse).ok_or(ApiError::TokenNotFound)
-}
-
 /// `POST /api/network/tokens`
 pub async fn provision(
     state: &AppState,
     key: &ApiKey,
     req: Request<Incoming>,
+    audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
     idempotency::respond(
         state,
         key,
         "provision_token",
         req,
-        |body, pending| async move { provision_inner(state, &body, pending).await },
+        |body, pending| async move { provision_inner(state, &body, pending, audit).await },
     )
     .await
 }
@@ -90,6 +88,7 @@ async fn provision_inner(
     state: &AppState,
     body: &[u8],
     pending: Option<Pending>,
+    audit: &mut Audit,
 ) -> Result<Stored, ApiError> {
     let obj = json::object(body)?;
     json::only_fields(&obj, &["source", "metadata", "dauth_activated"], "")?;
@@ -140,7 +139,7 @@ async fn provision_inner(
                 .ok_or_else(|| ApiError::InvalidRequest("`source.id` is required".into()))?;
             let card = state
                 .tokens
-                .get_pci(pci::parse_id(Some(id))?)
+                .get_pci(pci::parse_id(id)?)
                 .await?
                 .ok_or(ApiError::PciTokenNotFound)?;
             let now = OffsetDateTime::now_utc();
@@ -205,28 +204,27 @@ async fn provision_inner(
         }
         (Inserted::Stored, _) => {}
     }
-    tracing::info!(target: "tokenrelay::audit", event = "token_provisioned", token_id = %id, scheme = brand.as_str(), card = %pan);
+    audit.subject = Some(Subject::NetworkToken(id));
+    audit.scheme = Some(brand.as_str());
+    audit.card = Some(pan.to_string());
     Ok(stored)
 }
 
 /// `GET /api/network/tokens/{id}`
-pub async fn get(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let id = parse_id(id)?;
+pub async fn get(state: &AppState, id: TokenId) -> Result<Response<Body>, ApiError> {
     let token = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
     json_response(StatusCode::OK, &TokenView::from(token.as_ref()))
 }
 
 /// `DELETE /api/network/tokens/{id}`: the token becomes `deleted` (kept as a
 /// tombstone so `GET` can say so) and its outstanding references die.
-pub async fn delete(state: &AppState, id: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let id = parse_id(id)?;
+pub async fn delete(state: &AppState, id: TokenId) -> Result<Response<Body>, ApiError> {
     state
         .tokens
         .set_status(id, TokenStatus::Deleted)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     state.references.revoke_token(id).await?;
-    tracing::info!(target: "tokenrelay::audit", event = "token_deleted", token_id = %id);
     Ok(empty_response(StatusCode::NO_CONTENT))
 }
 
@@ -236,26 +234,26 @@ pub async fn delete(state: &AppState, id: Option<&str>) -> Result<Response<Body>
 /// "expiry_month"?, "expiry_year"?}` → 200 with the token.
 pub async fn event(
     state: &AppState,
-    id: Option<&str>,
+    id: TokenId,
     req: Request<Incoming>,
+    audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
-    let id = parse_id(id)?;
     check_content_length(&req, state.config.max_body_bytes)?;
     let body = read_body(req.into_body(), state.config.max_body_bytes).await?;
     let obj = json::object(&body)?;
     json::only_fields(&obj, &["event", "expiry_month", "expiry_year"], "")?;
     let current = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
     let event = json::opt_str(&obj, "event").ok().flatten().unwrap_or("");
-    let change = match event {
+    let (name, change) = match event {
         "suspend" | "resume" | "activate_dauth" | "update_expiry"
             if current.status == TokenStatus::Deleted =>
         {
             return Err(ApiError::TokenNotActive("deleted"))
         }
-        "suspend" => TokenChange::Status(TokenStatus::Inactive),
-        "resume" => TokenChange::Status(TokenStatus::Active),
-        "delete" => TokenChange::Status(TokenStatus::Deleted),
-        "activate_dauth" => TokenChange::ActivateDauth,
+        "suspend" => ("suspend", TokenChange::Status(TokenStatus::Inactive)),
+        "resume" => ("resume", TokenChange::Status(TokenStatus::Active)),
+        "delete" => ("delete", TokenChange::Status(TokenStatus::Deleted)),
+        "activate_dauth" => ("activate_dauth", TokenChange::ActivateDauth),
         "update_expiry" => {
             let month = json::opt_int(&obj, "expiry_month").ok().flatten();
             let year = json::opt_int(&obj, "expiry_year").ok().flatten();
@@ -264,10 +262,13 @@ pub async fn event(
                 (Some(m), Some(y))
                     if validate_expiry(m, y, (now.year(), u8::from(now.month()))).is_ok() =>
                 {
-                    TokenChange::Expiry {
-                        month: m as u8,
-                        year: y as u16,
-                    }
+                    (
+                        "update_expiry",
+                        TokenChange::Expiry {
+                            month: m as u8,
+                            year: y as u16,
+                        },
+                    )
                 }
                 _ => {
                     return Err(ApiError::InvalidRequest(
@@ -291,6 +292,6 @@ pub async fn event(
         // A suspended or deleted token's outstanding references die.
         state.references.revoke_token(id).await?;
     }
-    tracing::info!(target: "tokenrelay::audit", event = "token_lifecycle", token_id = %id, change = event);
+    audit.change = Some(name);
     json_response(StatusCode::OK, &TokenView::from(token.as_ref()))
 }
