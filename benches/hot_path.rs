@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use criterion::{black_box, criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
 use tokenrelay::forward::redact::{RedactingBody, Redactor};
@@ -77,6 +77,21 @@ fn references(c: &mut Criterion) {
                 black_box(store.take(&id, token).await.unwrap());
             })
         })
+    });
+    // The forward's part alone: issuing happens outside the timing.
+    c.bench_function("reference_take", |b| {
+        b.iter_batched(
+            || {
+                rt.block_on(store.issue(Reference {
+                    token_id: token,
+                    expires_at: time::OffsetDateTime::now_utc() + Duration::from_secs(900),
+                    payload: payload.clone(),
+                }))
+                .unwrap()
+            },
+            |id| rt.block_on(async { black_box(store.take(&id, token).await.unwrap()) }),
+            BatchSize::SmallInput,
+        )
     });
 }
 
