@@ -833,7 +833,7 @@ print("Upstream: nginx (1 worker, TLS, keep-alive) answering `200 {\"approved\":
       "Every request is the same POST with a JSON body holding `<< placeholders >>` (rendered by tokenrelay only). "
       "nginx proxy: 1 worker, keep-alive pool 64, proxy_ssl_verify on. haproxy 2.6: nbthread 1, http-reuse always, ssl verify required. "
       f"tokenrelay: {os.environ['VAULT']} vault, memory references, RUST_LOG={os.environ['TR_LOG']} "
-      "(at info: an access line per request and an audit line per forward, JSON, to a file).\n")
+      "(at info: one JSON line per request, to a file).\n")
 print(f"## Fixed rate — target {rate} req/s, {dur} s (after {warm} s warm-up), wrk -t{ft} -c{fc}\n")
 print("Paced with wrk's Lua `delay()` (per-connection delay = connections×1000/RATE ms, jittered uniformly ×[0.5,1.5]); "
       "latency is measured from request write to response, so this is **not** a coordinated-omission-corrected generator "
