@@ -865,6 +865,25 @@ async fn rotation_under_load(db: &Db) {
     assert_eq!(both.rotate_batch(25).await.unwrap(), 0);
 }
 
+/// A record rotation cannot open stops it with an error naming the table
+/// and the row, so the operator can find it; nothing is rewritten.
+#[tokio::test]
+async fn rotation_names_the_row_it_cannot_open() {
+    let db = Db::sqlite();
+    let k1 = key_line("k1");
+    let t = token(&random_tpan());
+    let id = t.id;
+    db.store(&k1).await.insert(t, None).await.unwrap();
+    let without_k1 = db.store(&key_line("k2")).await;
+    let err = without_k1.rotate_batch(25).await.unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("network_tokens row {id}")) && err.contains("\"k1\""),
+        "{err}"
+    );
+    // Still readable under its old key: the failed rotation wrote nothing.
+    assert!(db.store(&k1).await.get(id).await.unwrap().is_some());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn rotation_under_load_on_sqlite() {
     rotation_under_load(&Db::sqlite()).await;

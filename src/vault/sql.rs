@@ -469,10 +469,19 @@ impl SqlTokenStore {
                 row.try_get(2).map_err(unavailable)?,
             );
             let aad = format!("{aad_prefix}{id}").into_bytes();
-            let plain = self
-                .keys
-                .open(&key_id, &aad, &unb64(&secret)?)
-                .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            // Named, so the operator can find the row (ids are not secret).
+            let unreadable = |e: &dyn std::fmt::Display| {
+                StoreError::Corrupt(format!(
+                    "{table} row {id} (key {key_id:?}) cannot be re-encrypted: {e}"
+                ))
+            };
+            let plain = unb64(&secret)
+                .map_err(|e| unreadable(&e))
+                .and_then(|sealed| {
+                    self.keys
+                        .open(&key_id, &aad, &sealed)
+                        .map_err(|e| unreadable(&e))
+                })?;
             let (new_id, sealed) = self
                 .keys
                 .seal(&aad, &plain)
@@ -752,7 +761,11 @@ impl TokenStore for SqlTokenStore {
             let stored_key: String = row.try_get("key").map_err(unavailable)?;
             let old_key_id: String = row.try_get("key_id").map_err(unavailable)?;
             let old_body: String = row.try_get("body").map_err(unavailable)?;
-            let rec = self.row_to_idempotency(&row)?;
+            let rec = self.row_to_idempotency(&row).map_err(|e| {
+                StoreError::Corrupt(format!(
+                    "idempotency row {stored_key:?} (key {old_key_id:?}) cannot be re-encrypted: {e}"
+                ))
+            })?;
             let (key_id, body) = self.sealed_idempotency(&rec)?;
             let r = sqlx::query(
                 "UPDATE idempotency SET key_id = $1, body = $2 WHERE key = $3 AND key_id = $4 AND body = $5",
