@@ -115,22 +115,15 @@ async fn one_line_per_request_with_its_id_and_what_it_did() {
     let t = s.provision(MASTERCARD).await;
     let id = t["id"].as_str().unwrap().to_owned();
     let r = s.reference(&id).await;
-    let ok = s
-        .forward(&id, &r, &acq.url("/pay"))
-        .header("x-request-id", "merchant-req-1")
-        .body("<< number >>")
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(ok.status(), 200);
+    let forward = |request_id: &'static str| {
+        s.forward(&id, &r, &acq.url("/pay"))
+            .header("x-request-id", request_id)
+            .body("<< number >>")
+            .send()
+    };
+    assert_eq!(forward("merchant-req-1").await.unwrap().status(), 200);
     // The reference is spent: the retry fails, and its line says so.
-    let spent = s
-        .forward(&id, &r, &acq.url("/pay"))
-        .header("x-request-id", "merchant-req-2")
-        .body("<< number >>")
-        .send()
-        .await
-        .unwrap();
+    let spent = forward("merchant-req-2").await.unwrap();
     assert_eq!(spent.status(), 409);
     let relay_error = spent.headers()["x-relay-error"]
         .to_str()

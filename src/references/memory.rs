@@ -256,14 +256,19 @@ mod tests {
         ));
     }
 
+    /// Two workers, so takers really run in parallel.
+    fn two_workers() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .build()
+            .unwrap()
+    }
+
     #[test]
     fn concurrent_takers_exactly_one_wins() {
         let s = Arc::new(MemoryReferenceStore::new(10));
         let t = TokenId::new();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
+        let rt = two_workers();
         rt.block_on(async {
             let id = s
                 .issue(reference(t, Duration::from_secs(60)))
@@ -287,10 +292,7 @@ mod tests {
     fn takes_racing_a_revoke_count_each_reference_once() {
         let s = Arc::new(MemoryReferenceStore::new(10_000));
         let t = TokenId::new();
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .build()
-            .unwrap();
+        let rt = two_workers();
         rt.block_on(async {
             for _ in 0..20 {
                 let mut ids = Vec::new();
