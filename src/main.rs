@@ -120,15 +120,27 @@ fn rotate_key(path: PathBuf, batch: usize) -> anyhow::Result<()> {
         let keys = tokenrelay::vault::load_keys(&config.vault)?;
         let store = tokenrelay::vault::open(&config.vault, Some(keys.clone())).await?;
         println!("re-encrypting under key {:?}", keys.active_id());
-        let mut total = 0;
+        let mut cursor = tokenrelay::vault::RotationCursor::default();
+        let (mut total, mut unreadable) = (0, Vec::new());
         loop {
-            let n = store.rotate_batch(batch).await?;
-            if n == 0 {
+            let step = store.rotate_batch(&mut cursor, batch).await?;
+            if step.visited == 0 {
                 break;
             }
-            total += n;
+            total += step.rotated;
+            for row in step.unreadable {
+                eprintln!("  cannot re-encrypt {row}");
+                unreadable.push(row);
+            }
             println!("  {total} records re-encrypted");
         }
+        anyhow::ensure!(
+            unreadable.is_empty(),
+            "{total} records re-encrypted, but {} could not be opened and are still under \
+             their old keys (listed above): keep those keys in the key file until each \
+             row is restored from a backup or deleted",
+            unreadable.len()
+        );
         println!(
             "done: {total} records re-encrypted; every record is under {:?}",
             keys.active_id()

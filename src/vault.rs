@@ -257,6 +257,37 @@ pub enum StoreError {
     Corrupt(String),
 }
 
+/// How far a key-rotation pass has got: the last row visited in each
+/// sealed table, in key order.
+#[derive(Debug, Default, Clone)]
+pub struct RotationCursor {
+    last: std::collections::BTreeMap<&'static str, String>,
+}
+
+impl RotationCursor {
+    /// The last row visited in `table` ("" before the first).
+    pub fn after(&self, table: &str) -> &str {
+        self.last.get(table).map_or("", String::as_str)
+    }
+
+    /// Moves past `row` in `table`.
+    pub fn visited(&mut self, table: &'static str, row: String) {
+        self.last.insert(table, row);
+    }
+}
+
+/// What one key-rotation step did.
+#[derive(Debug, Default)]
+pub struct RotationStep {
+    /// Rows under an old key it looked at; 0 ends the pass.
+    pub visited: usize,
+    /// Rows re-encrypted under the active key.
+    pub rotated: usize,
+    /// Rows it could not open, each named by table, row and key id with
+    /// the reason; they stay as they are, under their old key.
+    pub unreadable: Vec<String>,
+}
+
 /// Where network tokens live. Implementations must make each call atomic.
 #[async_trait]
 pub trait TokenStore: Send + Sync + 'static {
@@ -320,9 +351,16 @@ pub trait TokenStore: Send + Sync + 'static {
         max_age: std::time::Duration,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
 
-    /// Re-encrypts up to `batch` records not sealed under the active key;
-    /// returns how many it re-encrypted (0 = done).
-    async fn rotate_batch(&self, batch: usize) -> Result<usize, StoreError>;
+    /// Re-encrypts up to `batch` records per table that are not sealed
+    /// under the active key, after `cursor`, and moves the cursor past
+    /// them. A record it cannot open is reported and passed over, so one
+    /// bad row does not hold back every row behind it. A step that visits
+    /// nothing ends the pass.
+    async fn rotate_batch(
+        &self,
+        cursor: &mut RotationCursor,
+        batch: usize,
+    ) -> Result<RotationStep, StoreError>;
 
     /// Checks the backend answers.
     async fn ping(&self) -> Result<(), StoreError>;

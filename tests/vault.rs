@@ -31,8 +31,8 @@ use tokenrelay::crypto::{random_bytes, random_digits};
 use tokenrelay::vault::keyring::Keyring;
 use tokenrelay::vault::sql::SqlTokenStore;
 use tokenrelay::vault::{
-    IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, StoreError, TokenId,
-    TokenStatus, TokenStore,
+    IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, RotationCursor,
+    StoreError, TokenId, TokenStatus, TokenStore,
 };
 use uuid::Uuid;
 
@@ -811,15 +811,21 @@ async fn rotation_under_load(db: &Db) {
     let reads_before = reads.load(Ordering::Relaxed);
     let mut rotated = 0;
     let mut rounds = 0;
+    let mut cursor = RotationCursor::default();
     loop {
         rounds += 1;
         assert!(rounds < 100, "rotation did not converge");
-        let n = both.rotate_batch(25).await.unwrap();
-        assert!(n <= 50, "a batch of 25 (+25 idempotency) rotated {n}");
-        if n == 0 {
+        let step = both.rotate_batch(&mut cursor, 25).await.unwrap();
+        assert!(step.unreadable.is_empty(), "{:?}", step.unreadable);
+        assert!(
+            step.visited <= 75,
+            "a batch of 25 per table (tokens, PCI tokens, idempotency) visited {}",
+            step.visited
+        );
+        if step.visited == 0 {
             break;
         }
-        rotated += n;
+        rotated += step.rotated;
         tokio::task::yield_now().await;
     }
     stop.store(true, Ordering::Relaxed);
@@ -862,26 +868,76 @@ async fn rotation_under_load(db: &Db) {
         k1_only.get_idempotency(&idem_keys[0], HOUR).await,
         Err(StoreError::Corrupt(_))
     ));
-    assert_eq!(both.rotate_batch(25).await.unwrap(), 0);
+    let again = both
+        .rotate_batch(&mut RotationCursor::default(), 25)
+        .await
+        .unwrap();
+    assert_eq!(again.visited, 0, "a second pass has nothing to do");
 }
 
-/// A record rotation cannot open stops it with an error naming the table
-/// and the row, so the operator can find it; nothing is rewritten.
-#[tokio::test]
-async fn rotation_names_the_row_it_cannot_open() {
-    let db = Db::sqlite();
-    let k1 = key_line("k1");
-    let t = token(&random_tpan());
-    let id = t.id;
-    db.store(&k1).await.insert(t, None).await.unwrap();
-    let without_k1 = db.store(&key_line("k2")).await;
-    let err = without_k1.rotate_batch(25).await.unwrap_err().to_string();
+/// A record rotation cannot open is named (table, row, key id) and passed
+/// over: the rows behind it are still re-encrypted, and it is left as it
+/// was, readable under its old key.
+async fn rotation_passes_over_a_row_it_cannot_open(db: &Db) {
+    let (k1, k2, lost) = (key_line("k1"), key_line("k2"), key_line("k0"));
+    // Rotation's keyring lacks "k0": those rows cannot be opened.
+    let unreadable = token(&random_tpan());
+    let unreadable_id = unreadable.id;
+    db.store(&lost)
+        .await
+        .insert(unreadable, None)
+        .await
+        .unwrap();
+    let mut readable = Vec::new();
+    for _ in 0..5 {
+        let t = token(&random_tpan());
+        readable.push(t.id);
+        db.store(&k1).await.insert(t, None).await.unwrap();
+    }
+    let both = db.store(&format!("{k1}\n{k2}")).await;
+    let mut cursor = RotationCursor::default();
+    let (mut rotated, mut named) = (0, Vec::new());
+    for round in 0.. {
+        assert!(round < 100, "the pass did not end");
+        // Batches of 2, so the bad row sits inside a pass, not at its end.
+        let step = both.rotate_batch(&mut cursor, 2).await.unwrap();
+        if step.visited == 0 {
+            break;
+        }
+        rotated += step.rotated;
+        named.extend(step.unreadable);
+    }
+    assert_eq!(rotated, readable.len());
+    assert_eq!(named.len(), 1, "{named:?}");
     assert!(
-        err.contains(&format!("network_tokens row {id}")) && err.contains("\"k1\""),
-        "{err}"
+        named[0].starts_with(&format!("network_tokens row {unreadable_id} (key \"k0\")")),
+        "{named:?}"
     );
-    // Still readable under its old key: the failed rotation wrote nothing.
-    assert!(db.store(&k1).await.get(id).await.unwrap().is_some());
+    let k2_only = db.store(&k2).await;
+    for id in readable {
+        assert!(k2_only.get(id).await.unwrap().is_some());
+    }
+    assert!(db
+        .store(&lost)
+        .await
+        .get(unreadable_id)
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn rotation_passes_over_a_row_it_cannot_open_on_sqlite() {
+    rotation_passes_over_a_row_it_cannot_open(&Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn rotation_passes_over_a_row_it_cannot_open_on_postgres() {
+    let Some(db) = Db::postgres("rotation_passes_over_a_row_it_cannot_open_on_postgres").await
+    else {
+        return;
+    };
+    rotation_passes_over_a_row_it_cannot_open(&db).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1239,6 +1295,28 @@ async fn rotate_key_command_reencrypts_and_serve_reads() {
         .unwrap();
     assert!(again.status.success());
     assert!(String::from_utf8_lossy(&again.stdout).contains("done: 0 records re-encrypted"));
+
+    // A row under a key the file no longer holds: the command names it,
+    // says what to do, and fails, so nobody removes a key still in use.
+    let stray = token(&random_tpan());
+    let stray_id = stray.id;
+    db.store(&key_line("k0"))
+        .await
+        .insert(stray, None)
+        .await
+        .unwrap();
+    let failed = Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
+        .args(["rotate-key", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(&format!("network_tokens row {stray_id} (key \"k0\")"))
+            && stderr.contains("keep those keys"),
+        "{stderr}"
+    );
 
     let _bin = serve(&config, &admin, &log).await;
     for (id, body) in &tokens {

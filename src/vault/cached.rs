@@ -27,8 +27,8 @@ use async_trait::async_trait;
 use crate::card::CardNumber;
 
 use super::{
-    IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, StoreError, TokenChange,
-    TokenId, TokenStore,
+    IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, RotationCursor, RotationStep,
+    StoreError, TokenChange, TokenId, TokenStore,
 };
 
 /// Most tokens kept.
@@ -147,9 +147,13 @@ impl TokenStore for CachedTokenStore {
         self.inner.put_idempotency(record, max_age).await
     }
 
-    async fn rotate_batch(&self, batch: usize) -> Result<usize, StoreError> {
+    async fn rotate_batch(
+        &self,
+        cursor: &mut RotationCursor,
+        batch: usize,
+    ) -> Result<RotationStep, StoreError> {
         // Re-encryption changes the ciphertext, not the token.
-        self.inner.rotate_batch(batch).await
+        self.inner.rotate_batch(cursor, batch).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -231,8 +235,12 @@ mod tests {
         ) -> Result<Option<IdempotencyRecord>, StoreError> {
             self.store.put_idempotency(r, a).await
         }
-        async fn rotate_batch(&self, b: usize) -> Result<usize, StoreError> {
-            self.store.rotate_batch(b).await
+        async fn rotate_batch(
+            &self,
+            c: &mut RotationCursor,
+            b: usize,
+        ) -> Result<RotationStep, StoreError> {
+            self.store.rotate_batch(c, b).await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())

@@ -15,8 +15,8 @@ use crate::card::CardNumber;
 
 use super::keyring::Keyring;
 use super::{
-    IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, StoreError, TokenChange,
-    TokenId, TokenStore,
+    IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, RotationCursor, RotationStep,
+    StoreError, TokenChange, TokenId, TokenStore,
 };
 
 /// The in-memory store.
@@ -108,9 +108,13 @@ impl TokenStore for MemoryTokenStore {
         Ok(None)
     }
 
-    async fn rotate_batch(&self, _batch: usize) -> Result<usize, StoreError> {
+    async fn rotate_batch(
+        &self,
+        _cursor: &mut RotationCursor,
+        _batch: usize,
+    ) -> Result<RotationStep, StoreError> {
         // Nothing is at rest.
-        Ok(0)
+        Ok(RotationStep::default())
     }
 
     async fn get(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {

@@ -23,7 +23,7 @@ use time::OffsetDateTime;
 use super::keyring::Keyring;
 use super::{
     IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, PciTokenId,
-    StoreError, TokenChange, TokenId, TokenStatus, TokenStore,
+    RotationCursor, RotationStep, StoreError, TokenChange, TokenId, TokenStatus, TokenStore,
 };
 use crate::card::{Brand, CardNumber};
 
@@ -446,42 +446,48 @@ impl SqlTokenStore {
     }
 
     /// Re-seals up to `limit` rows of `table` under the active key.
+    /// One rotation step over a sealed table: rows under an old key after
+    /// the cursor, in id order.
     async fn rotate_table(
         &self,
-        table: &str,
+        table: &'static str,
         aad_prefix: &str,
-        active: &str,
+        cursor: &mut RotationCursor,
         limit: i64,
-    ) -> Result<usize, StoreError> {
+        step: &mut RotationStep,
+    ) -> Result<(), StoreError> {
+        let active = self.keys.active_id().to_owned();
         let rows = sqlx::query(&format!(
-            "SELECT id, key_id, secret FROM {table} WHERE key_id <> $1 LIMIT $2"
+            "SELECT id, key_id, secret FROM {table} WHERE key_id <> $1 AND id > $2 ORDER BY id LIMIT $3"
         ))
-        .bind(active.to_owned())
+        .bind(active)
+        .bind(cursor.after(table).to_owned())
         .bind(limit)
         .fetch_all(&self.pool)
         .await
         .map_err(unavailable)?;
-        let mut done = 0;
         for row in rows {
             let (id, key_id, secret): (String, String, String) = (
                 row.try_get(0).map_err(unavailable)?,
                 row.try_get(1).map_err(unavailable)?,
                 row.try_get(2).map_err(unavailable)?,
             );
+            step.visited += 1;
+            cursor.visited(table, id.clone());
             let aad = format!("{aad_prefix}{id}").into_bytes();
-            // Named, so the operator can find the row (ids are not secret).
-            let unreadable = |e: &dyn std::fmt::Display| {
-                StoreError::Corrupt(format!(
-                    "{table} row {id} (key {key_id:?}) cannot be re-encrypted: {e}"
-                ))
+            let plain = match unb64(&secret).and_then(|sealed| {
+                self.keys
+                    .open(&key_id, &aad, &sealed)
+                    .map_err(|e| StoreError::Corrupt(e.to_string()))
+            }) {
+                Ok(plain) => plain,
+                Err(e) => {
+                    // Named, so the operator can find it (ids are not secret).
+                    step.unreadable
+                        .push(format!("{table} row {id} (key {key_id:?}): {e}"));
+                    continue;
+                }
             };
-            let plain = unb64(&secret)
-                .map_err(|e| unreadable(&e))
-                .and_then(|sealed| {
-                    self.keys
-                        .open(&key_id, &aad, &sealed)
-                        .map_err(|e| unreadable(&e))
-                })?;
             let (new_id, sealed) = self
                 .keys
                 .seal(&aad, &plain)
@@ -498,9 +504,9 @@ impl SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
-            done += r.rows_affected() as usize;
+            step.rotated += r.rows_affected() as usize;
         }
-        Ok(done)
+        Ok(())
     }
 
     async fn get_token(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
@@ -742,17 +748,22 @@ impl TokenStore for SqlTokenStore {
         self.read_idempotency(&record.key).await
     }
 
-    async fn rotate_batch(&self, batch: usize) -> Result<usize, StoreError> {
-        let active = self.keys.active_id().to_owned();
+    async fn rotate_batch(
+        &self,
+        cursor: &mut RotationCursor,
+        batch: usize,
+    ) -> Result<RotationStep, StoreError> {
         let limit = batch as i64;
-        let mut done = 0;
+        let mut step = RotationStep::default();
         for (table, aad_prefix) in SEALED_TABLES {
-            done += self.rotate_table(table, aad_prefix, &active, limit).await?;
+            self.rotate_table(table, aad_prefix, cursor, limit, &mut step)
+                .await?;
         }
         let rows = sqlx::query(
-            "SELECT key, fingerprint, status, key_id, body, created_at FROM idempotency WHERE key_id <> $1 LIMIT $2",
+            "SELECT key, fingerprint, status, key_id, body, created_at FROM idempotency WHERE key_id <> $1 AND key > $2 ORDER BY key LIMIT $3",
         )
-        .bind(active)
+        .bind(self.keys.active_id().to_owned())
+        .bind(cursor.after("idempotency").to_owned())
         .bind(limit)
         .fetch_all(&self.pool)
         .await
@@ -761,11 +772,17 @@ impl TokenStore for SqlTokenStore {
             let stored_key: String = row.try_get("key").map_err(unavailable)?;
             let old_key_id: String = row.try_get("key_id").map_err(unavailable)?;
             let old_body: String = row.try_get("body").map_err(unavailable)?;
-            let rec = self.row_to_idempotency(&row).map_err(|e| {
-                StoreError::Corrupt(format!(
-                    "idempotency row {stored_key:?} (key {old_key_id:?}) cannot be re-encrypted: {e}"
-                ))
-            })?;
+            step.visited += 1;
+            cursor.visited("idempotency", stored_key.clone());
+            let rec = match self.row_to_idempotency(&row) {
+                Ok(rec) => rec,
+                Err(e) => {
+                    step.unreadable.push(format!(
+                        "idempotency row {stored_key:?} (key {old_key_id:?}): {e}"
+                    ));
+                    continue;
+                }
+            };
             let (key_id, body) = self.sealed_idempotency(&rec)?;
             let r = sqlx::query(
                 "UPDATE idempotency SET key_id = $1, body = $2 WHERE key = $3 AND key_id = $4 AND body = $5",
@@ -778,9 +795,9 @@ impl TokenStore for SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
-            done += r.rows_affected() as usize;
+            step.rotated += r.rows_affected() as usize;
         }
-        Ok(done)
+        Ok(step)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
