@@ -9,19 +9,23 @@
 //! [`ReferenceStoreError::Full`] and nothing is handed out that is not
 //! stored.
 //!
-//! moka holds each reference once, from `issue` until it expires or is
-//! revoked, and never rewrites it: the state that changes (unused, used,
-//! evicted) lives in the entry's [`Slot`] behind its own small lock, which
-//! is what makes `take` exactly-once. A take is a moka read plus that lock;
-//! a moka write per take (`and_compute_with`) cost about a tenth of the
-//! forward's CPU under load.
+//! moka holds each unused reference, and never rewrites it: its state
+//! (unused, used, evicted) lives in the entry's [`Slot`] behind its own
+//! small lock, which is what makes `take` exactly-once. A take is a moka
+//! read plus that lock; a moka write per take (`and_compute_with`) cost
+//! about a tenth of the forward's CPU under load.
 //!
-//! A taken reference becomes a tombstone until its expiry — its cryptogram
-//! dropped, a few dozen bytes left — so a retry answers 409, not 404.
-//! Tombstones do not count toward the bound (otherwise the bound would cap
-//! the issuance *rate* at `max_entries / reference_ttl`); their number is
-//! bounded by that rate times the TTL instead.
+//! A taken reference leaves moka (an entry there costs ~700 bytes) and
+//! becomes a tombstone in [`Spent`] until its expiry — a keyed 128-bit hash
+//! of its id, its token and its expiry, well under a tenth of that — so a
+//! retry answers 409, not 404. Tombstones do not count toward the bound
+//! (otherwise the bound would cap the issuance *rate* at `max_entries /
+//! reference_ttl`); their number is bounded by that rate times the TTL
+//! instead, which is why they must be small: 1,000 forwards a second with
+//! the default 15-minute TTL keep 900,000 of them.
 
+use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -36,6 +40,23 @@ use super::{
 };
 use crate::vault::TokenId;
 
+/// Locks a mutex whose critical sections cannot panic.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Why a reference bound to `token_id` and expiring at `expires_at` cannot
+/// be used for `wanted` right now, if it cannot (its state aside).
+fn refuse(token_id: TokenId, expires_at: OffsetDateTime, wanted: TokenId) -> Option<TakeError> {
+    if expires_at <= OffsetDateTime::now_utc() {
+        Some(TakeError::NotFound)
+    } else if token_id != wanted {
+        Some(TakeError::TokenMismatch)
+    } else {
+        None
+    }
+}
+
 /// One issued reference: what it is bound to, fixed at issue, and its state.
 struct Slot {
     token_id: TokenId,
@@ -46,30 +67,15 @@ struct Slot {
 enum State {
     /// Issued, not yet taken: counted toward the bound.
     Unused(Arc<Payload>),
-    /// Taken; the cryptogram is gone, the tombstone answers 409.
+    /// Taken; the cryptogram is gone and the tombstone is in [`Spent`].
     Used,
     /// Removed from the cache (expired or revoked); never usable again.
     Evicted,
 }
 
 impl Slot {
-    /// The state, for a short critical section that cannot panic.
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    /// Why this slot cannot be used for `token_id` right now, if it cannot;
-    /// the state itself is judged by the caller, under the lock.
-    fn refuse(&self, token_id: TokenId) -> Option<TakeError> {
-        if self.expires_at <= OffsetDateTime::now_utc() {
-            Some(TakeError::NotFound)
-        } else if self.token_id != token_id {
-            Some(TakeError::TokenMismatch)
-        } else {
-            None
-        }
+    fn refuse(&self, wanted: TokenId) -> Option<TakeError> {
+        refuse(self.token_id, self.expires_at, wanted)
     }
 
     fn reference(&self, payload: Arc<Payload>) -> Reference {
@@ -91,9 +97,91 @@ impl Expiry<ReferenceId, Arc<Slot>> for ByExpiresAt {
     }
 }
 
+/// Tombstones of taken references, until their expiry. Keys are a 128-bit
+/// hash of the reference id under two random per-process keys (a collision
+/// could only turn a 404 into a 409). Expired tombstones are swept from a
+/// shard at most every [`Spent::SWEEP_EVERY`], when it is next written.
+struct Spent {
+    shards: Box<[Mutex<SpentShard>]>,
+    keys: (RandomState, RandomState),
+}
+
+#[derive(Default)]
+struct SpentShard {
+    tombstones: HashMap<u128, (TokenId, OffsetDateTime)>,
+    swept_at: Option<OffsetDateTime>,
+}
+
+impl Spent {
+    const SHARDS: usize = 16;
+    const SWEEP_EVERY: time::Duration = time::Duration::seconds(30);
+
+    fn new() -> Self {
+        Self {
+            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
+            keys: (RandomState::new(), RandomState::new()),
+        }
+    }
+
+    fn shard(&self, id: &ReferenceId) -> (MutexGuard<'_, SpentShard>, u128) {
+        let (hi, lo) = (self.keys.0.hash_one(id), self.keys.1.hash_one(id));
+        let key = (u128::from(hi) << 64) | u128::from(lo);
+        (lock(&self.shards[lo as usize % Self::SHARDS]), key)
+    }
+
+    fn insert(&self, id: &ReferenceId, token_id: TokenId, expires_at: OffsetDateTime) {
+        let (mut shard, key) = self.shard(id);
+        let now = OffsetDateTime::now_utc();
+        if shard
+            .swept_at
+            .is_none_or(|at| now - at >= Self::SWEEP_EVERY)
+        {
+            shard.tombstones.retain(|_, (_, exp)| *exp > now);
+            shard.swept_at = Some(now);
+        }
+        shard.tombstones.insert(key, (token_id, expires_at));
+    }
+
+    /// The live tombstone of `id`: its token and expiry.
+    fn get(&self, id: &ReferenceId) -> Option<(TokenId, OffsetDateTime)> {
+        let (shard, key) = self.shard(id);
+        shard
+            .tombstones
+            .get(&key)
+            .copied()
+            .filter(|(_, exp)| *exp > OffsetDateTime::now_utc())
+    }
+
+    /// Removes the live tombstone of `id`, returning whether there was one.
+    fn remove(&self, id: &ReferenceId) -> bool {
+        let (mut shard, key) = self.shard(id);
+        shard
+            .tombstones
+            .remove(&key)
+            .is_some_and(|(_, exp)| exp > OffsetDateTime::now_utc())
+    }
+
+    fn revoke_token(&self, token_id: TokenId) {
+        for shard in self.shards.iter() {
+            lock(shard).tombstones.retain(|_, (t, _)| *t != token_id);
+        }
+    }
+
+    /// Why a reference that is not in the cache cannot be taken.
+    fn refuse(&self, id: &ReferenceId, wanted: TokenId) -> TakeError {
+        match self.get(id) {
+            Some((token_id, expires_at)) => {
+                refuse(token_id, expires_at, wanted).unwrap_or(TakeError::AlreadyUsed)
+            }
+            None => TakeError::NotFound,
+        }
+    }
+}
+
 /// The moka-backed store.
 pub struct MemoryReferenceStore {
     cache: Cache<ReferenceId, Arc<Slot>>,
+    spent: Spent,
     /// Unused references held.
     live: Arc<AtomicU64>,
     max_entries: u64,
@@ -109,16 +197,18 @@ impl MemoryReferenceStore {
             .support_invalidation_closures()
             .eviction_listener(move |_k, slot: Arc<Slot>, _cause| {
                 // Under the slot's lock, so a concurrent take either wins
-                // before (and uncounts it) or finds it evicted.
-                let mut state = slot.state();
+                // before (and uncounts it) or finds it evicted. A taken
+                // slot stays `Used`: whoever still holds it answers 409.
+                let mut state = lock(&slot.state);
                 if matches!(*state, State::Unused(_)) {
                     counter.fetch_sub(1, Ordering::AcqRel);
+                    *state = State::Evicted;
                 }
-                *state = State::Evicted;
             })
             .build();
         Self {
             cache,
+            spent: Spent::new(),
             live,
             max_entries,
         }
@@ -139,7 +229,10 @@ impl MemoryReferenceStore {
     }
 
     fn slot(&self, id: &ReferenceId, token_id: TokenId) -> Result<Arc<Slot>, TakeError> {
-        let slot = self.cache.get(id).ok_or(TakeError::NotFound)?;
+        let slot = self
+            .cache
+            .get(id)
+            .ok_or_else(|| self.spent.refuse(id, token_id))?;
         match slot.refuse(token_id) {
             Some(e) => Err(e),
             None => Ok(slot),
@@ -167,10 +260,14 @@ impl ReferenceStore for MemoryReferenceStore {
 
     async fn take(&self, id: &ReferenceId, token_id: TokenId) -> Result<Reference, TakeFailure> {
         let slot = self.slot(id, token_id)?;
-        let mut state = slot.state();
+        let mut state = lock(&slot.state);
         match std::mem::replace(&mut *state, State::Used) {
             State::Unused(payload) => {
                 self.live.fetch_sub(1, Ordering::AcqRel);
+                // The tombstone first, so a retry never finds neither.
+                self.spent.insert(id, slot.token_id, slot.expires_at);
+                drop(state);
+                self.cache.invalidate(id);
                 Ok(slot.reference(payload))
             }
             State::Used => Err(TakeError::AlreadyUsed.into()),
@@ -183,7 +280,7 @@ impl ReferenceStore for MemoryReferenceStore {
 
     async fn peek(&self, id: &ReferenceId, token_id: TokenId) -> Result<Reference, TakeFailure> {
         let slot = self.slot(id, token_id)?;
-        let state = slot.state();
+        let state = lock(&slot.state);
         match &*state {
             State::Unused(payload) => Ok(slot.reference(payload.clone())),
             State::Used => Err(TakeError::AlreadyUsed.into()),
@@ -196,19 +293,25 @@ impl ReferenceStore for MemoryReferenceStore {
         id: &ReferenceId,
         reference: Reference,
     ) -> Result<(), ReferenceStoreError> {
-        let Some(slot) = self.cache.get(id) else {
-            return Ok(());
-        };
-        let mut state = slot.state();
-        if matches!(*state, State::Used) {
+        // Only a live tombstone comes back: not an expired or revoked one,
+        // and not a reference that was never taken.
+        if self.spent.remove(id) {
             // It was counted when issued; it is unused again.
             self.live.fetch_add(1, Ordering::AcqRel);
-            *state = State::Unused(reference.payload);
+            self.cache.insert(
+                id.clone(),
+                Arc::new(Slot {
+                    token_id: reference.token_id,
+                    expires_at: reference.expires_at,
+                    state: Mutex::new(State::Unused(reference.payload)),
+                }),
+            );
         }
         Ok(())
     }
 
     async fn revoke_token(&self, token_id: TokenId) -> Result<(), ReferenceStoreError> {
+        self.spent.revoke_token(token_id);
         self.cache
             .invalidate_entries_if(move |_, s| s.token_id == token_id)
             .map_err(|e| ReferenceStoreError::Unavailable(e.to_string()))?;
@@ -325,5 +428,65 @@ mod tests {
                 assert_eq!(s.len(), 0);
             }
         });
+    }
+
+    #[tokio::test]
+    async fn a_taken_reference_leaves_the_cache_and_its_tombstone_answers() {
+        let s = MemoryReferenceStore::new(10);
+        let t = TokenId::new();
+        let id = s
+            .issue(reference(t, Duration::from_secs(60)))
+            .await
+            .unwrap();
+        s.take(&id, t).await.unwrap();
+        s.cache.run_pending_tasks();
+        assert_eq!(s.cache.entry_count(), 0, "the moka entry is gone");
+        assert!(matches!(
+            s.take(&id, t).await,
+            Err(TakeFailure::Refused(TakeError::AlreadyUsed))
+        ));
+        assert!(matches!(
+            s.peek(&id, TokenId::new()).await,
+            Err(TakeFailure::Refused(TakeError::TokenMismatch))
+        ));
+    }
+
+    #[tokio::test]
+    async fn expired_tombstones_are_swept_when_their_shard_is_next_written() {
+        let s = MemoryReferenceStore::new(1_000);
+        let t = TokenId::new();
+        for _ in 0..200 {
+            let id = s
+                .issue(reference(t, Duration::from_millis(20)))
+                .await
+                .unwrap();
+            s.take(&id, t).await.unwrap();
+        }
+        let held = || -> usize {
+            s.spent
+                .shards
+                .iter()
+                .map(|m| lock(m).tombstones.len())
+                .sum()
+        };
+        assert_eq!(held(), 200);
+        std::thread::sleep(Duration::from_millis(40));
+        // Every shard is due for a sweep and gets a write.
+        for shard in s.spent.shards.iter() {
+            lock(shard).swept_at = Some(OffsetDateTime::now_utc() - Spent::SWEEP_EVERY);
+        }
+        let (mut written, mut taken) = (std::collections::HashSet::new(), 0);
+        while written.len() < Spent::SHARDS {
+            let id = s
+                .issue(reference(t, Duration::from_secs(60)))
+                .await
+                .unwrap();
+            let key = s.spent.shard(&id).1;
+            written.insert(key as u64 as usize % Spent::SHARDS);
+            s.take(&id, t).await.unwrap();
+            taken += 1;
+        }
+        // Only the live ones are left.
+        assert_eq!(held(), taken);
     }
 }
