@@ -10,13 +10,13 @@
 //! stored.
 //!
 //! moka holds each unused reference, and never rewrites it: its state
-//! (unused, used, evicted) lives in the entry's [`Slot`] behind its own
+//! (unused, used, evicted) lives in the entry's `Slot` behind its own
 //! small lock, which is what makes `take` exactly-once. A take is a moka
 //! read plus that lock; a moka write per take (`and_compute_with`) cost
 //! about a tenth of the forward's CPU under load.
 //!
 //! A taken reference leaves moka (an entry there costs ~700 bytes) and
-//! becomes a tombstone in [`Spent`] until its expiry — a keyed 128-bit hash
+//! becomes a tombstone in `Spent` until its expiry — a keyed 128-bit hash
 //! of its id, its token and its expiry, well under a tenth of that — so a
 //! retry answers 409, not 404. Tombstones do not count toward the bound
 //! (otherwise the bound would cap the issuance *rate* at `max_entries /
@@ -74,6 +74,14 @@ enum State {
 }
 
 impl Slot {
+    fn unused(reference: Reference) -> Arc<Slot> {
+        Arc::new(Slot {
+            token_id: reference.token_id,
+            expires_at: reference.expires_at,
+            state: Mutex::new(State::Unused(reference.payload)),
+        })
+    }
+
     fn refuse(&self, wanted: TokenId) -> Option<TakeError> {
         refuse(self.token_id, self.expires_at, wanted)
     }
@@ -247,14 +255,7 @@ impl ReferenceStore for MemoryReferenceStore {
             return Err(ReferenceStoreError::Full);
         }
         let id = ReferenceId::generate();
-        self.cache.insert(
-            id.clone(),
-            Arc::new(Slot {
-                token_id: reference.token_id,
-                expires_at: reference.expires_at,
-                state: Mutex::new(State::Unused(reference.payload)),
-            }),
-        );
+        self.cache.insert(id.clone(), Slot::unused(reference));
         Ok(id)
     }
 
@@ -298,14 +299,7 @@ impl ReferenceStore for MemoryReferenceStore {
         if self.spent.remove(id) {
             // It was counted when issued; it is unused again.
             self.live.fetch_add(1, Ordering::AcqRel);
-            self.cache.insert(
-                id.clone(),
-                Arc::new(Slot {
-                    token_id: reference.token_id,
-                    expires_at: reference.expires_at,
-                    state: Mutex::new(State::Unused(reference.payload)),
-                }),
-            );
+            self.cache.insert(id.clone(), Slot::unused(reference));
         }
         Ok(())
     }

@@ -445,7 +445,6 @@ impl SqlTokenStore {
         row.map(|r| self.row_to_idempotency(&r)).transpose()
     }
 
-    /// Re-seals up to `limit` rows of `table` under the active key.
     /// One rotation step over a sealed table: rows under an old key after
     /// the cursor, in id order.
     async fn rotate_table(
