@@ -51,6 +51,9 @@ pub const X_API_KEY: &str = "x-api-key";
 /// Header carrying an idempotency key.
 pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
 
+/// The OpenAPI document's path, on both listeners (no key needed).
+pub const OPENAPI_PATH: &str = "/openapi.json";
+
 /// Which route a request matched; also the label used in logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Route {
@@ -77,6 +80,22 @@ pub enum Route {
 }
 
 impl Route {
+    /// Every route, for the test that holds the OpenAPI document to the
+    /// router; [`Route::label`]'s exhaustive `match` is the reminder to add
+    /// a new one here.
+    pub const ALL: [Route; 10] = [
+        Route::ProvisionToken,
+        Route::GetToken,
+        Route::DeleteToken,
+        Route::CreateCryptogram,
+        Route::Forward,
+        Route::TokenEvent,
+        Route::CreatePciToken,
+        Route::GetPciToken,
+        Route::DeletePciToken,
+        Route::ForwardPci,
+    ];
+
     /// Stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -154,7 +173,10 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
         (Family::Pci, true, None, &Method::GET) => Route::GetPciToken,
         (Family::Pci, true, None, &Method::DELETE) => Route::DeletePciToken,
         (Family::Pci, true, Some("forward"), _) => Route::ForwardPci,
-        (_, _, None | Some("cryptograms" | "events"), _) => return Err(ApiError::MethodNotAllowed),
+        (_, true, Some("cryptograms" | "events"), _) | (_, false, None, _) => {
+            return Err(ApiError::MethodNotAllowed("POST"))
+        }
+        (_, true, None, _) => return Err(ApiError::MethodNotAllowed("GET, DELETE")),
         _ => return Err(ApiError::RouteNotFound),
     };
     Ok((route, id))
@@ -249,6 +271,19 @@ pub struct Outcome {
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
     let mut audit = Audit::default();
     let path = req.uri().path().to_owned();
+    if path == OPENAPI_PATH {
+        let response = if req.method() == Method::GET {
+            bytes_response(StatusCode::OK, crate::openapi::main_document())
+        } else {
+            ApiError::MethodNotAllowed("GET").into_response()
+        };
+        return Outcome {
+            route: None,
+            key_name: None,
+            audit,
+            response,
+        };
+    }
     if !path.starts_with("/api/") {
         return Outcome {
             route: None,
@@ -372,6 +407,32 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_lists_every_route_once() {
+        // Exhaustive, no `_`: a new route fails to compile here until it
+        // is given a place, and then fails the assertion until it is in ALL.
+        fn index(r: Route) -> usize {
+            match r {
+                Route::ProvisionToken => 0,
+                Route::GetToken => 1,
+                Route::DeleteToken => 2,
+                Route::CreateCryptogram => 3,
+                Route::Forward => 4,
+                Route::TokenEvent => 5,
+                Route::CreatePciToken => 6,
+                Route::GetPciToken => 7,
+                Route::DeletePciToken => 8,
+                Route::ForwardPci => 9,
+            }
+        }
+        let mut seen = [false; Route::ALL.len()];
+        for r in Route::ALL {
+            assert!(!seen[index(r)], "{} twice in Route::ALL", r.label());
+            seen[index(r)] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
     fn routes() {
         let id = "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11";
         assert_eq!(
@@ -390,7 +451,7 @@ mod tests {
         );
         assert!(matches!(
             route(&Method::GET, "/api/network/tokens"),
-            Err(ApiError::MethodNotAllowed)
+            Err(ApiError::MethodNotAllowed("POST"))
         ));
         assert!(matches!(
             route(&Method::GET, &format!("/api/network/tokens/{id}/nope")),

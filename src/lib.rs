@@ -17,6 +17,7 @@
 //!   tokens and cryptograms behind `TokenServiceProvider`;
 //! - [`admin`] serves health and metrics; [`telemetry`] owns logs and
 //!   metrics; [`config`] turns TOML into a validated [`config::Config`];
+//! - [`openapi`] holds the OpenAPI 3.1 documents of both listeners;
 //! - [`card`] and [`crypto`] hold the card rules, secret types and crypto
 //!   helpers.
 //!
@@ -42,6 +43,7 @@ pub mod crypto;
 pub mod cvc;
 pub mod demo;
 pub mod forward;
+pub mod openapi;
 pub mod references;
 pub mod sandbox_acquirer;
 pub mod server;

@@ -31,9 +31,10 @@ pub enum ApiError {
     /// No such route.
     #[error("no such route")]
     RouteNotFound,
-    /// Route exists, method does not.
-    #[error("method not allowed on this route")]
-    MethodNotAllowed,
+    /// Route exists, method does not; the methods it takes, for `Allow`
+    /// (RFC 9110 §15.5.6 requires it on a 405).
+    #[error("method not allowed on this route (allowed: {0})")]
+    MethodNotAllowed(&'static str),
     /// Malformed request (not JSON, wrong shape).
     #[error("{0}")]
     InvalidRequest(String),
@@ -131,7 +132,7 @@ impl ApiError {
             E::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             E::RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
-            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            E::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::SourceNotPermitted(..) => (StatusCode::FORBIDDEN, "source_not_permitted"),
             E::SourceNotSupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "source_not_supported"),
@@ -203,6 +204,9 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(X_RELAY_ERROR.clone(), HeaderValue::from_static(classifier));
+        if let ApiError::MethodNotAllowed(allow) = &self {
+            h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
+        }
         resp
     }
 }

@@ -242,14 +242,17 @@ pub async fn event(
     let body = read_body(req.into_body(), state.config.max_body_bytes).await?;
     let obj = json::object(&body)?;
     json::only_fields(&obj, &["event", "expiry_month", "expiry_year"], "")?;
-    let current = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
+    // The body is validated whole before the token is read, so a bad
+    // request is a 400 whatever state the token is in.
     let event = json::opt_str(&obj, "event").ok().flatten().unwrap_or("");
+    if event != "update_expiry"
+        && (obj.contains_key("expiry_month") || obj.contains_key("expiry_year"))
+    {
+        return Err(ApiError::InvalidRequest(
+            "`expiry_month` and `expiry_year` belong to update_expiry only".into(),
+        ));
+    }
     let (name, change) = match event {
-        "suspend" | "resume" | "activate_dauth" | "update_expiry"
-            if current.status == TokenStatus::Deleted =>
-        {
-            return Err(ApiError::TokenNotActive("deleted"))
-        }
         "suspend" => ("suspend", TokenChange::Status(TokenStatus::Inactive)),
         "resume" => ("resume", TokenChange::Status(TokenStatus::Active)),
         "delete" => ("delete", TokenChange::Status(TokenStatus::Deleted)),
@@ -283,6 +286,10 @@ pub async fn event(
             ))
         }
     };
+    let current = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
+    if current.status == TokenStatus::Deleted && name != "delete" {
+        return Err(ApiError::TokenNotActive("deleted"));
+    }
     let token = state
         .tokens
         .update(id, change)
