@@ -28,7 +28,7 @@ use crate::card::CardNumber;
 
 use super::{
     IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, RotationCursor, RotationStep,
-    StoreError, TokenChange, TokenId, TokenStore,
+    StoreError, TokenChange, TokenId, TokenLookup, TokenStore,
 };
 
 /// Most tokens kept.
@@ -108,6 +108,15 @@ impl TokenStore for CachedTokenStore {
         // On an error the write may or may not have landed: forget the copy.
         self.written(id, result.as_ref().ok().and_then(Option::as_ref));
         result
+    }
+
+    async fn find_tokens(
+        &self,
+        by: TokenLookup<'_>,
+    ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+        // A lookup by card or number is not on the forward path: always the
+        // store's current answer.
+        self.inner.find_tokens(by).await
     }
 
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
@@ -205,6 +214,12 @@ mod tests {
             c: TokenChange,
         ) -> Result<Option<Arc<NetworkToken>>, StoreError> {
             self.store.update(id, c).await
+        }
+        async fn find_tokens(
+            &self,
+            by: TokenLookup<'_>,
+        ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+            self.store.find_tokens(by).await
         }
         async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
             self.store.next_counter(id).await
