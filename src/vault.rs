@@ -330,10 +330,7 @@ pub trait TokenStore: Send + Sync + 'static {
     /// The network tokens a lookup finds (any status), oldest first: those
     /// made for one card (the compatible surfaces' "card"), or the one with
     /// a given token number.
-    async fn find_tokens(
-        &self,
-        by: TokenLookup<'_>,
-    ) -> Result<Vec<Arc<NetworkToken>>, StoreError>;
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError>;
 
     /// Increments and returns the token's transaction counter (ATC).
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError>;

@@ -99,7 +99,9 @@ impl Operation {
     /// network token in the body.
     pub(crate) fn family(self) -> Family {
         match self {
-            Operation::VgsProvision | Operation::VgsDelete | Operation::VgsCryptogram => Family::Pci,
+            Operation::VgsProvision | Operation::VgsDelete | Operation::VgsCryptogram => {
+                Family::Pci
+            }
             Operation::JpmcCryptogram => Family::Network,
         }
     }
@@ -294,6 +296,9 @@ mod tests {
             "4895370012345678"
         );
         let amex = CardNumber::parse("374245001234567").unwrap();
-        assert_eq!(token_number(&amex, ComplianceLevel::SaqA), "374245*****4567");
+        assert_eq!(
+            token_number(&amex, ComplianceLevel::SaqA),
+            "374245*****4567"
+        );
     }
 }

@@ -18,8 +18,7 @@ use super::{json, pci};
 use crate::card::validate_expiry;
 use crate::tsp::ProvisionRequest;
 use crate::vault::{
-    Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, TokenChange, TokenId,
-    TokenStatus,
+    Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, TokenChange, TokenId, TokenStatus,
 };
 use crate::{AppState, Body};
 

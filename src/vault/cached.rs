@@ -110,10 +110,7 @@ impl TokenStore for CachedTokenStore {
         result
     }
 
-    async fn find_tokens(
-        &self,
-        by: TokenLookup<'_>,
-    ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
         // A lookup by card or number is not on the forward path: always the
         // store's current answer.
         self.inner.find_tokens(by).await

@@ -171,10 +171,7 @@ impl TokenStore for MemoryTokenStore {
         Ok(self.write()?.pci.remove(&id).is_some())
     }
 
-    async fn find_tokens(
-        &self,
-        by: TokenLookup<'_>,
-    ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
         let inner = self
             .inner
             .read()

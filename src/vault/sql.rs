@@ -617,10 +617,7 @@ impl TokenStore for SqlTokenStore {
         self.get_token(id).await
     }
 
-    async fn find_tokens(
-        &self,
-        by: TokenLookup<'_>,
-    ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
         let (column, value) = match by {
             TokenLookup::Card(card) => ("pci_token_id", card.to_string()),
             TokenLookup::Number(n) => ("tpan_fingerprint", hex(&self.keys.fingerprint(n.expose()))),

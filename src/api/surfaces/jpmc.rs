@@ -183,8 +183,7 @@ pub async fn cryptogram(
 
     // The seed's brand table, row by row, in this API's names.
     let rules = brand_rules(brand);
-    let transaction_type =
-        short_str(order, "transactionType", "paymentOrder.transactionType")?;
+    let transaction_type = short_str(order, "transactionType", "paymentOrder.transactionType")?;
     let initiated_by = short_str(order, "initiatedBy", "paymentOrder.initiatedBy")?;
     let random_number = match instrument.get("randomNumber") {
         None | Some(Value::Null) => None,
@@ -268,14 +267,19 @@ pub async fn cryptogram(
         currency: Some(currency),
     };
     let mode = Mode::resolve(None, state.config.compliance_level)?;
-    let issued =
-        cryptograms::issue(state, &token, &params, mode, Metadata::new(), audit).await?;
+    let issued = cryptograms::issue(state, &token, &params, mode, Metadata::new(), audit).await?;
 
     // The echo: the request as sent, with the token's values in place.
     let mut instrument = instrument.clone();
     let level = state.config.compliance_level;
-    instrument.insert("tokenReferenceIdentifier".into(), token.id.to_string().into());
-    instrument.insert("tokenNumber".into(), token_number(&token.tpan, level).into());
+    instrument.insert(
+        "tokenReferenceIdentifier".into(),
+        token.id.to_string().into(),
+    );
+    instrument.insert(
+        "tokenNumber".into(),
+        token_number(&token.tpan, level).into(),
+    );
     instrument.insert("tokenAuthenticationValue".into(), issued.value().into());
     instrument.insert("electronicCommerceIndicator".into(), issued.eci().into());
     instrument.insert(
@@ -311,7 +315,11 @@ pub async fn cryptogram(
         "responseMessage".into(),
         "The request is well received.".into(),
     );
-    Ok(super::response(StatusCode::OK, CONTENT_TYPE, &Value::Object(out)))
+    Ok(super::response(
+        StatusCode::OK,
+        CONTENT_TYPE,
+        &Value::Object(out),
+    ))
 }
 
 /// A brand rule broken below this surface, in this API's field names.

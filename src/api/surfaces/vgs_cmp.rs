@@ -32,7 +32,9 @@ pub const CONTENT_TYPE: &str = "application/vnd.api+json";
 
 /// Matches a `/cards/…` path: `(operation, card id)`.
 pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Operation, Option<&'p str>), ApiError> {
-    let rest = path.strip_prefix("/cards/").ok_or(ApiError::RouteNotFound)?;
+    let rest = path
+        .strip_prefix("/cards/")
+        .ok_or(ApiError::RouteNotFound)?;
     let (card, action) = rest.split_once('/').ok_or(ApiError::RouteNotFound)?;
     if card.is_empty() {
         return Err(ApiError::RouteNotFound);
@@ -94,7 +96,9 @@ pub async fn provision(
         key: format!(
             "vgs_cmp/provision/{}/after/{}",
             card.id,
-            tokens.last().map_or("none".to_owned(), |t| t.id.to_string())
+            tokens
+                .last()
+                .map_or("none".to_owned(), |t| t.id.to_string())
         ),
         fingerprint: [0; 32],
         status: StatusCode::CREATED.as_u16(),
@@ -176,7 +180,12 @@ fn parse_fetch(body: Option<Map<String, Value>>) -> Result<Fetch, SurfaceError> 
     };
     json::only_fields(
         attrs,
-        &["currency_code", "amount", "transaction_type", "cryptogram_type"],
+        &[
+            "currency_code",
+            "amount",
+            "transaction_type",
+            "cryptogram_type",
+        ],
         "data.attributes.",
     )?;
     let currency = match json::opt_str(attrs, "currency_code") {
@@ -204,12 +213,22 @@ fn parse_fetch(body: Option<Map<String, Value>>) -> Result<Fetch, SurfaceError> 
     let account_funding = match json::opt_str(attrs, "transaction_type") {
         Ok(None | Some("ECOM")) => false,
         Ok(Some("AFT")) => true,
-        _ => return Err(bad("data.attributes.transaction_type", "must be ECOM or AFT")),
+        _ => {
+            return Err(bad(
+                "data.attributes.transaction_type",
+                "must be ECOM or AFT",
+            ))
+        }
     };
     let cryptogram_type = match json::opt_str(attrs, "cryptogram_type") {
         Ok(None | Some("TAVV")) => CryptogramType::Tavv,
         Ok(Some("DTVV")) => CryptogramType::DynamicCvv,
-        _ => return Err(bad("data.attributes.cryptogram_type", "must be TAVV or DTVV")),
+        _ => {
+            return Err(bad(
+                "data.attributes.cryptogram_type",
+                "must be TAVV or DTVV",
+            ))
+        }
     };
     Ok(Fetch {
         params: CryptogramParams {
@@ -269,22 +288,9 @@ pub async fn cryptogram(
         return Err(ApiError::SchemeRule(SchemeRule::AccountFundingVisaOnly).into());
     }
     let mode = Mode::resolve(None, state.config.compliance_level)?;
-    let issued = cryptograms::issue(
-        state,
-        token,
-        &fetch.params,
-        mode,
-        Metadata::new(),
-        audit,
-    )
-    .await?;
-    Ok(resource(
-        state,
-        StatusCode::OK,
-        token,
-        &card,
-        Some(&issued),
-    ))
+    let issued =
+        cryptograms::issue(state, token, &fetch.params, mode, Metadata::new(), audit).await?;
+    Ok(resource(state, StatusCode::OK, token, &card, Some(&issued)))
 }
 
 /// The seed's fixed sandbox card art: colours, texts, and one image as a
@@ -451,7 +457,12 @@ mod tests {
                 .0,
             Operation::VgsCryptogram
         );
-        for bad in ["/cards/", "/cards//cryptogram", "/cards/x/other", "/cards/x"] {
+        for bad in [
+            "/cards/",
+            "/cards//cryptogram",
+            "/cards/x/other",
+            "/cards/x",
+        ] {
             assert!(
                 matches!(route(&Method::POST, bad), Err(ApiError::RouteNotFound)),
                 "{bad}"
