@@ -266,15 +266,15 @@ pub async fn handle(
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
+        return surfaces::handle(&state, surface, req, trace).await;
+    }
     let Trace {
         route: route_seen,
         key_name,
         audit,
     } = trace;
-    let path = req.uri().path().to_owned();
-    if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
-        return surfaces::handle(&state, surface, req).await;
-    }
     if !path.starts_with("/api/") {
         return ApiError::RouteNotFound.into_response();
     }

@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use super::auth::{self, ApiKey, Scope};
-use super::{check_content_length, json, read_body, ApiError, Audit, Family, Outcome, Route};
+use super::{check_content_length, json, read_body, ApiError, Family, Route, Trace};
 use crate::card::CardNumber;
 use crate::config::{ComplianceLevel, Surfaces};
 use crate::{AppState, Body, X_RELAY_ERROR};
@@ -139,35 +139,40 @@ impl SurfaceError {
     }
 }
 
-/// Serves one request of `surface`.
-pub async fn handle(state: &Arc<AppState>, surface: Surface, req: Request<Incoming>) -> Outcome {
-    let mut audit = Audit::default();
-    let mut route = None;
-    let mut key_name = None;
+/// Serves one request of `surface`, recording what it does in `trace`.
+pub async fn handle(
+    state: &Arc<AppState>,
+    surface: Surface,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<Body> {
+    let Trace {
+        route,
+        key_name,
+        audit,
+    } = trace;
     // JPMC echoes `request-id` (or a fresh id) in every answer, errors too.
     let request_id = jpmc::request_identifier(req.headers());
     let result = async {
         let key = authenticate(&state.config.api_keys, req.headers())?;
-        key_name = Some(key.name.clone());
+        *key_name = Some(key.name.clone());
         let path = req.uri().path().to_owned();
         let op = match surface {
             Surface::VgsCmp => vgs_cmp::route(req.method(), &path)?,
             Surface::Jpmc => jpmc::route(req.method(), &path)?,
         };
-        route = Some(Route::Surface(op.0));
+        *route = Some(Route::Surface(op.0));
         if !key.allows(op.0.scope()) {
             return Err(ApiError::Forbidden(op.0.scope()).into());
         }
         match op {
-            (Operation::VgsProvision, Some(card)) => {
-                vgs_cmp::provision(state, card, &mut audit).await
-            }
-            (Operation::VgsDelete, Some(card)) => vgs_cmp::delete(state, card, &mut audit).await,
+            (Operation::VgsProvision, Some(card)) => vgs_cmp::provision(state, card, audit).await,
+            (Operation::VgsDelete, Some(card)) => vgs_cmp::delete(state, card, audit).await,
             (Operation::VgsCryptogram, Some(card)) => {
-                vgs_cmp::cryptogram(state, card, req, &mut audit).await
+                vgs_cmp::cryptogram(state, card, req, audit).await
             }
             (Operation::JpmcCryptogram, None) => {
-                jpmc::cryptogram(state, &request_id, req, &mut audit).await
+                jpmc::cryptogram(state, &request_id, req, audit).await
             }
             (op, _) => Err(ApiError::Internal(format!(
                 "surface operation {} matched with a mismatched id",
@@ -177,16 +182,10 @@ pub async fn handle(state: &Arc<AppState>, surface: Surface, req: Request<Incomi
         }
     }
     .await;
-    let response = result.unwrap_or_else(|e| match surface {
+    result.unwrap_or_else(|e| match surface {
         Surface::VgsCmp => vgs_cmp::error_response(e),
         Surface::Jpmc => jpmc::error_response(e, &request_id),
-    });
-    Outcome {
-        route,
-        key_name,
-        audit,
-        response,
-    }
+    })
 }
 
 /// The key from `x-api-key`, else from `Authorization: Bearer`.
