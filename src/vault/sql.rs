@@ -807,3 +807,44 @@ impl TokenStore for SqlTokenStore {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod durability_tests {
+    use super::*;
+
+    /// The durability setting itself, read back from every connection the
+    /// pool opens (`synchronous` is per connection, so a file on disk cannot
+    /// show it): `FULL` (2) fsyncs the WAL at each commit, so an acknowledged
+    /// write survives power loss, not only a killed process. The kill -9
+    /// test in `tests/vault.rs` cannot tell `FULL` from `OFF` (the page
+    /// cache survives SIGKILL); this one can.
+    #[tokio::test]
+    async fn sqlite_connections_open_with_wal_and_synchronous_full() {
+        let dir = tempfile::tempdir().unwrap();
+        // The URL `vault::open` builds for `backend = "sqlite"`.
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
+        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
+            .await
+            .unwrap();
+        let max = store.pool.options().get_max_connections();
+        // Hold them all at once so each is a separate connection.
+        let mut held = Vec::new();
+        for _ in 0..max {
+            held.push(store.pool.acquire().await.unwrap());
+        }
+        for conn in &mut held {
+            let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(synchronous, 2, "PRAGMA synchronous is not FULL");
+            let journal: String = sqlx::query("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(journal, "wal");
+        }
+    }
+}
