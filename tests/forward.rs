@@ -533,7 +533,11 @@ async fn response_timeout_is_504_and_the_reference_stays_consumed() {
     let t = s.provision(VISA).await;
     let id = t["id"].as_str().unwrap();
     let warm = s.reference(id).await;
-    let resp = s.forward(id, &warm, &acq.url("/warm")).send().await.unwrap();
+    let resp = s
+        .forward(id, &warm, &acq.url("/warm"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(resp.status(), 200);
     let r = s.reference(id).await;
     let resp = s.forward(id, &r, &acq.url("/slow")).send().await.unwrap();
