@@ -217,6 +217,10 @@ pub struct Config {
     pub reference_ttl: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Largest rendered request (body, headers, URL) a forward may send,
+    /// by the template's upper bound; beyond it, 413 before anything is
+    /// consumed. Default 4 × `max_body_bytes`.
+    pub max_rendered_bytes: usize,
     /// How long a CVC is held in memory for one forward.
     pub cvc_ttl: Duration,
     /// Placeholder delimiters.
@@ -254,6 +258,7 @@ struct RawConfig {
     reference_ttl: Option<String>,
     cvc_ttl: Option<String>,
     max_body_bytes: Option<u64>,
+    max_rendered_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
     redact_responses: Option<bool>,
     idempotency_ttl: Option<String>,
@@ -454,6 +459,13 @@ impl RawConfig {
             return Err(ConfigError::new(
                 "max_body_bytes",
                 "must be between 1 and 67108864",
+            ));
+        }
+        let max_rendered_bytes = self.max_rendered_bytes.unwrap_or(4 * max_body_bytes);
+        if max_rendered_bytes < max_body_bytes || max_rendered_bytes > (256 << 20) {
+            return Err(ConfigError::new(
+                "max_rendered_bytes",
+                "must be at least max_body_bytes and at most 268435456",
             ));
         }
         let max_connections = self.max_connections.unwrap_or(4096);
@@ -760,6 +772,7 @@ impl RawConfig {
             compliance_level,
             reference_ttl,
             max_body_bytes: max_body_bytes as usize,
+            max_rendered_bytes: max_rendered_bytes as usize,
             cvc_ttl: duration("cvc_ttl", self.cvc_ttl, Duration::from_secs(15 * 60))?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self

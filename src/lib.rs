@@ -258,6 +258,12 @@ async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         destination_host = audit.destination_host.as_deref(),
         duration_us = started.elapsed().as_micros() as u64,
     );
-    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
+    // Ours always in x-relay-request-id; x-request-id too unless the
+    // response is an acquirer's answer carrying its own, which passes.
+    let headers = response.headers_mut();
+    headers.insert(forward::headers::X_RELAY_REQUEST_ID.clone(), id.clone());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
     response
 }
