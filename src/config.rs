@@ -231,8 +231,12 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Most concurrent client connections.
     pub max_connections: usize,
-    /// Time a client has to send its request head.
+    /// Time a client has to send its request head, and from accept to its
+    /// first request.
     pub header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in
+    /// flight after its first one.
+    pub idle_timeout: Duration,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// API keys, hashed.
@@ -264,6 +268,7 @@ struct RawConfig {
     idempotency_ttl: Option<String>,
     max_connections: Option<u64>,
     header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     tsp: Option<String>,
     tls: Option<RawTls>,
@@ -788,6 +793,11 @@ impl RawConfig {
                 "header_read_timeout",
                 self.header_read_timeout,
                 Duration::from_secs(10),
+            )?,
+            idle_timeout: duration(
+                "idle_timeout",
+                self.idle_timeout,
+                Duration::from_secs(60),
             )?,
             shutdown_grace: duration(
                 "shutdown_grace",

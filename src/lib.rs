@@ -188,6 +188,7 @@ pub async fn run(
     let limits = server::Limits {
         max_connections: state.config.max_connections,
         header_read_timeout: state.config.header_read_timeout,
+        idle_timeout: state.config.idle_timeout,
         shutdown_grace: state.config.shutdown_grace,
     };
     let admin_limits = server::Limits {
