@@ -794,11 +794,7 @@ impl RawConfig {
                 self.header_read_timeout,
                 Duration::from_secs(10),
             )?,
-            idle_timeout: duration(
-                "idle_timeout",
-                self.idle_timeout,
-                Duration::from_secs(60),
-            )?,
+            idle_timeout: duration("idle_timeout", self.idle_timeout, Duration::from_secs(60))?,
             shutdown_grace: duration(
                 "shutdown_grace",
                 self.shutdown_grace,

@@ -580,7 +580,10 @@ async fn send(
     }
     if !redactor.is_empty() {
         // Only an uncompressed echo can be searched for the values.
-        out.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
+        out.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
 
     let sent_at = Instant::now();

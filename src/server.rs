@@ -140,7 +140,13 @@ pub async fn serve<H, Fut>(
             let guard = InFlight::start(tracked.clone());
             async move {
                 let (parts, body) = h(req).await.into_parts();
-                Ok::<_, Infallible>(Response::from_parts(parts, Tracked { body, _guard: guard }))
+                Ok::<_, Infallible>(Response::from_parts(
+                    parts,
+                    Tracked {
+                        body,
+                        _guard: guard,
+                    },
+                ))
             }
         });
         let builder = builder.clone();

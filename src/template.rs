@@ -456,9 +456,8 @@ const MAX_EXPANSION: usize = 8;
 /// Most bytes of a metadata map's compact JSON form before escaping:
 /// braces, and per pair two quoted strings, a colon and a comma (limits of
 /// [`crate::api::json::metadata`], four UTF-8 bytes per character).
-const MAX_MAP_BYTES: usize = 2
-    + crate::api::json::METADATA_MAX_PAIRS
-        * (4 * (crate::api::json::METADATA_MAX_KEY + crate::api::json::METADATA_MAX_VALUE) + 6);
+const MAX_MAP_BYTES: usize = 2 + crate::api::json::METADATA_MAX_PAIRS
+    * (4 * (crate::api::json::METADATA_MAX_KEY + crate::api::json::METADATA_MAX_VALUE) + 6);
 
 /// A parsed template: literal ranges of the input and the holes between
 /// them. Holds no input bytes: render with the same input given to parse.
@@ -1448,7 +1447,10 @@ mod tests {
         );
         // The injection the issue showed: a value that would add keys
         // stays one string.
-        let v = V::new().with(Field::Metadata, Value::Str(r#"1, "amount": 999999, "z": ""#));
+        let v = V::new().with(
+            Field::Metadata,
+            Value::Str(r#"1, "amount": 999999, "z": ""#),
+        );
         let out = render_with(
             r#"{"amount": 100, "note": << metadata.x >>}"#,
             Syntax::Angle,
@@ -1461,7 +1463,10 @@ mod tests {
         assert_eq!(parsed.as_object().unwrap().len(), 2);
         // Numbers, booleans and maps keep their JSON form; no value is null.
         assert_eq!(
-            render(r#"[<< expiry_month >>, << supports_device_binding >>, << dynamic_cvv >>, << metadata.nope >>]"#, c),
+            render(
+                r#"[<< expiry_month >>, << supports_device_binding >>, << dynamic_cvv >>, << metadata.nope >>]"#,
+                c
+            ),
             r#"[3, true, null, null]"#
         );
         assert_eq!(
@@ -1627,7 +1632,10 @@ mod tests {
             assert!(e.contains("application/json"), "{e}");
         }
         let e = err("<< cardholder_name >>", Namespace::PciToken);
-        assert!(e.contains("`cardholder_name` (placeholder at byte 0) is free text"), "{e}");
+        assert!(
+            e.contains("`cardholder_name` (placeholder at byte 0) is free text"),
+            "{e}"
+        );
         // Fixed-alphabet values are fine in raw.
         assert_eq!(
             render("n=<< number >>&c=<< cryptogram >>", Context::Raw),
@@ -1635,8 +1643,13 @@ mod tests {
         );
         // The same free text is fine where it can be escaped.
         for ctx in [Context::Json, Context::Form, Context::Xml, Context::Header] {
-            Template::parse(b"<< metadata >>", Syntax::Angle, ctx, Namespace::NetworkToken)
-                .unwrap();
+            Template::parse(
+                b"<< metadata >>",
+                Syntax::Angle,
+                ctx,
+                Namespace::NetworkToken,
+            )
+            .unwrap();
         }
     }
 
@@ -1649,7 +1662,12 @@ mod tests {
         let out = render_with("<n><< metadata.x >></n>", Syntax::Angle, Context::Xml, &v);
         assert_eq!(out, "<n>abcd\te\nf\rghi\u{fffd}&amp;</n>");
         // Inside the JSON form of a map, controls are already \u escapes.
-        let out = render_with("<n><< metadata | unwrap >></n>", Syntax::Angle, Context::Xml, &v);
+        let out = render_with(
+            "<n><< metadata | unwrap >></n>",
+            Syntax::Angle,
+            Context::Xml,
+            &v,
+        );
         assert!(!out.bytes().any(|b| b < 0x20), "{out:?}");
     }
 
@@ -1664,7 +1682,12 @@ mod tests {
         ] {
             let v = V::new().with(Field::Metadata, Value::Str(value));
             assert_eq!(
-                render_with("/v1/<< metadata.k >>/pay", Syntax::Angle, Context::UrlPath, &v),
+                render_with(
+                    "/v1/<< metadata.k >>/pay",
+                    Syntax::Angle,
+                    Context::UrlPath,
+                    &v
+                ),
                 expected
             );
         }
@@ -1693,15 +1716,26 @@ mod tests {
             .with(Field::Metadata, Value::Map(meta))
             .with(Field::NetworkTokenMetadata, Value::Map(meta));
         for (input, ctx) in [
-            (r#"{"a": "<< metadata >>", "b": << metadata >>, "c": "x<< number >>"}"#, Context::Json),
-            ("m=<< metadata | unwrap >>&n=<< network_token_metadata >>", Context::Form),
+            (
+                r#"{"a": "<< metadata >>", "b": << metadata >>, "c": "x<< number >>"}"#,
+                Context::Json,
+            ),
+            (
+                "m=<< metadata | unwrap >>&n=<< network_token_metadata >>",
+                Context::Form,
+            ),
             ("<m><< metadata >></m>", Context::Xml),
             ("/<< metadata | unwrap >>/<< number >>", Context::UrlPath),
             ("<< metadata >>", Context::Header),
             ("<< number >><< cryptogram | unwrap >>", Context::Raw),
         ] {
-            let t = Template::parse(input.as_bytes(), Syntax::Angle, ctx, Namespace::NetworkToken)
-                .unwrap();
+            let t = Template::parse(
+                input.as_bytes(),
+                Syntax::Angle,
+                ctx,
+                Namespace::NetworkToken,
+            )
+            .unwrap();
             let out = t.render_to_vec(input.as_bytes(), &v);
             assert!(
                 out.len() <= t.max_rendered_len(),
@@ -1711,13 +1745,23 @@ mod tests {
             );
         }
         // Without placeholders the bound is the input.
-        let t = Template::parse(b"abc", Syntax::Angle, Context::Json, Namespace::NetworkToken)
-            .unwrap();
+        let t = Template::parse(
+            b"abc",
+            Syntax::Angle,
+            Context::Json,
+            Namespace::NetworkToken,
+        )
+        .unwrap();
         assert_eq!(t.max_rendered_len(), 3);
         // The amplification of the issue: 40,327 map placeholders in 1 MiB.
         let input = "<< network_token_metadata >>".repeat(40_327);
-        let t = Template::parse(input.as_bytes(), Syntax::Angle, Context::Json, Namespace::NetworkToken)
-            .unwrap();
+        let t = Template::parse(
+            input.as_bytes(),
+            Syntax::Angle,
+            Context::Json,
+            Namespace::NetworkToken,
+        )
+        .unwrap();
         assert!(t.max_rendered_len() > 1 << 30);
     }
 

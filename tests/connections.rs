@@ -71,7 +71,10 @@ async fn five_thousand_silent_connections_do_not_stop_a_payment() {
     assert_eq!(silent.len(), 5_000);
     let first = silent.swap_remove(0);
     let closed = tokio::time::timeout(Duration::from_secs(30), until_closed(first)).await;
-    assert!(closed.is_ok(), "the oldest silent connection was not closed");
+    assert!(
+        closed.is_ok(),
+        "the oldest silent connection was not closed"
+    );
     drop(silent);
     s.stop().await;
 }
@@ -88,7 +91,10 @@ async fn a_silent_connection_is_closed_from_accept_http1_and_http2() {
     let got = tokio::time::timeout(Duration::from_secs(30), until_closed(tcp))
         .await
         .expect("a connection that sent nothing stayed open");
-    assert!(got.is_empty() || got.starts_with(b"HTTP/1.1 408"), "{got:?}");
+    assert!(
+        got.is_empty() || got.starts_with(b"HTTP/1.1 408"),
+        "{got:?}"
+    );
 
     // One byte: still before the version is known.
     let mut tcp = TcpStream::connect(s.addr).await.unwrap();
@@ -115,10 +121,18 @@ async fn a_silent_connection_is_closed_from_accept_http1_and_http2() {
     let got = tokio::time::timeout(Duration::from_secs(30), until_closed(tcp))
         .await
         .expect("an idle keep-alive connection stayed open");
-    assert!(got.starts_with(b"HTTP/1.1 401"), "{}", String::from_utf8_lossy(&got));
+    assert!(
+        got.starts_with(b"HTTP/1.1 401"),
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 
     // The listener still serves.
-    let resp = s.req(reqwest::Method::GET, "/api/network/tokens/x").send().await.unwrap();
+    let resp = s
+        .req(reqwest::Method::GET, "/api/network/tokens/x")
+        .send()
+        .await
+        .unwrap();
     assert_error(resp, 404, "token_not_found").await;
     s.stop().await;
 }

@@ -206,7 +206,10 @@ async fn percent_encoded_and_json_escaped_echoes_are_masked() {
     let echoed: Value = serde_json::from_str(&body).unwrap();
     for field in ["form", "lower", "json", "u", "raw"] {
         let v = echoed[field].as_str().unwrap();
-        assert!(!v.is_empty() && v.trim_start_matches("cavv=").chars().all(|c| c == '*'), "{field}: {v}");
+        assert!(
+            !v.is_empty() && v.trim_start_matches("cavv=").chars().all(|c| c == '*'),
+            "{field}: {v}"
+        );
     }
     assert!(!body.contains(&raw[..12]), "{body}");
     s.stop().await;
@@ -292,7 +295,13 @@ async fn the_header_escape_sends_only_tokenrelays_own_names() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let got = acq.last();
-    for h in ["te", "x-hop", "upgrade", "proxy-connection", "transfer-encoding"] {
+    for h in [
+        "te",
+        "x-hop",
+        "upgrade",
+        "proxy-connection",
+        "transfer-encoding",
+    ] {
         assert!(!got.headers.contains_key(h), "{h} crossed");
     }
     assert_eq!(got.headers["content-length"], "1");
@@ -324,10 +333,17 @@ async fn template_injections_are_escaped_or_refused() {
         .unwrap();
     assert_eq!(resp.status(), 200);
     let got: Value = serde_json::from_slice(&acq.last().body).unwrap();
-    assert_eq!(got, json!({"amount": 100, "note": "1, \"amount\": 999999, \"z\": \""}));
+    assert_eq!(
+        got,
+        json!({"amount": 100, "note": "1, \"amount\": 999999, \"z\": \""})
+    );
 
     // Raw (unknown content type): free text refused before anything is spent.
-    for ct in [None, Some("text/plain"), Some("multipart/form-data; boundary=x")] {
+    for ct in [
+        None,
+        Some("text/plain"),
+        Some("multipart/form-data; boundary=x"),
+    ] {
         let r = s.reference(&id).await;
         let mut req = s
             .forward(&id, &r, &acq.url("/pay"))
@@ -337,7 +353,10 @@ async fn template_injections_are_escaped_or_refused() {
         }
         let before = acq.count();
         let e = assert_error(req.send().await.unwrap(), 422, "invalid_template").await;
-        assert!(e["message"].as_str().unwrap().contains("content-type"), "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("content-type"),
+            "{e}"
+        );
         assert_eq!(acq.count(), before);
         assert_unspent(&s, &acq, &id, &r).await;
     }
@@ -472,7 +491,10 @@ async fn dry_run_is_true_or_false_only() {
             .await
             .unwrap();
         let e = assert_error(resp, 400, "invalid_request").await;
-        assert!(e["message"].as_str().unwrap().contains("x-relay-dry-run"), "{e}");
+        assert!(
+            e["message"].as_str().unwrap().contains("x-relay-dry-run"),
+            "{e}"
+        );
     }
     // Twice, even if both say true.
     let resp = s
@@ -577,7 +599,10 @@ async fn an_answer_with_both_framing_headers_is_refused() {
         .await
         .unwrap();
     let e = assert_error(resp, 502, "invalid_upstream_response").await;
-    assert!(e["message"].as_str().unwrap().contains("transfer-encoding"), "{e}");
+    assert!(
+        e["message"].as_str().unwrap().contains("transfer-encoding"),
+        "{e}"
+    );
     let requests = seen.lock().unwrap().clone();
     assert_eq!(requests.len(), 1);
     assert!(requests[0].starts_with(b"POST /pay HTTP/1.1\r\n"));

@@ -182,9 +182,7 @@ impl ApiError {
             E::DestinationUnreachable(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable"),
             E::DestinationFailed(_) => (StatusCode::BAD_GATEWAY, "destination_failed"),
             E::ResponseNotRedactable(_) => (StatusCode::BAD_GATEWAY, "response_not_redactable"),
-            E::InvalidUpstreamResponse(_) => {
-                (StatusCode::BAD_GATEWAY, "invalid_upstream_response")
-            }
+            E::InvalidUpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "invalid_upstream_response"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
