@@ -108,7 +108,7 @@ pub enum ReferenceBackend {
 }
 
 /// The Redis reference backend.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct RedisConfig {
     /// `redis://host:port/db` or `rediss://…`, never with a password.
     pub url: String,

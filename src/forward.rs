@@ -428,7 +428,7 @@ async fn consume(
     };
     let token = state
         .tokens
-        .get(token_id)
+        .get_current(token_id)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     if token.status != TokenStatus::Active {

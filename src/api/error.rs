@@ -212,6 +212,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(d) => ApiError::Unavailable(format!("token store: {d}")),
             StoreError::Corrupt(d) => ApiError::Internal(format!("token store: {d}")),
+            StoreError::Lifecycle(status) => ApiError::TokenNotActive(status.as_str()),
         }
     }
 }
