@@ -359,15 +359,6 @@ fn known_eci(s: &str) -> Option<&'static str> {
         .find(|e| *e == s)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 impl RedisReferenceStore {
     /// Connects to `url` (checked by the config: no password in it), with
     /// `password` if given and every other `[references]` key at its
@@ -473,7 +464,7 @@ impl RedisReferenceStore {
     /// itself, e.g. a session id, may be a bearer credential).
     fn blob_key(&self, kind: &str, id: &str) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
-        format!("{}{kind}:{}", self.prefix, hex(digest.as_ref()))
+        format!("{}{kind}:{}", self.prefix, hex::encode(digest))
     }
 
     /// Associated data of a blob: its key and expiry, so neither can be
@@ -599,7 +590,7 @@ impl RedisReferenceStore {
 
     fn ref_key(&self, id: &ReferenceId) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
-        format!("{}ref:{}", self.prefix, hex(digest.as_ref()))
+        format!("{}ref:{}", self.prefix, hex::encode(digest))
     }
 
     fn token_key(&self, token_id: TokenId) -> String {
@@ -863,7 +854,7 @@ mod tests {
     fn keys_hide_the_reference_id() {
         let id = ReferenceId::generate();
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
-        let key = format!("tokenrelay:ref:{}", hex(digest.as_ref()));
+        let key = format!("tokenrelay:ref:{}", hex::encode(digest));
         assert_eq!(key.len(), "tokenrelay:ref:".len() + 64);
         assert!(!key.contains(&id.as_str()[5..]));
     }
