@@ -1167,3 +1167,113 @@ async fn sql_vaults_find_tokens_by_card_and_by_number_including_older_rows() {
         }
     }
 }
+
+// ---- Our own failures (the seeds' 500 and 503) and the config switches ----
+
+#[tokio::test]
+async fn a_full_reference_store_is_503_on_both_surfaces() {
+    let mut c = config(ComplianceLevel::SaqA);
+    c.reference_max_entries = 1;
+    let s = TestServer::start(c).await;
+    let card = seed_card(&s, VISA, Brand::Visa).await;
+    let token = provision(&s, &card).await["data"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The one reference the store holds.
+    vgs_ok(
+        fetch(&s, &card, json!({})).await,
+        200,
+        "vgs_cryptogram_response",
+    )
+    .await;
+    let r = fetch(&s, &card, json!({})).await;
+    vgs_error(r, 503, "reference_store_full", None).await;
+    let r = jpmc(&s, &seed_request(&token)).send().await.unwrap();
+    jpmc_error(r, 503, "reference_store_full").await;
+}
+
+#[tokio::test]
+async fn an_unreadable_vault_row_is_500_without_its_detail() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vault.db");
+    let mut c = config(ComplianceLevel::SaqD);
+    c.vault.backend = tokenrelay::config::VaultBackend::Sqlite { path: path.clone() };
+    c.vault.key_file = Some(dir.path().join("master.key"));
+    c.vault.create_key_file = true;
+    let s = TestServer::start(c).await;
+    let card = card(&s, VISA).await;
+    let token = provision(&s, &card).await["data"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    sqlx::query("UPDATE network_tokens SET secret = 'AAAA' WHERE id = $1")
+        .bind(&token)
+        .execute(&pool)
+        .await
+        .unwrap();
+    let r = vgs(
+        &s,
+        Method::POST,
+        &format!("/cards/{card}/network-tokens"),
+        KEY,
+    )
+    .send()
+    .await
+    .unwrap();
+    let v = vgs_error(r, 500, "internal_error", None).await;
+    assert_eq!(v["errors"][0]["detail"], "internal error");
+    let r = jpmc(&s, &seed_request(&token)).send().await.unwrap();
+    let v = jpmc_error(r, 500, "internal_error").await;
+    assert_eq!(v["responseMessage"], "internal error");
+}
+
+#[test]
+fn check_config_checks_the_surfaces_switches() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tokenrelay.toml");
+    let run = |doc: &str| {
+        std::fs::write(&path, doc).unwrap();
+        std::process::Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
+            .args(["check-config", "--config"])
+            .arg(&path)
+            .current_dir(dir.path())
+            .output()
+            .unwrap()
+    };
+    let memory = "[vault]\nbackend = \"memory\"\n";
+    let ok = run(&format!(
+        "{memory}[surfaces]\nvgs_cmp = false\njpmc = true\n"
+    ));
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    for (bad, named) in [
+        ("[surfaces]\nstripe = true\n", "stripe"),
+        ("[surfaces]\njpmc = \"yes\"\n", "boolean"),
+    ] {
+        let out = run(&format!("{memory}{bad}"));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{bad}: {stderr}");
+        assert!(stderr.contains(named), "{stderr}");
+    }
+    // The shipped profile documents and sets both.
+    let shipped = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/tokenrelay.toml"
+    ))
+    .unwrap();
+    assert!(
+        shipped.contains("[surfaces]\n")
+            && shipped.contains("vgs_cmp = true")
+            && shipped.contains("jpmc = true")
+    );
+}
