@@ -14,6 +14,10 @@
 //! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
 //!
+//! The compatible surfaces (contract §12: `/cards/…` in VGS CMP's shape,
+//! `POST /cryptograms` in J.P. Morgan's) are a separate route family,
+//! dispatched to [`surfaces`] before the `/api/` router and listed there.
+//!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
 //! The `{id}` segment is parsed here, once: a malformed id is simply not
@@ -40,6 +44,7 @@ pub mod error;
 pub mod idempotency;
 pub mod json;
 pub mod pci;
+pub mod surfaces;
 pub mod tokens;
 
 pub use error::ApiError;
@@ -77,13 +82,19 @@ pub enum Route {
     DeletePciToken,
     /// `* /api/pci/tokens/{id}/forward`
     ForwardPci,
+    /// A compatible-surface operation (contract §12).
+    Surface(surfaces::Operation),
 }
 
 impl Route {
     /// Every route, for the test that holds the OpenAPI document to the
     /// router; [`Route::label`]'s exhaustive `match` is the reminder to add
     /// a new one here.
-    pub const ALL: [Route; 10] = [
+    pub const ALL: [Route; 14] = [
+        Route::Surface(surfaces::Operation::VgsProvision),
+        Route::Surface(surfaces::Operation::VgsDelete),
+        Route::Surface(surfaces::Operation::VgsCryptogram),
+        Route::Surface(surfaces::Operation::JpmcCryptogram),
         Route::ProvisionToken,
         Route::GetToken,
         Route::DeleteToken,
@@ -109,6 +120,7 @@ impl Route {
             Route::GetPciToken => "get_pci_token",
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
+            Route::Surface(op) => op.label(),
         }
     }
 
@@ -124,6 +136,7 @@ impl Route {
             | Route::GetPciToken
             | Route::DeletePciToken
             | Route::ForwardPci => Family::Pci,
+            Route::Surface(op) => op.family(),
         }
     }
 
@@ -138,6 +151,7 @@ impl Route {
             Route::CreateCryptogram => Scope::Cryptograms,
             Route::Forward | Route::ForwardPci => Scope::Forward,
             Route::TokenEvent => Scope::Admin,
+            Route::Surface(op) => op.scope(),
         }
     }
 }
@@ -183,7 +197,7 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
 }
 
 #[derive(Clone, Copy)]
-enum Family {
+pub(crate) enum Family {
     Network,
     Pci,
 }
@@ -253,47 +267,50 @@ pub struct Audit {
     pub change: Option<&'static str>,
     /// A forward's destination host.
     pub destination_host: Option<String>,
+    /// A forward's request was handed to the upstream connection: from
+    /// here on the acquirer may have it, whatever happens to the client.
+    pub sent_upstream: bool,
 }
 
-/// Everything the access log needs about a finished API request.
-pub struct Outcome {
+/// What the access line needs about an API request, filled in while it
+/// runs. The caller owns it, so a request cut short (a drain deadline,
+/// a panic) still leaves a line with what it had done so far.
+#[derive(Debug, Default)]
+pub struct Trace {
     /// The matched route, if any.
     pub route: Option<Route>,
     /// The authenticated key's name, if any.
     pub key_name: Option<String>,
     /// What the handler did.
     pub audit: Audit,
-    /// The response.
-    pub response: Response<Body>,
 }
 
-/// Serves one request on the main listener.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
-    let mut audit = Audit::default();
+/// Serves one request on the main listener, recording what it does in
+/// `trace` as it goes.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<Body> {
     let path = req.uri().path().to_owned();
     if path == OPENAPI_PATH {
-        let response = if req.method() == Method::GET {
+        return if req.method() == Method::GET {
             bytes_response(StatusCode::OK, crate::openapi::main_document())
         } else {
             ApiError::MethodNotAllowed("GET").into_response()
         };
-        return Outcome {
-            route: None,
-            key_name: None,
-            audit,
-            response,
-        };
     }
+    if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
+        return surfaces::handle(&state, surface, req, trace).await;
+    }
+    let Trace {
+        route: route_seen,
+        key_name,
+        audit,
+    } = trace;
     if !path.starts_with("/api/") {
-        return Outcome {
-            route: None,
-            key_name: None,
-            audit,
-            response: ApiError::RouteNotFound.into_response(),
-        };
+        return ApiError::RouteNotFound.into_response();
     }
-    let mut route_seen = None;
-    let mut key_name = None;
     let result = async {
         let key = auth::authenticate(
             &state.config.api_keys,
@@ -303,16 +320,16 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
                 .ok_or(ApiError::Unauthorized)?,
         )
         .ok_or(ApiError::Unauthorized)?;
-        key_name = Some(key.name.clone());
+        *key_name = Some(key.name.clone());
         let (route, id) = route(req.method(), &path)?;
-        route_seen = Some(route);
+        *route_seen = Some(route);
         if !key.allows(route.scope()) {
             return Err(ApiError::Forbidden(route.scope()));
         }
         audit.subject = id
             .map(|id| Subject::parse(route.family(), id))
             .transpose()?;
-        let a = &mut audit;
+        let a = &mut *audit;
         match (route, a.subject) {
             (Route::ProvisionToken, None) => tokens::provision(&state, key, req, a).await,
             (Route::GetToken, Some(Subject::NetworkToken(id))) => tokens::get(&state, id).await,
@@ -338,12 +355,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
         }
     }
     .await;
-    Outcome {
-        route: route_seen,
-        key_name,
-        audit,
-        response: result.unwrap_or_else(ApiError::into_response),
-    }
+    result.unwrap_or_else(ApiError::into_response)
 }
 
 /// Reads a request body, refusing more than `limit` bytes.
@@ -422,6 +434,12 @@ mod tests {
                 Route::GetPciToken => 7,
                 Route::DeletePciToken => 8,
                 Route::ForwardPci => 9,
+                Route::Surface(op) => match op {
+                    surfaces::Operation::VgsProvision => 10,
+                    surfaces::Operation::VgsDelete => 11,
+                    surfaces::Operation::VgsCryptogram => 12,
+                    surfaces::Operation::JpmcCryptogram => 13,
+                },
             }
         }
         let mut seen = [false; Route::ALL.len()];

@@ -487,9 +487,8 @@ fn pci_paths(paths: &mut Map<String, Value>) {
     );
 }
 
-/// The methods a forward is documented for; the forward takes any method
-/// but CONNECT, TRACE and TRACK.
-const FORWARD_METHODS: [&str; 5] = ["get", "post", "put", "patch", "delete"];
+/// The methods a forward relays (and is documented for); any other is a 405.
+const FORWARD_METHODS: [&str; 7] = ["get", "head", "post", "put", "patch", "delete", "options"];
 
 /// Both forward endpoints, one operation per method.
 fn forward_paths(paths: &mut Map<String, Value>) {
@@ -503,6 +502,10 @@ fn forward_paths(paths: &mut Map<String, Value>) {
             ApiError::DestinationUnreachable(String::new()),
             ApiError::DestinationFailed(String::new()),
             ApiError::DestinationTimeout(String::new()),
+            ApiError::HeaderNotAllowed(String::new()),
+            ApiError::RenderedTooLarge(0),
+            ApiError::ResponseNotRedactable(String::new()),
+            ApiError::InvalidUpstreamResponse(String::new()),
             e_invalid_request(),
         ]
     };
@@ -621,6 +624,9 @@ fn components() -> Value {
         "securitySchemes": {
             "apiKey": {"type": "apiKey", "in": "header", "name": "x-api-key",
                        "description": "A key from `[[api_keys]]` (stored there as a hash)."},
+            "bearer": {"type": "http", "scheme": "bearer",
+                       "description": "The same API key as `Authorization: Bearer`, on the \
+                                       compatible surfaces only."},
         },
         "headers": {
             "RelayError": {"schema": {"type": "string"},
@@ -828,10 +834,18 @@ fn components() -> Value {
 }
 
 fn main_value() -> Value {
+    let mut components = components();
+    if let Some(Value::Object(schemas)) = components.get_mut("schemas") {
+        for (name, text) in SURFACE_SCHEMAS {
+            embed(schemas, name, text);
+        }
+        schemas.insert("JpmcCryptogramRequest".into(), jpmc_request_schema());
+    }
     let mut paths = Map::new();
     network_paths(&mut paths);
     pci_paths(&mut paths);
     forward_paths(&mut paths);
+    surface_paths(&mut paths);
     paths.insert(
         "/openapi.json".into(),
         json!({"get": {
@@ -859,10 +873,12 @@ fn main_value() -> Value {
         "security": [{"apiKey": []}],
         "tags": [
             {"name": "network tokens"}, {"name": "pci tokens"}, {"name": "forward"},
+            {"name": "vgs cmp", "description": "VGS Card Management Platform compatible (seed 003)."},
+            {"name": "j.p. morgan", "description": "J.P. Morgan `/cryptograms` compatible (seed 001)."},
             {"name": "meta"},
         ],
         "paths": paths,
-        "components": components(),
+        "components": components,
     })
 }
 
@@ -897,4 +913,271 @@ fn admin_value() -> Value {
             }})),
         },
     })
+}
+
+/// The seed-derived JSON Schemas of the compatible surfaces, shared with
+/// `tests/surfaces.rs`, which validates every answer against them.
+const SURFACE_SCHEMAS: [(&str, &str); 6] = [
+    (
+        "VgsNetworkTokenResponse",
+        include_str!("../openapi/schemas/vgs_network_token_response.json"),
+    ),
+    (
+        "VgsCryptogramResponse",
+        include_str!("../openapi/schemas/vgs_cryptogram_response.json"),
+    ),
+    (
+        "VgsCryptoFetchRequest",
+        include_str!("../openapi/schemas/vgs_crypto_fetch_request.json"),
+    ),
+    (
+        "VgsError",
+        include_str!("../openapi/schemas/vgs_error_response.json"),
+    ),
+    (
+        "JpmcCryptogramResponse",
+        include_str!("../openapi/schemas/jpmc_cryptogram_response.json"),
+    ),
+    (
+        "JpmcError",
+        include_str!("../openapi/schemas/jpmc_error_response.json"),
+    ),
+];
+
+/// Puts a standalone JSON Schema into `schemas` as `name`: its `$defs` go
+/// beside it as `{name}_{def}`, its local `$ref`s are rewritten to match, and
+/// the resource keywords (`$schema`, `$id`) go, as components carry none.
+fn embed(schemas: &mut Map<String, Value>, name: &str, text: &str) {
+    fn rewrite(node: &mut Value, name: &str) {
+        match node {
+            Value::Object(map) => {
+                if let Some(Value::String(r)) = map.get_mut("$ref") {
+                    if let Some(def) = r.strip_prefix("#/$defs/") {
+                        *r = format!("#/components/schemas/{name}_{def}");
+                    }
+                }
+                map.values_mut().for_each(|v| rewrite(v, name));
+            }
+            Value::Array(items) => items.iter_mut().for_each(|v| rewrite(v, name)),
+            _ => {}
+        }
+    }
+    // The files are the project's own, checked by tests/openapi.rs: one that
+    // does not parse shows there as a missing schema.
+    let Ok(Value::Object(mut schema)) = serde_json::from_str::<Value>(text) else {
+        return;
+    };
+    schema.remove("$schema");
+    schema.remove("$id");
+    if let Some(Value::Object(defs)) = schema.remove("$defs") {
+        for (def, mut body) in defs {
+            rewrite(&mut body, name);
+            schemas.insert(format!("{name}_{def}"), body);
+        }
+    }
+    let mut schema = Value::Object(schema);
+    rewrite(&mut schema, name);
+    schemas.insert(name.to_owned(), schema);
+}
+
+/// The J.P. Morgan request, from seed 001: the token named by
+/// `tokenReferenceIdentifier` or `tokenNumber`; the brand table's fields
+/// (`transactionType`, `initiatedBy`, `randomNumber`, `amounts.amount`) are
+/// checked by the handler, per brand. The device block is echoed.
+fn jpmc_request_schema() -> Value {
+    json!({
+        "type": "object",
+        "required": ["paymentInstrument"],
+        "properties": {
+            "paymentOrder": {"type": "object", "properties": {
+                "amounts": {"type": "object", "properties": {
+                    "amount": {"type": "integer", "minimum": 0,
+                               "description": "Minor units of `currency`."},
+                    "currency": {"type": "string", "pattern": "^[A-Za-z]{3}$"},
+                }},
+                "device": {"type": "object"},
+                "initiatedBy": {"type": "string"},
+                "transactionType": {"type": "string"},
+            }},
+            "paymentInstrument": {"type": "object", "properties": {
+                "tokenReferenceIdentifier": {"type": "string", "format": "uuid"},
+                "tokenNumber": {"type": "string"},
+                "tokenCryptogramType": {"enum": ["TAVV", "DTVV", "UCAF", "DCSC"]},
+                "randomNumber": {"type": ["string", "integer"]},
+                "accountholderName": {"type": "string"},
+                "tokenType": {"type": "string"},
+            }},
+        },
+    })
+}
+
+/// `responses` entries for a surface's errors, through that surface's own
+/// status rule and in its own error shape.
+fn surface_error_responses(
+    errors: &[ApiError],
+    status_of: fn(&ApiError) -> http::StatusCode,
+    content_type: &str,
+    schema: &str,
+) -> Map<String, Value> {
+    let mut by_status: BTreeMap<u16, Vec<&'static str>> = BTreeMap::new();
+    for e in errors {
+        let classifier = e.status_and_classifier().1;
+        let list = by_status.entry(status_of(e).as_u16()).or_default();
+        if !list.contains(&classifier) {
+            list.push(classifier);
+        }
+    }
+    by_status
+        .into_iter()
+        .map(|(status, classifiers)| {
+            (
+                status.to_string(),
+                json!({
+                    "description": format!("tokenrelay error: {}", classifiers.join(", ")),
+                    "headers": {"x-relay-error": {"$ref": "#/components/headers/RelayError"}},
+                    "content": {content_type: {"schema": {
+                        "$ref": format!("#/components/schemas/{schema}")
+                    }}},
+                }),
+            )
+        })
+        .collect()
+}
+
+/// The compatible surfaces (contract §12).
+fn surface_paths(paths: &mut Map<String, Value>) {
+    use crate::api::surfaces::{jpmc, vgs_cmp};
+    let vgs = vgs_cmp::CONTENT_TYPE;
+    let security = json!([{"apiKey": []}, {"bearer": []}]);
+    let card_param = json!([{"name": "card_id", "in": "path", "required": true,
+                             "description": "The card: a PCI token id.",
+                             "schema": {"type": "string", "format": "uuid"}, "example": PCI_ID}]);
+    let ok = |description: &str, content_type: &str, schema: &str| {
+        json!({"description": description,
+               "content": {content_type: {"schema": {"$ref": format!("#/components/schemas/{schema}")}}}})
+    };
+    let vgs_errors = |scope: Scope, extra: Vec<ApiError>| {
+        let mut e = auth_errors(scope);
+        e.push(ApiError::PciTokenNotFound);
+        e.extend(extra);
+        surface_error_responses(&e, vgs_cmp::status, vgs, "VgsError")
+    };
+    let op = |id: &str,
+              route: &str,
+              summary: &str,
+              mut responses: Map<String, Value>,
+              errors: Map<String, Value>| {
+        responses.extend(errors);
+        json!({"operationId": id, "x-tokenrelay-route": route, "tags": ["vgs cmp"],
+               "summary": summary, "security": security, "responses": responses})
+    };
+
+    let mut provision_ok = Map::new();
+    provision_ok.insert(
+        "201".into(),
+        ok(
+            "A new network token for the card.",
+            vgs,
+            "VgsNetworkTokenResponse",
+        ),
+    );
+    provision_ok.insert(
+        "200".into(),
+        ok(
+            "The card's existing active network token.",
+            vgs,
+            "VgsNetworkTokenResponse",
+        ),
+    );
+    let mut delete_ok = Map::new();
+    delete_ok.insert(
+        "204".into(),
+        json!({"description": "The card's network tokens are deleted."}),
+    );
+    let mut cryptogram_ok = Map::new();
+    cryptogram_ok.insert(
+        "200".into(),
+        ok(
+            "The token with a cryptogram (or, where inline is not permitted, a reference).",
+            vgs,
+            "VgsCryptogramResponse",
+        ),
+    );
+    let mut cryptogram = op(
+        "vgsRequestCryptogram",
+        "vgs_cmp_cryptogram",
+        "Request a cryptogram for the card's network token",
+        cryptogram_ok,
+        vgs_errors(
+            Scope::Cryptograms,
+            vec![
+                e_invalid_request(),
+                ApiError::BodyTooLarge(0),
+                ApiError::TokenNotFound,
+                ApiError::TokenNotActive(""),
+                ApiError::InvalidCryptogramRequest(String::new()),
+                ApiError::ReferenceStoreFull,
+            ],
+        ),
+    );
+    cryptogram["requestBody"] = json!({"required": false, "content": {vgs: {"schema": {
+        "$ref": "#/components/schemas/VgsCryptoFetchRequest"}}}});
+    paths.insert(
+        "/cards/{card_id}/network-tokens".into(),
+        json!({
+            "parameters": card_param,
+            "post": op("vgsProvisionNetworkToken", "vgs_cmp_provision",
+                       "Provision a network token for a card", provision_ok,
+                       vgs_errors(Scope::Tokens, vec![ApiError::InvalidCard { field: "", reason: "" }])),
+            "delete": op("vgsDeleteNetworkTokens", "vgs_cmp_delete",
+                         "Delete the card's network tokens", delete_ok,
+                         vgs_errors(Scope::Tokens, vec![ApiError::TokenNotFound])),
+        }),
+    );
+    paths.insert(
+        "/cards/{card_id}/cryptogram".into(),
+        json!({"parameters": card_param, "post": cryptogram}),
+    );
+
+    let mut jpmc_ok = Map::new();
+    jpmc_ok.insert(
+        "200".into(),
+        ok(
+            "The request echoed with the cryptogram (or a reference).",
+            jpmc::CONTENT_TYPE,
+            "JpmcCryptogramResponse",
+        ),
+    );
+    let mut errors = auth_errors(Scope::Cryptograms);
+    errors.extend([
+        e_invalid_request(),
+        ApiError::BodyTooLarge(0),
+        ApiError::SourceNotPermitted("tokenNumber", "saq-a"),
+        ApiError::TokenNotFound,
+        ApiError::TokenNotActive(""),
+        ApiError::InvalidCryptogramRequest(String::new()),
+        ApiError::ReferenceStoreFull,
+    ]);
+    jpmc_ok.extend(surface_error_responses(
+        &errors,
+        jpmc::status,
+        jpmc::CONTENT_TYPE,
+        "JpmcError",
+    ));
+    paths.insert(
+        "/cryptograms".into(),
+        json!({"post": {
+            "operationId": "jpmcRequestCryptogram",
+            "x-tokenrelay-route": "jpmc_cryptogram",
+            "tags": ["j.p. morgan"],
+            "summary": "Request a cryptogram (J.P. Morgan shape)",
+            "security": security,
+            "parameters": [{"name": "request-id", "in": "header", "required": false,
+                            "schema": {"type": "string"},
+                            "description": "Echoed as `requestIdentifier` (generated when absent)."}],
+            "requestBody": {"required": true, "content": {jpmc::CONTENT_TYPE: {"schema": {
+                "$ref": "#/components/schemas/JpmcCryptogramRequest"}}}},
+            "responses": jpmc_ok,
+        }}),
+    );
 }

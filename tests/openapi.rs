@@ -9,7 +9,9 @@ use std::collections::BTreeSet;
 
 use http::Method;
 use serde_json::Value;
+use tokenrelay::api::surfaces::Surface;
 use tokenrelay::api::{self, Route};
+use tokenrelay::config::Surfaces;
 use tokenrelay::openapi;
 
 const OPERATION_KEYS: [&str; 8] = [
@@ -71,7 +73,9 @@ fn operations(doc: &Value) -> Vec<(Method, String, String)> {
     let mut out = Vec::new();
     let paths = doc["paths"].as_object().expect("paths");
     for (template, item) in paths {
-        let concrete = template.replace("{id}", "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11");
+        let concrete = template
+            .replace("{id}", "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11")
+            .replace("{card_id}", "0b7d9c2e-31f4-4a8e-b0d5-2c6f1e9a7b44");
         for key in OPERATION_KEYS {
             let Some(op) = item.get(key) else { continue };
             let label = op["x-tokenrelay-route"]
@@ -93,8 +97,18 @@ fn every_documented_operation_is_served_by_the_route_it_names() {
             assert_eq!(label, "openapi");
             continue;
         }
-        let (route, _) = api::route(&method, &path)
-            .unwrap_or_else(|e| panic!("{method} {path} is documented but not routed: {e}"));
+        let on = Surfaces {
+            vgs_cmp: true,
+            jpmc: true,
+        };
+        let routed = match Surface::for_path(on, &path) {
+            Some(surface) => surface
+                .route(&method, &path)
+                .map(|(op, _)| Route::Surface(op)),
+            None => api::route(&method, &path).map(|(route, _)| route),
+        };
+        let route =
+            routed.unwrap_or_else(|e| panic!("{method} {path} is documented but not routed: {e}"));
         assert_eq!(route.label(), label, "{method} {path}");
     }
 }
@@ -110,6 +124,33 @@ fn every_route_is_documented() {
             route.label()
         );
     }
+}
+
+#[test]
+fn the_surfaces_schemas_are_embedded_with_their_definitions() {
+    let doc = document(openapi::main_document());
+    let schemas = doc["components"]["schemas"].as_object().expect("schemas");
+    for name in [
+        "VgsNetworkTokenResponse",
+        "VgsCryptogramResponse",
+        "VgsCryptoFetchRequest",
+        "VgsError",
+        "JpmcCryptogramResponse",
+        "JpmcError",
+        "JpmcCryptogramRequest",
+    ] {
+        let schema = schemas
+            .get(name)
+            .unwrap_or_else(|| panic!("{name} missing"));
+        assert!(
+            schema.get("$defs").is_none() && schema.get("$id").is_none(),
+            "{name}"
+        );
+    }
+    assert!(
+        !doc.to_string().contains("#/$defs/"),
+        "a $ref was left unrewritten"
+    );
 }
 
 #[test]

@@ -66,27 +66,16 @@ impl KeyHash {
 
     /// Parses `sha256:<64 hex digits>`.
     pub fn parse(s: &str) -> Option<KeyHash> {
-        let hex = s.strip_prefix("sha256:")?;
-        if hex.len() != 64 {
-            return None;
-        }
+        let digits = s.strip_prefix("sha256:")?;
         let mut out = [0u8; 32];
-        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-            let hi = (chunk[0] as char).to_digit(16)?;
-            let lo = (chunk[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
-        }
+        // Exactly 64 hex digits, either case.
+        hex::decode_to_slice(digits, &mut out).ok()?;
         Some(KeyHash(out))
     }
 
     /// The config form, `sha256:<hex>`.
     pub fn to_config_string(&self) -> String {
-        let mut s = String::with_capacity(71);
-        s.push_str("sha256:");
-        for b in self.0 {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        format!("sha256:{}", hex::encode(self.0))
     }
 }
 
@@ -121,6 +110,19 @@ pub fn authenticate<'a>(keys: &'a [ApiKey], presented: &[u8]) -> Option<&'a ApiK
     found
 }
 
+/// The credentials of an `Authorization: Bearer <key>` header value
+/// (RFC 6750 §2.1; the scheme name is case-insensitive). Only the
+/// compatible surfaces read it: on the native API `Authorization` belongs
+/// to the acquirer and passes through (contract §2).
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -132,6 +134,16 @@ mod tests {
         assert_eq!(KeyHash::parse(&s), Some(h));
         assert!(KeyHash::parse("sha256:zz").is_none());
         assert!(KeyHash::parse(&s.replace("sha256:", "md5:")).is_none());
+    }
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"Bearerabc"), None);
+        assert_eq!(bearer(b""), None);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 
 use crate::api::auth::Scope;
 use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
-use crate::tsp::TspError;
+use crate::tsp::{SchemeRule, TspError};
 use crate::vault::StoreError;
 use crate::{Body, X_RELAY_ERROR};
 
@@ -79,6 +79,10 @@ pub enum ApiError {
     /// The cryptogram request breaks a rule.
     #[error("invalid cryptogram request: {0}")]
     InvalidCryptogramRequest(String),
+    /// The cryptogram request breaks a row of the brand table; the
+    /// compatible surfaces name their own field from it.
+    #[error("invalid cryptogram request: {}", .0.message())]
+    SchemeRule(SchemeRule),
     /// Reference store at its bound.
     #[error("reference store is full; retry later")]
     ReferenceStoreFull,
@@ -97,11 +101,22 @@ pub enum ApiError {
     /// Placeholder syntax or name error.
     #[error("invalid template: {0}")]
     InvalidTemplate(String),
+    /// A header tokenrelay must not let a merchant set (framing, `host`,
+    /// hop-by-hop), or an escape for a name tokenrelay does not reserve.
+    #[error("header not allowed: {0}")]
+    HeaderNotAllowed(String),
+    /// The request could render beyond `max_rendered_bytes`.
+    #[error("the rendered request could exceed {0} bytes")]
+    RenderedTooLarge(usize),
     /// Unknown or expired reference.
     #[error("cryptogram reference not found or expired")]
     ReferenceNotFound,
     /// Reference consumed before.
-    #[error("cryptogram reference already used")]
+    #[error(
+        "cryptogram reference already used: a forward took it. If that forward got no answer \
+         (a lost connection, or a tokenrelay replica that stopped mid-request), its outcome is \
+         unknown here: ask the acquirer before paying again with a new cryptogram"
+    )]
     ReferenceAlreadyUsed,
     /// Reference bound to another token.
     #[error("cryptogram reference belongs to another network token")]
@@ -113,6 +128,14 @@ pub enum ApiError {
     /// have received it, so the reference stays consumed.
     #[error("destination failed: {0}")]
     DestinationFailed(String),
+    /// The acquirer's answer is compressed while redaction is on, so its
+    /// echoes could not be masked; it is not relayed.
+    #[error("response not redactable: {0}")]
+    ResponseNotRedactable(String),
+    /// The acquirer's answer is malformed (e.g. both `content-length` and
+    /// `transfer-encoding`); it is not relayed.
+    #[error("invalid upstream response: {0}")]
+    InvalidUpstreamResponse(String),
     /// The acquirer did not answer in time.
     #[error("destination timed out: {0}")]
     DestinationTimeout(String),
@@ -148,7 +171,7 @@ impl ApiError {
             E::InlineNotPermitted => (StatusCode::FORBIDDEN, "inline_not_permitted"),
             E::DauthNotActivated => (StatusCode::UNPROCESSABLE_ENTITY, "dauth_not_activated"),
             E::TokenNotActive(_) => (StatusCode::FAILED_DEPENDENCY, "token_not_active"),
-            E::InvalidCryptogramRequest(_) => (
+            E::InvalidCryptogramRequest(_) | E::SchemeRule(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_cryptogram_request",
             ),
@@ -158,6 +181,8 @@ impl ApiError {
             E::DestinationNotAllowed(_) => (StatusCode::FORBIDDEN, "destination_not_allowed"),
             E::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             E::InvalidTemplate(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_template"),
+            E::HeaderNotAllowed(_) => (StatusCode::BAD_REQUEST, "header_not_allowed"),
+            E::RenderedTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "rendered_too_large"),
             E::ReferenceNotFound => (StatusCode::NOT_FOUND, "reference_not_found"),
             E::ReferenceAlreadyUsed => (StatusCode::CONFLICT, "reference_already_used"),
             E::ReferenceTokenMismatch => {
@@ -165,6 +190,8 @@ impl ApiError {
             }
             E::DestinationUnreachable(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable"),
             E::DestinationFailed(_) => (StatusCode::BAD_GATEWAY, "destination_failed"),
+            E::ResponseNotRedactable(_) => (StatusCode::BAD_GATEWAY, "response_not_redactable"),
+            E::InvalidUpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "invalid_upstream_response"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
@@ -176,20 +203,29 @@ impl ApiError {
         matches!(self, ApiError::Unavailable(_) | ApiError::Internal(_))
     }
 
-    /// The JSON error response.
-    pub fn into_response(self) -> Response<Body> {
+    /// Status, classifier and the message a client may read; a fault on
+    /// our side is logged here with its detail, which the message never
+    /// carries. Every error shape (native, and the compatible surfaces'
+    /// own) is written from this.
+    pub fn describe(&self) -> (StatusCode, &'static str, String) {
         let (status, classifier) = self.status_and_classifier();
         if self.is_ours() {
-            let detail = match &self {
+            let detail = match self {
                 ApiError::Unavailable(d) | ApiError::Internal(d) => d.as_str(),
                 _ => "",
             };
             tracing::error!(classifier, detail, "request failed on our side");
         }
+        (status, classifier, self.to_string())
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, classifier, message) = self.describe();
         let body = serde_json::json!({
             "code": status.as_u16(),
             "classifier": classifier,
-            "message": self.to_string(),
+            "message": message,
         });
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = Response::new(
@@ -216,6 +252,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(d) => ApiError::Unavailable(format!("token store: {d}")),
             StoreError::Corrupt(d) => ApiError::Internal(format!("token store: {d}")),
+            StoreError::Lifecycle(status) => ApiError::TokenNotActive(status.as_str()),
         }
     }
 }
@@ -226,6 +263,12 @@ impl From<TspError> for ApiError {
             TspError::InvalidRequest(m) => ApiError::InvalidCryptogramRequest(m.to_owned()),
             TspError::Unavailable(d) => ApiError::Unavailable(format!("token service: {d}")),
         }
+    }
+}
+
+impl From<SchemeRule> for ApiError {
+    fn from(rule: SchemeRule) -> Self {
+        ApiError::SchemeRule(rule)
     }
 }
 
@@ -255,93 +298,101 @@ impl From<TakeFailure> for ApiError {
 mod tests {
     use super::*;
 
-    /// Pins the contract's status/classifier table.
-    #[test]
-    fn contract_table() {
-        let cases: Vec<(ApiError, u16, &str)> = vec![
-            (ApiError::Unauthorized, 401, "unauthorized"),
-            (ApiError::Forbidden(Scope::Forward), 403, "forbidden"),
-            (
-                ApiError::SourceNotPermitted("pan", "saq-a"),
-                403,
-                "source_not_permitted",
-            ),
-            (
-                ApiError::InvalidCard {
-                    field: "number",
-                    reason: "x",
-                },
-                422,
-                "invalid_card",
-            ),
-            (
-                ApiError::IdempotencyKeyReused,
-                422,
-                "idempotency_key_reused",
-            ),
-            (ApiError::TokenNotFound, 404, "token_not_found"),
-            (ApiError::PciTokenNotFound, 404, "pci_token_not_found"),
-            (
-                ApiError::SecurityCodeUnavailable,
-                422,
-                "security_code_unavailable",
-            ),
-            (
-                ApiError::InvalidMetadata("x".into()),
-                422,
-                "invalid_metadata",
-            ),
-            (ApiError::InlineNotPermitted, 403, "inline_not_permitted"),
-            (ApiError::DauthNotActivated, 422, "dauth_not_activated"),
-            (ApiError::TokenNotActive("deleted"), 424, "token_not_active"),
-            (
-                ApiError::InvalidCryptogramRequest("x".into()),
-                422,
-                "invalid_cryptogram_request",
-            ),
-            (ApiError::ReferenceStoreFull, 503, "reference_store_full"),
-            (ApiError::MissingHeader("x"), 400, "missing_header"),
-            (
-                ApiError::InvalidDestination("x".into()),
-                400,
-                "invalid_destination",
-            ),
-            (
-                ApiError::DestinationNotAllowed("x".into()),
-                403,
-                "destination_not_allowed",
-            ),
-            (ApiError::BodyTooLarge(1), 413, "body_too_large"),
-            (
-                ApiError::InvalidTemplate("x".into()),
-                422,
-                "invalid_template",
-            ),
-            (ApiError::ReferenceNotFound, 404, "reference_not_found"),
-            (
-                ApiError::ReferenceAlreadyUsed,
-                409,
-                "reference_already_used",
-            ),
-            (
-                ApiError::ReferenceTokenMismatch,
-                422,
-                "reference_token_mismatch",
-            ),
-            (
-                ApiError::DestinationUnreachable("x".into()),
-                502,
-                "destination_unreachable",
-            ),
-            (
-                ApiError::DestinationTimeout("x".into()),
-                504,
-                "destination_timeout",
-            ),
-        ];
-        for (e, code, classifier) in cases {
+    use ApiError as E;
+
+    /// Writes the contract's table once and makes from it `contract_row`,
+    /// an exhaustive `match` with no `_ =>` (so a new variant does not
+    /// compile until it has a row), and `one_of_each`, the rows' samples.
+    macro_rules! contract_table {
+        ($($sample:expr => $pattern:pat => $code:literal $classifier:literal,)*) => {
+            fn contract_row(e: &ApiError) -> (u16, &'static str) {
+                match e {
+                    $($pattern => ($code, $classifier),)*
+                }
+            }
+
+            /// One value per row, each checked to match its own row.
+            fn one_of_each() -> Vec<ApiError> {
+                let samples = vec![$($sample),*];
+                let mut i = 0;
+                $(
+                    assert!(matches!(samples[i], $pattern), "{} is not {}", $classifier, stringify!($sample));
+                    i += 1;
+                )*
+                assert_eq!(i, samples.len());
+                samples
+            }
+        };
+    }
+
+    // The contract's status/classifier table (§3), written out on its own
+    // rather than derived from `status_and_classifier`:
+    // sample => pattern => status classifier.
+    contract_table! {
+        E::Unauthorized => E::Unauthorized => 401 "unauthorized",
+        E::Forbidden(Scope::Forward) => E::Forbidden(_) => 403 "forbidden",
+        E::RouteNotFound => E::RouteNotFound => 404 "not_found",
+        E::MethodNotAllowed("GET") => E::MethodNotAllowed(_) => 405 "method_not_allowed",
+        E::InvalidRequest("x".into()) => E::InvalidRequest(_) => 400 "invalid_request",
+        E::SourceNotPermitted("pan", "saq-a") => E::SourceNotPermitted(..) => 403 "source_not_permitted",
+        E::SourceNotSupported("x".into()) => E::SourceNotSupported(_) => 422 "source_not_supported",
+        E::InvalidCard { field: "number", reason: "x" } => E::InvalidCard { .. } => 422 "invalid_card",
+        E::IdempotencyKeyReused => E::IdempotencyKeyReused => 422 "idempotency_key_reused",
+        E::TokenNotFound => E::TokenNotFound => 404 "token_not_found",
+        E::PciTokenNotFound => E::PciTokenNotFound => 404 "pci_token_not_found",
+        E::SecurityCodeUnavailable => E::SecurityCodeUnavailable => 422 "security_code_unavailable",
+        E::InvalidMetadata("x".into()) => E::InvalidMetadata(_) => 422 "invalid_metadata",
+        E::InlineNotPermitted => E::InlineNotPermitted => 403 "inline_not_permitted",
+        E::DauthNotActivated => E::DauthNotActivated => 422 "dauth_not_activated",
+        E::TokenNotActive("deleted") => E::TokenNotActive(_) => 424 "token_not_active",
+        E::InvalidCryptogramRequest("x".into()) => E::InvalidCryptogramRequest(_) => 422 "invalid_cryptogram_request",
+        E::SchemeRule(SchemeRule::AmountRequired) => E::SchemeRule(_) => 422 "invalid_cryptogram_request",
+        E::ReferenceStoreFull => E::ReferenceStoreFull => 503 "reference_store_full",
+        E::MissingHeader("x") => E::MissingHeader(_) => 400 "missing_header",
+        E::InvalidDestination("x".into()) => E::InvalidDestination(_) => 400 "invalid_destination",
+        E::DestinationNotAllowed("x".into()) => E::DestinationNotAllowed(_) => 403 "destination_not_allowed",
+        E::BodyTooLarge(1) => E::BodyTooLarge(_) => 413 "body_too_large",
+        E::InvalidTemplate("x".into()) => E::InvalidTemplate(_) => 422 "invalid_template",
+        E::ReferenceNotFound => E::ReferenceNotFound => 404 "reference_not_found",
+        E::ReferenceAlreadyUsed => E::ReferenceAlreadyUsed => 409 "reference_already_used",
+        E::ReferenceTokenMismatch => E::ReferenceTokenMismatch => 422 "reference_token_mismatch",
+        E::DestinationUnreachable("x".into()) => E::DestinationUnreachable(_) => 502 "destination_unreachable",
+        E::DestinationFailed("x".into()) => E::DestinationFailed(_) => 502 "destination_failed",
+        E::DestinationTimeout("x".into()) => E::DestinationTimeout(_) => 504 "destination_timeout",
+        E::HeaderNotAllowed("x".into()) => E::HeaderNotAllowed(_) => 400 "header_not_allowed",
+        E::RenderedTooLarge(1) => E::RenderedTooLarge(_) => 413 "rendered_too_large",
+        E::ResponseNotRedactable("x".into()) => E::ResponseNotRedactable(_) => 502 "response_not_redactable",
+        E::InvalidUpstreamResponse("x".into()) => E::InvalidUpstreamResponse(_) => 502 "invalid_upstream_response",
+        E::Unavailable("x".into()) => E::Unavailable(_) => 503 "service_unavailable",
+        E::Internal("x".into()) => E::Internal(_) => 500 "internal_error",
+    }
+
+    /// Pins the contract's table for every variant: the status, the body's
+    /// `code`, `classifier` and `message`, and `x-relay-error`.
+    #[tokio::test]
+    async fn contract_table() {
+        let samples = one_of_each();
+        let variants: std::collections::HashSet<_> =
+            samples.iter().map(std::mem::discriminant).collect();
+        assert_eq!(variants.len(), samples.len(), "a variant has two rows");
+        for e in samples {
+            let (code, classifier) = contract_row(&e);
             let (s, c) = e.status_and_classifier();
             assert_eq!((s.as_u16(), c), (code, classifier), "{e:?}");
+            let message = e.to_string();
+            let resp = e.into_response();
+            assert_eq!(resp.status().as_u16(), code, "{classifier}");
+            assert_eq!(resp.headers()[&X_RELAY_ERROR], classifier);
+            assert_eq!(
+                resp.headers()[http::header::CONTENT_TYPE],
+                "application/json"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"code": code, "classifier": classifier, "message": message})
+            );
         }
     }
 
