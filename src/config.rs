@@ -227,6 +227,9 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Most concurrent client connections.
     pub max_connections: usize,
+    /// Bound of the log lines waiting for stdout; past it lines are
+    /// dropped and counted (`crate::telemetry::LogBuffer`).
+    pub log_buffer_bytes: usize,
     /// Time a client has to send its request head.
     pub header_read_timeout: Duration,
     /// How long in-flight requests may run after SIGTERM.
@@ -258,6 +261,7 @@ struct RawConfig {
     redact_responses: Option<bool>,
     idempotency_ttl: Option<String>,
     max_connections: Option<u64>,
+    log_buffer_bytes: Option<u64>,
     header_read_timeout: Option<String>,
     shutdown_grace: Option<String>,
     tsp: Option<String>,
@@ -668,6 +672,15 @@ impl RawConfig {
                 "must be between 1 and 67108864",
             ));
         }
+        let log_buffer_bytes = self
+            .log_buffer_bytes
+            .unwrap_or(crate::telemetry::DEFAULT_LOG_BUFFER_BYTES as u64);
+        if !(64 << 10..=256 << 20).contains(&log_buffer_bytes) {
+            return Err(ConfigError::new(
+                "log_buffer_bytes",
+                "must be between 65536 and 268435456",
+            ));
+        }
         let max_connections = self.max_connections.unwrap_or(4096);
         if max_connections == 0 {
             return Err(ConfigError::new(
@@ -874,6 +887,7 @@ impl RawConfig {
                 .unwrap_or(compliance_level == ComplianceLevel::SaqA),
             idempotency_ttl: IDEMPOTENCY_TTL.parse(self.idempotency_ttl)?,
             max_connections: max_connections as usize,
+            log_buffer_bytes: log_buffer_bytes as usize,
             header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
             shutdown_grace: SHUTDOWN_GRACE.parse(self.shutdown_grace)?,
             api_keys,

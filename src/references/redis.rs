@@ -48,7 +48,7 @@ use super::{
 };
 use crate::card::{Brand, Secret};
 use crate::tsp::{CryptogramKind, CryptogramType};
-use crate::vault::keyring::Keyring;
+use crate::vault::keyring::{Keyring, Purpose};
 use crate::vault::{Metadata, TokenId};
 
 /// Environment variable with the Redis password; wins over
@@ -323,7 +323,11 @@ impl RedisReferenceStore {
             .map_err(|e| ReferenceStoreError::Unavailable(format!("serialising: {e}")))?,
         );
         self.keys
-            .seal(Self::aad(key, token_id).as_bytes(), &plain)
+            .seal_for(
+                Purpose::Reference,
+                Self::aad(key, token_id).as_bytes(),
+                &plain,
+            )
             .map_err(|e| ReferenceStoreError::Unavailable(format!("sealing a reference: {e}")))
     }
 
@@ -336,7 +340,12 @@ impl RedisReferenceStore {
     ) -> Result<Payload, ReferenceStoreError> {
         let plain = self
             .keys
-            .open(key_id, Self::aad(key, token_id).as_bytes(), sealed)
+            .open_for(
+                Purpose::Reference,
+                key_id,
+                Self::aad(key, token_id).as_bytes(),
+                sealed,
+            )
             .map_err(|e| {
                 // Every replica must load the same master keys, and an old
                 // key may only go once reference_ttl has passed since the
