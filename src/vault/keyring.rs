@@ -500,7 +500,7 @@ mod tests {
         let old = Keyring::parse(&format!("k1:{a}")).unwrap();
         let (id, ct) = old.seal(b"r", b"secret").unwrap();
         let both = Keyring::parse(&format!("# comment\nk1:{a}\nk2:{b}\n")).unwrap();
-        assert_eq!(both.active_id(), "k2");
+        assert_eq!(both.active_id(), "k2/v2");
         assert_eq!(&*both.open(&id, b"r", &ct).unwrap(), b"secret");
         assert_eq!(both.fingerprint("4111"), old.fingerprint("4111"));
     }
@@ -608,6 +608,6 @@ mod tests {
             let e = Keyring::parse(bad).unwrap_err().to_string();
             assert!(!e.contains("AAAA") && !e.contains("base64!!"), "{e}");
         }
-        assert_eq!(Keyring::parse(&b64([3; 32])).unwrap().active_id(), "k1");
+        assert_eq!(Keyring::parse(&b64([3; 32])).unwrap().active_id(), "k1/v2");
     }
 }
