@@ -79,11 +79,18 @@ async fn add_k2_rotate_remove_k1_keeps_fingerprints_and_dedup() {
 
     // 3. remove k1.
     let after = store(dir.path(), &format!("{fp}\n{k2}\n")).await;
-    let read = after.get_pci(first.id).await.unwrap().expect("readable under k2");
+    let read = after
+        .get_pci(first.id)
+        .await
+        .unwrap()
+        .expect("readable under k2");
     assert_eq!(read.pan.expose(), PAN);
     assert_eq!(read.cardholder_name.as_deref(), Some("Ada Lovelace"));
     let again = card(after.as_ref(), PAN);
-    assert_eq!(again.fingerprint, first.fingerprint, "same card, same fingerprint");
+    assert_eq!(
+        again.fingerprint, first.fingerprint,
+        "same card, same fingerprint"
+    );
     let (found, created) = after.insert_pci(again).await.unwrap();
     assert!(!created, "deduplicated");
     assert_eq!(found.id, first.id);
