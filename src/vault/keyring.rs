@@ -39,7 +39,8 @@ use crate::crypto::{hmac_sha256, random_bytes};
 pub enum Purpose {
     /// Secrets of vault records (TPAN, PAN, cardholder name).
     VaultRecord,
-    /// Cryptogram reference payloads in Redis.
+    /// What the reference store keeps in Redis: reference payloads and
+    /// the blobs beside them (CVCs, sessions).
     Reference,
     /// Idempotency records (a replayed answer may hold a TPAN).
     Idempotency,
