@@ -256,6 +256,7 @@ async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         mode = audit.mode,
         change = audit.change,
         destination_host = audit.destination_host.as_deref(),
+        forward_route = audit.forward_route.as_deref(),
         duration_us = started.elapsed().as_micros() as u64,
     );
     response.headers_mut().insert(X_REQUEST_ID.clone(), id);

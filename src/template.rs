@@ -902,7 +902,8 @@ fn render_hole(hole: &Hole, values: &dyn Values, out: &mut Out<'_>) {
 }
 
 /// Apply a format filter to `text` in place; `unwrap` changes nothing here.
-fn apply_filter(filter: Filter, text: &mut String) {
+/// (Also the route templates' `mm`, `yy`, … filters.)
+pub fn apply_filter(filter: Filter, text: &mut String) {
     let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
     match filter {
         Filter::Unwrap => {}
@@ -1004,7 +1005,7 @@ fn is_unreserved(b: u8) -> bool {
 }
 
 /// Percent-encode every byte outside the RFC 3986 unreserved set.
-fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
+pub fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if is_unreserved(b) {
@@ -1020,7 +1021,7 @@ fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
 }
 
 /// Escape the five XML special characters.
-fn xml_escape(bytes: &[u8], out: &mut Vec<u8>) {
+pub fn xml_escape(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         let entity: &[u8] = match b {

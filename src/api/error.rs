@@ -115,6 +115,18 @@ pub enum ApiError {
     /// The acquirer did not answer in time.
     #[error("destination timed out: {0}")]
     DestinationTimeout(String),
+    /// No `[[routes]]` entry has this name.
+    #[error("route not found")]
+    UnknownRoute,
+    /// The route is not open to this forward endpoint.
+    #[error("{0}")]
+    RouteNotPermitted(String),
+    /// The route did not render with the merchant's input.
+    #[error("invalid route input: {0}")]
+    InvalidRouteInput(String),
+    /// `routes_only = true`: free-form forwards are refused.
+    #[error("free-form forwards are disabled (routes_only); use a route: POST …/forward/{{route}}")]
+    FreeFormForwardDisabled,
     /// A backing store is down: ours, retryable.
     #[error("service unavailable")]
     Unavailable(String),
@@ -165,6 +177,10 @@ impl ApiError {
             E::DestinationUnreachable(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable"),
             E::DestinationFailed(_) => (StatusCode::BAD_GATEWAY, "destination_failed"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
+            E::UnknownRoute => (StatusCode::NOT_FOUND, "route_not_found"),
+            E::RouteNotPermitted(_) => (StatusCode::FORBIDDEN, "route_not_permitted"),
+            E::InvalidRouteInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_route_input"),
+            E::FreeFormForwardDisabled => (StatusCode::FORBIDDEN, "free_form_forward_disabled"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -333,6 +349,22 @@ mod tests {
                 ApiError::DestinationTimeout("x".into()),
                 504,
                 "destination_timeout",
+            ),
+            (ApiError::UnknownRoute, 404, "route_not_found"),
+            (
+                ApiError::RouteNotPermitted("x".into()),
+                403,
+                "route_not_permitted",
+            ),
+            (
+                ApiError::InvalidRouteInput("x".into()),
+                422,
+                "invalid_route_input",
+            ),
+            (
+                ApiError::FreeFormForwardDisabled,
+                403,
+                "free_form_forward_disabled",
             ),
         ];
         for (e, code, classifier) in cases {
