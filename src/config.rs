@@ -1035,6 +1035,35 @@ mod tests {
     }
 
     #[test]
+    fn routes_are_checked_and_their_templates_found_beside_the_config() {
+        let ok = "[[routes]]\nname = \"adyen-payments\"\ndestination = \"https://a.example/p\"\ntemplate = \"routes/a.json.j2\"\nsubjects = [\"network_token\", \"pci_token\"]";
+        let c = Config::parse_in(ok, Path::new("/etc/tokenrelay")).unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.method, http::Method::POST);
+        assert_eq!(r.template, Path::new("/etc/tokenrelay/routes/a.json.j2"));
+        assert_eq!(
+            r.subjects,
+            [RouteSubject::NetworkToken, RouteSubject::PciToken]
+        );
+        assert!(!c.routes_only);
+        assert!(Config::parse("routes_only = true").unwrap().routes_only);
+        for (doc, key) in [
+            (ok.replace("adyen-payments", "Adyen"), "routes[0].name"),
+            (ok.replace("adyen-payments", "a/b"), "routes[0].name"),
+            (format!("{ok}\nmethod = \"CONNECT\""), "routes[0].method"),
+            (
+                ok.replace("\"network_token\", \"pci_token\"", ""),
+                "routes[0].subjects",
+            ),
+            (ok.replace("pci_token", "card"), "routes[0].subjects"),
+            (format!("{ok}\n{ok}"), "routes[1].name"),
+        ] {
+            let e = Config::parse(&doc).unwrap_err();
+            assert_eq!(e.key, key, "{doc}: {e}");
+        }
+    }
+
+    #[test]
     fn wildcard_needs_one_more_label() {
         let p = HostPattern::Wildcard(".acquirer.example".into());
         assert!(p.matches("api.acquirer.example"));

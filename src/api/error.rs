@@ -125,7 +125,9 @@ pub enum ApiError {
     #[error("invalid route input: {0}")]
     InvalidRouteInput(String),
     /// `routes_only = true`: free-form forwards are refused.
-    #[error("free-form forwards are disabled (routes_only); use a route: POST …/forward/{{route}}")]
+    #[error(
+        "free-form forwards are disabled (routes_only); use a route: POST …/forward/{{route}}"
+    )]
     FreeFormForwardDisabled,
     /// A backing store is down: ours, retryable.
     #[error("service unavailable")]

@@ -27,6 +27,7 @@
 //! line, never minijinja's own message, which may quote values.
 
 use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -155,7 +156,10 @@ impl Routes {
                     },
                 })?;
             if destination.path.contains(delims.0)
-                || destination.query.as_deref().is_some_and(|q| q.contains(delims.0))
+                || destination
+                    .query
+                    .as_deref()
+                    .is_some_and(|q| q.contains(delims.0))
             {
                 return Err(ConfigError {
                     key: key("destination"),
@@ -396,20 +400,38 @@ fn from_json(v: &serde_json::Value) -> Jv {
 /// Why a route did not render, naming the expression and the line: the
 /// template's own text, never a value.
 fn render_message(route: &Route, e: &minijinja::Error) -> String {
+    // minijinja's span of `input.amount.value` may cover `.amount.value`
+    // only: widen it to the whole dotted name.
+    let src = &*route.source;
     let expr = e
         .range()
-        .and_then(|r| route.source.get(r))
-        .map(|s| s.trim())
+        .map(|r| {
+            let start = src.get(..r.start).map_or(r.start, |head| {
+                head.trim_end_matches(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+                    .len()
+            });
+            start..r.end
+        })
+        .and_then(|r| src.get(r))
+        .map(str::trim)
         .filter(|s| !s.is_empty() && s.len() <= 80);
+    // The file name only: the merchant need not learn the server's paths.
+    let file = Path::new(&route.template).file_name().map_or_else(
+        || route.template.clone(),
+        |f| f.to_string_lossy().into_owned(),
+    );
     let at = match (expr, e.line()) {
-        (Some(x), Some(l)) => format!("`{x}` ({} line {l})", route.template),
-        (Some(x), None) => format!("`{x}` ({})", route.template),
-        (None, Some(l)) => format!("{} line {l}", route.template),
-        (None, None) => route.template.clone(),
+        (Some(x), Some(l)) => format!("`{x}` ({file} line {l})"),
+        (Some(x), None) => format!("`{x}` ({file})"),
+        (None, Some(l)) => format!("{file} line {l}"),
+        (None, None) => file,
     };
     match e.kind() {
         ErrorKind::UndefinedError => {
-            format!("route {}: {at} is not defined (missing input field?)", route.name)
+            format!(
+                "route {}: {at} is not defined (missing input field?)",
+                route.name
+            )
         }
         kind => format!("route {}: {kind} at {at}", route.name),
     }
@@ -508,5 +530,117 @@ fn input(body: &[u8]) -> Result<Jv, ApiError> {
         _ => Err(ApiError::InvalidRequest(
             "a route forward's body must be a JSON object (the route's input)".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn env_with(name: &str, src: &str) -> Environment<'static> {
+        let mut env = environment();
+        env.add_template_owned(name.to_owned(), src.to_owned())
+            .unwrap();
+        env
+    }
+
+    fn render(name: &str, src: &str, ctx: Jv) -> Result<String, minijinja::Error> {
+        env_with(name, src).get_template(name).unwrap().render(ctx)
+    }
+
+    #[test]
+    fn escaping_follows_the_extension() {
+        let ctx = Jv::from_pairs([
+            ("s", Jv::from("a\"<&> b/+=")),
+            ("n", Jv::from(12)),
+            ("none", Jv::from(())),
+        ]);
+        assert_eq!(
+            render("t.json.j2", "{{ s }} {{ n }} {{ none }}", ctx.clone()).unwrap(),
+            r#""a\"<&> b/+=" 12 null"#
+        );
+        assert_eq!(
+            render("t.xml.j2", "{{ s }}|{{ n }}|{{ none }}", ctx.clone()).unwrap(),
+            "a&quot;&lt;&amp;&gt; b/+=|12|"
+        );
+        assert_eq!(
+            render("t.form.j2", "{{ s }}|{{ n }}|{{ none }}", ctx.clone()).unwrap(),
+            "a%22%3C%26%3E%20b%2F%2B%3D|12|"
+        );
+        assert_eq!(
+            render("t.txt.j2", "{{ s }}|{{ none }}", ctx).unwrap(),
+            "a\"<&> b/+=|"
+        );
+    }
+
+    #[test]
+    fn section_6_filters() {
+        let ctx = Jv::from_pairs([
+            ("m", Jv::from(3)),
+            ("y", Jv::from(2031)),
+            ("n", Jv::from("4111111111111111")),
+            ("none", Jv::from(())),
+        ]);
+        assert_eq!(
+            render(
+                "t.json.j2",
+                "{{ m | mm }} {{ y | yy }} {{ y | yy | yyyy }} {{ n | last4 }} {{ n | first6 }} {{ none | mm }}",
+                ctx
+            )
+            .unwrap(),
+            r#""03" "31" "2031" "1111" "411111" null"#
+        );
+    }
+
+    #[test]
+    fn strict_undefined_names_the_expression_never_a_value() {
+        let src = "{\"pan\": {{ number }},\n \"amount\": {{ input.amount.value }}}";
+        let env = Arc::new(env_with("r.json.j2", src));
+        let route = Route {
+            name: "r".into(),
+            method: Method::POST,
+            destination: destination::parse(
+                "https://a.example/p",
+                &[DestinationRule {
+                    host: crate::config::HostPattern::Exact("a.example".into()),
+                    port: 443,
+                    scheme: crate::config::DestScheme::Https,
+                    allow_private: false,
+                    ca_file: None,
+                    client_cert: None,
+                    client_key: None,
+                }],
+                ("<<", ">>"),
+            )
+            .unwrap(),
+            network: true,
+            pci: false,
+            template: "r.json.j2".into(),
+            source: src.into(),
+            content_type: None,
+            fields: vec![Field::Number],
+            env,
+        };
+        let r = Rendering {
+            route: Arc::new(route),
+            input: Jv::from_pairs([("amount", Jv::from_pairs([("currency", "EUR")]))]),
+            ns: Namespace::NetworkToken,
+        };
+        let e = r.render_masked().unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("`input.amount.value`"), "{msg}");
+        assert!(msg.contains("line 2"), "{msg}");
+        assert!(!msg.contains("***"), "{msg}");
+    }
+
+    #[test]
+    fn a_broken_template_names_its_file_and_line() {
+        let mut env = environment();
+        let e = env
+            .add_template_owned("fixtures/x.json.j2", "{\n  \"a\": {{ input.a }\n}")
+            .unwrap_err();
+        let msg = compile_message("fixtures/x.json.j2", &e);
+        assert!(msg.starts_with("fixtures/x.json.j2 line 2:"), "{msg}");
     }
 }
