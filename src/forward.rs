@@ -219,7 +219,7 @@ pub async fn handle(
     let checked = check_headers(fwd, req.headers(), subject.needs_reference(), None).await?;
     audit.destination_host = Some(checked.destination.host.clone());
     let parsed = read_and_parse(state, &checked, req, subject.namespace(), true).await?;
-    finish(state, subject, &checked, &parsed, started).await
+    finish(state, subject, &checked, &parsed, audit, started).await
 }
 
 /// Steps 4 to 6, shared by free-form and route forwards: consume (or only
@@ -230,6 +230,7 @@ async fn finish(
     subject: Subject,
     checked: &Checked,
     parsed: &Parsed,
+    audit: &mut Audit,
     started: Instant,
 ) -> Result<Response<Body>, ApiError> {
     let bound = consume(state, subject, checked, parsed).await?;
@@ -237,6 +238,8 @@ async fn finish(
     if checked.dry_run {
         return dry_run(&checked.destination, parsed);
     }
+    // Until `send` says nothing left, the acquirer may have the request.
+    audit.sent_upstream = true;
     let result = match &bound {
         Bound::Network { token, reference } => {
             send(
@@ -261,6 +264,7 @@ async fn finish(
         Ok(r) => Ok(r),
         Err(failure) => {
             if failure.nothing_sent {
+                audit.sent_upstream = false;
                 // The payment was never attempted: what it used is usable again.
                 match bound {
                     Bound::Network { reference, .. } => {

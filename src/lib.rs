@@ -24,13 +24,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -84,6 +83,10 @@ pub struct AppState {
     pub forwarder: forward::Forwarder,
     /// Metrics registry.
     pub metrics: Arc<telemetry::Metrics>,
+    /// TLS of the main listener, loaded before anything else starts.
+    pub listen_tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Access lines: one per request, written when it ends.
+    pub access: Arc<telemetry::access::AccessLog>,
 }
 
 impl AppState {
@@ -93,9 +96,12 @@ impl AppState {
     /// TLS material. Fails, naming the key where it can.
     pub async fn build(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(telemetry::Metrics::new());
-        let keys = match (&config.vault.backend, &config.references) {
-            (VaultBackend::Memory, ReferenceBackend::Memory) => None,
-            _ => Some(vault::load_keys(&config.vault)?),
+        // Everything `check-config` builds comes first: a bad TLS file or
+        // template stops the start before a store is opened.
+        let front = Front::build(&config, metrics.clone())?;
+        let keys = match needs_keys(&config) {
+            false => None,
+            true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
         let references: Arc<dyn ReferenceStore> = match &config.references {
@@ -120,8 +126,12 @@ impl AppState {
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
             tsp::sandbox::DEFAULT_SANDBOX_KEY,
         ));
-        let forwarder = forward::Forwarder::new(&config, metrics.clone())?;
+        let Front {
+            listen_tls,
+            forwarder,
+        } = front;
         Ok(Arc::new(AppState {
+            listen_tls,
             cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             config,
@@ -129,9 +139,52 @@ impl AppState {
             references,
             tsp,
             forwarder,
+            access: telemetry::access::AccessLog::new(metrics.clone()),
             metrics,
         }))
     }
+}
+
+/// Whether the stores seal anything, so master keys must be loaded.
+fn needs_keys(config: &Config) -> bool {
+    !matches!(
+        (&config.vault.backend, &config.references),
+        (VaultBackend::Memory, ReferenceBackend::Memory)
+    )
+}
+
+/// What `serve` builds from the config before it opens a store or binds a
+/// port — the same for [`check`], so "ok" means the server will start as
+/// far as files and settings go.
+struct Front {
+    listen_tls: Option<tokio_rustls::TlsAcceptor>,
+    forwarder: forward::Forwarder,
+}
+
+impl Front {
+    fn build(config: &Config, metrics: Arc<telemetry::Metrics>) -> Result<Front, StartError> {
+        let listen_tls = listen_tls(config)?;
+        // Allow-list, trust anchors and client certificates.
+        let forwarder = forward::Forwarder::new(config, metrics)?;
+        // Issue 19: compile the `[[routes]]` templates here, so both
+        // `serve` and `check-config` refuse one that does not compile.
+        Ok(Front {
+            listen_tls,
+            forwarder,
+        })
+    }
+}
+
+/// `check-config`: builds everything `serve` builds short of opening the
+/// stores and binding the ports — TLS files, the allow-list's
+/// certificates, the master keys (read, never created: a missing key file
+/// that `vault.create_key_file` would create passes).
+pub async fn check(config: &Config) -> Result<(), StartError> {
+    Front::build(config, Arc::new(telemetry::Metrics::new()))?;
+    if needs_keys(config) {
+        vault::check_keys(&config.vault)?;
+    }
+    Ok(())
 }
 
 /// Why tokenrelay could not start.
@@ -184,7 +237,7 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConfigError> {
-    let tls = listen_tls(&state.config)?;
+    let tls = state.listen_tls.clone();
     let limits = server::Limits {
         max_connections: state.config.max_connections,
         header_read_timeout: state.config.header_read_timeout,
@@ -211,6 +264,9 @@ pub async fn run(
         shutdown,
     );
     tokio::join!(api, admin);
+    // The listeners stopped waiting: whatever is still running is cut off
+    // when the runtime goes, and its access line says so.
+    state.access.drain_deadline_passed();
     Ok(())
 }
 
@@ -229,36 +285,30 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
         })
 }
 
-/// One API request: request id, the handler, the access log line, metrics.
+/// One API request. The handler runs in its own task, so a client that
+/// leaves mid-forward does not cancel the exchange with the acquirer
+/// half-way: it completes, and its access line says what the acquirer
+/// answered and that the client was gone (`telemetry::access`).
 async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
-    let id = request_id(&req);
-    let method = req.method().clone();
-    let outcome = api::handle(state.clone(), req).await;
-    let mut response = outcome.response;
-    let status = response.status().as_u16();
-    let route = outcome.route.map_or("none", api::Route::label);
-    state.metrics.count_request(route, status);
-    let audit = &outcome.audit;
-    tracing::info!(
-        target: "tokenrelay::access",
-        request_id = id.to_str().unwrap_or(""),
-        method = method.as_str(),
-        route,
-        status,
-        relay_error = response.headers().get(&X_RELAY_ERROR).and_then(|v| v.to_str().ok()),
-        key = outcome.key_name.as_deref(),
-        subject = audit.subject.as_ref().map(tracing::field::display),
-        scheme = audit.scheme,
-        card = audit.card.as_deref(),
-        created = audit.created,
-        kind = audit.kind,
-        mode = audit.mode,
-        change = audit.change,
-        destination_host = audit.destination_host.as_deref(),
-        forward_route = audit.forward_route.as_deref(),
-        duration_us = started.elapsed().as_micros() as u64,
+    match tokio::spawn(respond(state, req)).await {
+        Ok(response) => response,
+        // The task panicked (its record wrote `handler_panicked`) or the
+        // runtime is shutting down.
+        Err(_) => api::ApiError::Internal("the request handler failed".into()).into_response(),
+    }
+}
+
+/// Runs the handler with the request's access record; the response body
+/// carries the record and writes its line when it ends.
+async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let mut record = state.access.start(request_id(&req), req.method().clone());
+    let mut response = api::handle(state.clone(), req, &mut record.trace).await;
+    record.responded(
+        response.status().as_u16(),
+        response.headers().get(&X_RELAY_ERROR).cloned(),
     );
-    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), record.request_id().clone());
+    response.map(|body| telemetry::access::RecordedBody::new(body, record).boxed())
 }

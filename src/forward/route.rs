@@ -517,7 +517,7 @@ async fn forward(
     // Nothing is consumed until the route renders with masked values.
     rendering.render_masked()?;
     parsed.route = Some(rendering);
-    super::finish(state, subject, &checked, &parsed, started).await
+    super::finish(state, subject, &checked, &parsed, audit, started).await
 }
 
 /// The merchant's body: a JSON object (empty means `{}`).
