@@ -656,6 +656,9 @@ fn check_config_reports_the_same_naming_file_and_line() {
     std::fs::write(dir.path().join("routes/pay.json.j2"), "{{ input.amount }\n").unwrap();
     let config = dir.path().join("tokenrelay.toml");
     let toml = r#"
+[vault]
+backend = "memory"
+
 [[destinations]]
 host = "api.acquirer.example"
 
