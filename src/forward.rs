@@ -281,7 +281,7 @@ async fn finish(
                 state,
                 checked,
                 parsed,
-                &PciTokenValues::new(card, cvc.as_ref()),
+                &PciTokenValues::new(card, cvc.as_ref().map(crate::cvc::HeldCvc::secret)),
             )
             .await
         }
@@ -302,7 +302,7 @@ async fn finish(
                     Bound::Pci {
                         card,
                         cvc: Some(cvc),
-                    } => state.cvcs.restore(card.id, cvc),
+                    } => state.cvcs.restore(card.id, cvc).await?,
                     Bound::Pci { cvc: None, .. } => {}
                 }
             }
@@ -523,7 +523,7 @@ enum Bound {
     },
     Pci {
         card: Arc<PciToken>,
-        cvc: Option<Secret>,
+        cvc: Option<crate::cvc::HeldCvc>,
     },
 }
 
@@ -547,11 +547,12 @@ async fn consume(
             let wants_cvc = parsed.fields().any(|f| f == Field::SecurityCode);
             let cvc = match (wants_cvc, checked.dry_run) {
                 (false, _) => None,
-                (true, true) if state.cvcs.is_held(id) => None,
+                (true, true) if state.cvcs.is_held(id).await? => None,
                 (true, false) => Some(
                     state
                         .cvcs
                         .take(id)
+                        .await?
                         .ok_or(ApiError::SecurityCodeUnavailable)?,
                 ),
                 (true, true) => return Err(ApiError::SecurityCodeUnavailable),
@@ -561,7 +562,7 @@ async fn consume(
     };
     let token = state
         .tokens
-        .get(token_id)
+        .get_current(token_id)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     if token.status != TokenStatus::Active {
