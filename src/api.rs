@@ -16,6 +16,10 @@
 //! | `POST /api/network/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
 //! | `POST /api/pci/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
 //!
+//! The compatible surfaces (contract §12: `/cards/…` in VGS CMP's shape,
+//! `POST /cryptograms` in J.P. Morgan's) are a separate route family,
+//! dispatched to [`surfaces`] before the `/api/` router and listed there.
+//!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
 //! The `{id}` segment is parsed here, once: a malformed id is simply not
@@ -42,6 +46,7 @@ pub mod error;
 pub mod idempotency;
 pub mod json;
 pub mod pci;
+pub mod surfaces;
 pub mod tokens;
 
 pub use error::ApiError;
@@ -80,6 +85,8 @@ pub enum Route {
     ForwardRoute,
     /// `POST /api/pci/tokens/{id}/forward/{route}`
     ForwardPciRoute,
+    /// A compatible-surface operation (contract §12).
+    Surface(surfaces::Operation),
 }
 
 impl Route {
@@ -98,6 +105,7 @@ impl Route {
             Route::ForwardPci => "forward_pci",
             Route::ForwardRoute => "forward_route",
             Route::ForwardPciRoute => "forward_pci_route",
+            Route::Surface(op) => op.label(),
         }
     }
 
@@ -115,6 +123,7 @@ impl Route {
             | Route::DeletePciToken
             | Route::ForwardPci
             | Route::ForwardPciRoute => Family::Pci,
+            Route::Surface(op) => op.family(),
         }
     }
 
@@ -131,6 +140,7 @@ impl Route {
                 Scope::Forward
             }
             Route::TokenEvent => Scope::Admin,
+            Route::Surface(op) => op.scope(),
         }
     }
 }
@@ -186,7 +196,7 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
 }
 
 #[derive(Clone, Copy)]
-enum Family {
+pub(crate) enum Family {
     Network,
     Pci,
 }
@@ -283,12 +293,15 @@ pub async fn handle(
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
+        return surfaces::handle(&state, surface, req, trace).await;
+    }
     let Trace {
         route: route_seen,
         key_name,
         audit,
     } = trace;
-    let path = req.uri().path().to_owned();
     if !path.starts_with("/api/") {
         return ApiError::RouteNotFound.into_response();
     }
