@@ -96,7 +96,9 @@ impl Route {
     /// Every route, for the test that holds the OpenAPI document to the
     /// router; [`Route::label`]'s exhaustive `match` is the reminder to add
     /// a new one here.
-    pub const ALL: [Route; 14] = [
+    pub const ALL: [Route; 16] = [
+        Route::ForwardRoute,
+        Route::ForwardPciRoute,
         Route::Surface(surfaces::Operation::VgsProvision),
         Route::Surface(surfaces::Operation::VgsDelete),
         Route::Surface(surfaces::Operation::VgsCryptogram),
@@ -466,6 +468,8 @@ mod tests {
                 Route::GetPciToken => 7,
                 Route::DeletePciToken => 8,
                 Route::ForwardPci => 9,
+                Route::ForwardRoute => 14,
+                Route::ForwardPciRoute => 15,
                 Route::Surface(op) => match op {
                     surfaces::Operation::VgsProvision => 10,
                     surfaces::Operation::VgsDelete => 11,

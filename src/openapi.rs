@@ -509,6 +509,11 @@ fn forward_paths(paths: &mut Map<String, Value>) {
             e_invalid_request(),
         ]
     };
+    let free_form = || {
+        let mut e = common();
+        e.push(ApiError::FreeFormForwardDisabled);
+        e
+    };
     let relayed = json!({
         "description": "The acquirer's response, relayed as it arrives (status, headers and body; \
                         at `saq-a` injected values are masked in it), with \
@@ -568,7 +573,7 @@ fn forward_paths(paths: &mut Map<String, Value>) {
                 param_ref("RelayHeaderName"),
                 param_ref("RelayHeaderValue"),
             ]);
-            let mut errors = common();
+            let mut errors = free_form();
             errors.extend(extra());
             let has_body = matches!(method, "post" | "put" | "patch");
             let op = Op {
@@ -600,6 +605,85 @@ fn forward_paths(paths: &mut Map<String, Value>) {
             item.insert(method.into(), built);
         }
         paths.insert(path.into(), Value::Object(item));
+    }
+
+    // Routes (contract §10): destination, method and template fixed in the
+    // config; the merchant's JSON object is the template's `input`.
+    for (path, route, id_param, needs_reference, extra) in [
+        (
+            "/api/network/tokens/{id}/forward/{route}",
+            "forward_route",
+            "TokenId",
+            true,
+            (|| {
+                vec![
+                    ApiError::TokenNotFound,
+                    ApiError::ReferenceNotFound,
+                    ApiError::ReferenceAlreadyUsed,
+                    ApiError::ReferenceTokenMismatch,
+                    ApiError::TokenNotActive(""),
+                ]
+            }) as fn() -> Vec<ApiError>,
+        ),
+        (
+            "/api/pci/tokens/{id}/forward/{route}",
+            "forward_pci_route",
+            "PciTokenId",
+            false,
+            || {
+                vec![
+                    ApiError::PciTokenNotFound,
+                    ApiError::SecurityCodeUnavailable,
+                ]
+            },
+        ),
+    ] {
+        let mut params = vec![param_ref("RouteName")];
+        if needs_reference {
+            params.push(param_ref("CryptogramReference"));
+        }
+        params.push(param_ref("DryRun"));
+        let mut errors = common();
+        errors.retain(|e| {
+            !matches!(
+                e,
+                ApiError::MissingHeader(_)
+                    | ApiError::InvalidDestination(_)
+                    | ApiError::DestinationNotAllowed(_)
+                    | ApiError::InvalidTemplate(_)
+            )
+        });
+        errors.extend([
+            ApiError::MissingHeader(""),
+            ApiError::UnknownRoute,
+            ApiError::RouteNotPermitted(String::new()),
+            ApiError::InvalidRouteInput(String::new()),
+        ]);
+        errors.extend(extra());
+        let op = Op {
+            route,
+            scope: Scope::Forward,
+            summary: "Forward through an operator-defined route",
+            description: "The route's template, compiled at start-up, is rendered with the \
+                          token's values and the request body as `input`, and sent to the \
+                          route's fixed destination. Nothing is consumed until it has \
+                          rendered once with masked values.",
+            params,
+            body: Some((
+                "RouteInput",
+                json!({"amount": {"currency": "EUR", "value": 1000}, "reference": "order-1234"}),
+            )),
+            body_required: false,
+            ok: vec![("200", relayed.clone()), ("default", acquirer.clone())],
+            errors,
+        };
+        paths.insert(
+            path.into(),
+            json!({
+                "parameters": [param_ref(id_param)],
+                "post": op.build(route, "routes"),
+            }),
+        );
     }
 }
 
@@ -649,6 +733,10 @@ fn components() -> Value {
             "CryptogramReference": {"name": "x-cryptogram-reference", "in": "header",
                                     "required": true, "schema": {"type": "string"},
                                     "example": "cref_9mN2q4wYb7Rk1sT8vX3zA6"},
+            "RouteName": {"name": "route", "in": "path", "required": true,
+                          "description": "A `[[routes]]` name.",
+                          "schema": {"type": "string", "pattern": "^[a-z0-9-]+$"},
+                          "example": "adyen-payments"},
             "DryRun": {"name": "x-relay-dry-run", "in": "header", "required": false,
                        "schema": {"type": "string", "enum": ["true", "false"]}},
             "RelayHeaderName": {"name": "x-relay-header-name", "in": "header", "required": false,
@@ -818,6 +906,11 @@ fn components() -> Value {
                     "expiry_year": opt(in_year.clone()),
                 },
             },
+            "RouteInput": {
+                "type": "object",
+                "description": "The merchant's own fields, as the route's template reads them \
+                                (`input.…`).",
+            },
             "DryRun": {
                 "type": "object",
                 "additionalProperties": false,
@@ -873,6 +966,7 @@ fn main_value() -> Value {
         "security": [{"apiKey": []}],
         "tags": [
             {"name": "network tokens"}, {"name": "pci tokens"}, {"name": "forward"},
+            {"name": "routes"},
             {"name": "vgs cmp", "description": "VGS Card Management Platform compatible (seed 003)."},
             {"name": "j.p. morgan", "description": "J.P. Morgan `/cryptograms` compatible (seed 001)."},
             {"name": "meta"},

@@ -75,7 +75,8 @@ fn operations(doc: &Value) -> Vec<(Method, String, String)> {
     for (template, item) in paths {
         let concrete = template
             .replace("{id}", "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11")
-            .replace("{card_id}", "0b7d9c2e-31f4-4a8e-b0d5-2c6f1e9a7b44");
+            .replace("{card_id}", "0b7d9c2e-31f4-4a8e-b0d5-2c6f1e9a7b44")
+            .replace("{route}", "adyen-payments");
         for key in OPERATION_KEYS {
             let Some(op) = item.get(key) else { continue };
             let label = op["x-tokenrelay-route"]

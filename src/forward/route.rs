@@ -485,7 +485,7 @@ async fn forward(
         )));
     }
     if req.method() != Method::POST {
-        return Err(ApiError::MethodNotAllowed);
+        return Err(ApiError::MethodNotAllowed("POST"));
     }
     let fwd = &state.forwarder;
     let checked = check_headers(
