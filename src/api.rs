@@ -13,6 +13,7 @@
 //! | `GET /api/pci/tokens/{id}` | tokens | [`pci::get`] |
 //! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
+//! | `POST /api/sessions` | tokens | [`sessions::create`] |
 //!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
@@ -40,6 +41,7 @@ pub mod error;
 pub mod idempotency;
 pub mod json;
 pub mod pci;
+pub mod sessions;
 pub mod tokens;
 
 pub use error::ApiError;
@@ -74,6 +76,8 @@ pub enum Route {
     DeletePciToken,
     /// `* /api/pci/tokens/{id}/forward`
     ForwardPci,
+    /// `POST /api/sessions`
+    CreateSession,
 }
 
 impl Route {
@@ -90,6 +94,7 @@ impl Route {
             Route::GetPciToken => "get_pci_token",
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
+            Route::CreateSession => "create_session",
         }
     }
 
@@ -100,7 +105,9 @@ impl Route {
             | Route::DeleteToken
             | Route::CreateCryptogram
             | Route::Forward
-            | Route::TokenEvent => Family::Network,
+            | Route::TokenEvent
+            // No `{id}` segment: the family is never asked for.
+            | Route::CreateSession => Family::Network,
             Route::CreatePciToken
             | Route::GetPciToken
             | Route::DeletePciToken
@@ -115,7 +122,8 @@ impl Route {
             | Route::DeleteToken
             | Route::CreatePciToken
             | Route::GetPciToken
-            | Route::DeletePciToken => Scope::Tokens,
+            | Route::DeletePciToken
+            | Route::CreateSession => Scope::Tokens,
             Route::CreateCryptogram => Scope::Cryptograms,
             Route::Forward | Route::ForwardPci => Scope::Forward,
             Route::TokenEvent => Scope::Admin,
@@ -125,6 +133,12 @@ impl Route {
 
 /// Matches method and path; `Ok((route, id segment))`.
 pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ApiError> {
+    if path == "/api/sessions" {
+        return match *method {
+            Method::POST => Ok((Route::CreateSession, None)),
+            _ => Err(ApiError::MethodNotAllowed),
+        };
+    }
     let (family, rest) = if let Some(rest) = path.strip_prefix("/api/network/tokens") {
         (Family::Network, rest)
     } else if let Some(rest) = path.strip_prefix("/api/pci/tokens") {
@@ -231,6 +245,8 @@ pub struct Audit {
     pub change: Option<&'static str>,
     /// A forward's destination host.
     pub destination_host: Option<String>,
+    /// The card-capture session a request opened or spent (not a secret).
+    pub session: Option<crate::session::SessionId>,
 }
 
 /// Everything the access log needs about a finished API request.
@@ -296,6 +312,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
             (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
             (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,
             (Route::DeletePciToken, Some(Subject::PciToken(id))) => pci::delete(&state, id).await,
+            (Route::CreateSession, None) => sessions::create(&state, req, a).await,
             _ => Err(ApiError::Internal(format!(
                 "route {} matched with a mismatched id",
                 route.label()
@@ -394,6 +411,18 @@ mod tests {
         ));
         assert!(matches!(
             route(&Method::GET, &format!("/api/network/tokens/{id}/nope")),
+            Err(ApiError::RouteNotFound)
+        ));
+        assert_eq!(
+            route(&Method::POST, "/api/sessions").unwrap(),
+            (Route::CreateSession, None)
+        );
+        assert!(matches!(
+            route(&Method::GET, "/api/sessions"),
+            Err(ApiError::MethodNotAllowed)
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/api/sessions/x"),
             Err(ApiError::RouteNotFound)
         ));
         assert!(matches!(

@@ -219,6 +219,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// How long a CVC is held in memory for one forward.
     pub cvc_ttl: Duration,
+    /// Lifetime of a card-capture session (contract §11).
+    pub session_ttl: Duration,
     /// Placeholder delimiters.
     pub placeholder_syntax: PlaceholderSyntax,
     /// Mask injected values echoed back by the acquirer.
@@ -253,6 +255,7 @@ struct RawConfig {
     compliance_level: Option<ComplianceLevel>,
     reference_ttl: Option<String>,
     cvc_ttl: Option<String>,
+    session_ttl: Option<String>,
     max_body_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
     redact_responses: Option<bool>,
@@ -376,6 +379,19 @@ fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Durat
             Ok(d)
         }
     }
+}
+
+/// The longest `session_ttl` accepted: a checkout page open longer than
+/// this should ask for a new session, and a long-lived key pair is what a
+/// single-use session exists to avoid.
+pub const MAX_SESSION_TTL: Duration = Duration::from_secs(3600);
+
+fn session_ttl(value: Option<String>) -> Result<Duration, ConfigError> {
+    let d = duration("session_ttl", value, Duration::from_secs(15 * 60))?;
+    if d > MAX_SESSION_TTL {
+        return Err(ConfigError::new("session_ttl", "must be at most 1h"));
+    }
+    Ok(d)
 }
 
 fn socket_addr(key: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
@@ -761,6 +777,7 @@ impl RawConfig {
             reference_ttl,
             max_body_bytes: max_body_bytes as usize,
             cvc_ttl: duration("cvc_ttl", self.cvc_ttl, Duration::from_secs(15 * 60))?,
+            session_ttl: session_ttl(self.session_ttl)?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
                 .redact_responses
@@ -802,6 +819,7 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.compliance_level, ComplianceLevel::SaqA);
         assert_eq!(c.reference_ttl, Duration::from_secs(900));
+        assert_eq!(c.session_ttl, Duration::from_secs(900));
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert!(c.redact_responses);
         assert!(c.destinations.is_empty());
@@ -817,6 +835,8 @@ mod tests {
     fn bad_values_name_their_key() {
         for (doc, key) in [
             ("reference_ttl = \"soon\"", "reference_ttl"),
+            ("session_ttl = \"2h\"", "session_ttl"),
+            ("session_ttl = \"0s\"", "session_ttl"),
             ("listen = \"localhost\"", "listen"),
             (
                 "[upstream]\nconnect_timeout = \"0s\"",

@@ -17,6 +17,8 @@
 //!   tokens and cryptograms behind `TokenServiceProvider`;
 //! - [`admin`] serves health and metrics; [`telemetry`] owns logs and
 //!   metrics; [`config`] turns TOML into a validated [`config::Config`];
+//! - [`session`] keeps card-capture sessions (browser-encrypted cards,
+//!   JWE) beside the references;
 //! - [`card`] and [`crypto`] hold the card rules, secret types and crypto
 //!   helpers.
 //!
@@ -45,6 +47,7 @@ pub mod forward;
 pub mod references;
 pub mod sandbox_acquirer;
 pub mod server;
+pub mod session;
 pub mod telemetry;
 pub mod template;
 pub mod tsp;
@@ -74,6 +77,8 @@ pub struct AppState {
     pub tokens: Arc<dyn TokenStore>,
     /// Cryptogram references.
     pub references: Arc<dyn ReferenceStore>,
+    /// Card-capture sessions, in the same backend as the references.
+    pub sessions: session::Sessions,
     /// Token service provider.
     pub tsp: Arc<dyn TokenServiceProvider>,
     /// Idempotency records.
@@ -98,25 +103,35 @@ impl AppState {
             _ => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
-        let references: Arc<dyn ReferenceStore> = match &config.references {
-            ReferenceBackend::Memory => Arc::new(references::memory::MemoryReferenceStore::new(
-                config.reference_max_entries,
-            )),
-            ReferenceBackend::Redis(redis) => {
-                let keys = match keys {
-                    Some(k) => k,
-                    None => vault::load_keys(&config.vault)?,
-                };
-                Arc::new(
-                    references::redis::RedisReferenceStore::open(
+        let (references, session_store): (Arc<dyn ReferenceStore>, Arc<dyn session::SessionStore>) =
+            match &config.references {
+                ReferenceBackend::Memory => (
+                    Arc::new(references::memory::MemoryReferenceStore::new(
+                        config.reference_max_entries,
+                    )),
+                    Arc::new(session::memory::MemorySessionStore::new(
+                        config.reference_max_entries,
+                    )),
+                ),
+                ReferenceBackend::Redis(redis) => {
+                    let keys = match keys {
+                        Some(k) => k,
+                        None => vault::load_keys(&config.vault)?,
+                    };
+                    let store = references::redis::RedisReferenceStore::open(
                         redis,
-                        keys,
+                        keys.clone(),
                         config.reference_max_entries,
                     )
-                    .await?,
-                )
-            }
-        };
+                    .await?;
+                    let sessions = session::redis::RedisSessionStore::new(
+                        store.connection(),
+                        keys,
+                        &redis.key_prefix,
+                    );
+                    (Arc::new(store), Arc::new(sessions))
+                }
+            };
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
             tsp::sandbox::DEFAULT_SANDBOX_KEY,
         ));
@@ -124,6 +139,7 @@ impl AppState {
         Ok(Arc::new(AppState {
             cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
+            sessions: session::Sessions::new(session_store, config.session_ttl),
             config,
             tokens,
             references,
@@ -252,6 +268,7 @@ async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
         scheme = audit.scheme,
         card = audit.card.as_deref(),
         created = audit.created,
+        session = audit.session.as_ref().map(tracing::field::display),
         kind = audit.kind,
         mode = audit.mode,
         change = audit.change,

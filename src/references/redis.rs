@@ -301,6 +301,12 @@ impl RedisReferenceStore {
         .await
     }
 
+    /// The shared connection, for the sessions kept beside the references
+    /// ([`crate::session::redis`]).
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
     fn ref_key(&self, id: &ReferenceId) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
         format!("{}ref:{}", self.prefix, hex(digest.as_ref()))
