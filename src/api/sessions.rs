@@ -83,7 +83,8 @@ pub async fn card_from_source(
     input
 }
 
-const NOT_A_CARD: ApiError = ApiError::InvalidSessionData("the decrypted data is not a card object");
+const NOT_A_CARD: ApiError =
+    ApiError::InvalidSessionData("the decrypted data is not a card object");
 
 /// The decrypted card as JSON, its strings zeroized when it goes.
 struct Scrubbed(Map<String, Value>);

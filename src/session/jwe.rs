@@ -137,7 +137,9 @@ fn check_header(raw: &[u8], kid: &str) -> Result<Agreed, JweError> {
         return Err(JweError::Header("compression (`zip`) is not accepted"));
     }
     if generic.contains_key("crit") {
-        return Err(JweError::Header("no critical extension (`crit`) is understood"));
+        return Err(JweError::Header(
+            "no critical extension (`crit`) is understood",
+        ));
     }
     let h: Header<'_> = serde_json::from_slice(raw)
         .map_err(|_| JweError::Header("has a missing, repeated or unknown parameter"))?;
@@ -379,19 +381,58 @@ mod tests {
         let eph = super::super::generate_key();
         let plain = b"{}";
         let cases: Vec<(serde_json::Value, &str)> = vec![
-            (json!({"alg": "ECDH-ES+A256KW", "enc": ENC, "kid": "s"}), "`alg` must be ECDH-ES"),
-            (json!({"alg": "RSA-OAEP", "enc": ENC, "kid": "s"}), "`alg` must be ECDH-ES"),
-            (json!({"alg": ALG, "enc": "A128GCM", "kid": "s"}), "`enc` must be A256GCM"),
-            (json!({"alg": ALG, "enc": "A256CBC-HS512", "kid": "s"}), "`enc` must be A256GCM"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "sess_other"}), "`kid` must be the session id"),
-            (json!({"alg": ALG, "enc": ENC}), "`kid` must be the session id"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "s", "zip": "DEF"}), "compression (`zip`) is not accepted"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "s", "crit": ["exp"], "exp": 1}), "no critical extension (`crit`) is understood"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "s", "jku": "https://x"}), "has a missing, repeated or unknown parameter"),
-            (json!({"enc": ENC, "kid": "s"}), "has a missing, repeated or unknown parameter"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "s", "epk": {"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"}}), "`epk` must be an EC P-256 key"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "s", "epk": {"kty": "OKP", "crv": "X25519", "x": "AA", "y": "AA"}}), "`epk` must be an EC P-256 key"),
-            (json!({"alg": ALG, "enc": ENC, "kid": "s", "apu": "!!"}), "`apu`/`apv` must be base64url"),
+            (
+                json!({"alg": "ECDH-ES+A256KW", "enc": ENC, "kid": "s"}),
+                "`alg` must be ECDH-ES",
+            ),
+            (
+                json!({"alg": "RSA-OAEP", "enc": ENC, "kid": "s"}),
+                "`alg` must be ECDH-ES",
+            ),
+            (
+                json!({"alg": ALG, "enc": "A128GCM", "kid": "s"}),
+                "`enc` must be A256GCM",
+            ),
+            (
+                json!({"alg": ALG, "enc": "A256CBC-HS512", "kid": "s"}),
+                "`enc` must be A256GCM",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "sess_other"}),
+                "`kid` must be the session id",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC}),
+                "`kid` must be the session id",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "s", "zip": "DEF"}),
+                "compression (`zip`) is not accepted",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "s", "crit": ["exp"], "exp": 1}),
+                "no critical extension (`crit`) is understood",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "s", "jku": "https://x"}),
+                "has a missing, repeated or unknown parameter",
+            ),
+            (
+                json!({"enc": ENC, "kid": "s"}),
+                "has a missing, repeated or unknown parameter",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "s", "epk": {"kty": "EC", "crv": "P-384", "x": "AA", "y": "AA"}}),
+                "`epk` must be an EC P-256 key",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "s", "epk": {"kty": "OKP", "crv": "X25519", "x": "AA", "y": "AA"}}),
+                "`epk` must be an EC P-256 key",
+            ),
+            (
+                json!({"alg": ALG, "enc": ENC, "kid": "s", "apu": "!!"}),
+                "`apu`/`apv` must be base64url",
+            ),
         ];
         for (h, reason) in cases {
             let jwe = seal(h.clone(), &eph, &p, plain);
@@ -405,7 +446,9 @@ mod tests {
         ps[0] = B64.encode(dup);
         assert_eq!(
             decrypt(&ps.join("."), "s", &k),
-            Err(JweError::Header("has a missing, repeated or unknown parameter"))
+            Err(JweError::Header(
+                "has a missing, repeated or unknown parameter"
+            ))
         );
     }
 
@@ -463,7 +506,11 @@ mod tests {
             padded.join("."),
             "e".repeat(MAX_COMPACT_LEN + 1),
         ] {
-            assert_eq!(decrypt(&bad, "s", &k), Err(JweError::Malformed), "{bad:.40}");
+            assert_eq!(
+                decrypt(&bad, "s", &k),
+                Err(JweError::Malformed),
+                "{bad:.40}"
+            );
         }
     }
 

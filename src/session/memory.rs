@@ -60,11 +60,12 @@ impl SessionStore for MemorySessionStore {
         key: &SecretKey,
         expires_at: OffsetDateTime,
     ) -> Result<(), ReferenceStoreError> {
+        // moka's count lags its writes until maintenance runs; one session
+        // per checkout is rare enough to run it every time, so the bound
+        // is exact.
+        self.cache.run_pending_tasks();
         if self.cache.entry_count() >= self.max_entries {
-            self.cache.run_pending_tasks();
-            if self.cache.entry_count() >= self.max_entries {
-                return Err(ReferenceStoreError::Full);
-            }
+            return Err(ReferenceStoreError::Full);
         }
         let slot = Arc::new(Slot {
             expires_at,
