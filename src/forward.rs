@@ -190,6 +190,8 @@ pub async fn handle(
     if checked.dry_run {
         return dry_run(&checked.destination, &parsed);
     }
+    // Until `send` says nothing left, the acquirer may have the request.
+    audit.sent_upstream = true;
     let result = match &bound {
         Bound::Network { token, reference } => {
             send(
@@ -214,6 +216,7 @@ pub async fn handle(
         Ok(r) => Ok(r),
         Err(failure) => {
             if failure.nothing_sent {
+                audit.sent_upstream = false;
                 // The payment was never attempted: what it used is usable again.
                 match bound {
                     Bound::Network { reference, .. } => {

@@ -208,9 +208,11 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind(state.config.admin_listen)
             .await
             .with_context(|| format!("binding admin_listen {}", state.config.admin_listen))?;
+        // The bound addresses, not the configured ones: with port 0 (tests)
+        // this line is where the ports are learnt.
         tracing::info!(
-            listen = %state.config.listen,
-            admin_listen = %state.config.admin_listen,
+            listen = %listener.local_addr().unwrap_or(state.config.listen),
+            admin_listen = %admin.local_addr().unwrap_or(state.config.admin_listen),
             compliance_level = ?state.config.compliance_level,
             "tokenrelay ready"
         );
