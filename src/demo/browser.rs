@@ -210,6 +210,8 @@ async fn serve(s: &StandIn, req: Request<Incoming>) -> Response<Full<Bytes>> {
         (&Method::GET, "/checkout.js") => respond(StatusCode::OK, js, CHECKOUT_JS),
         (&Method::GET, "/tokenrelay.js") => respond(StatusCode::OK, js, SDK_JS),
         (&Method::GET, "/tokenrelay.min.js") => respond(StatusCode::OK, js, SDK_MIN_JS),
+        // Browsers ask; there is none.
+        (&Method::GET, "/favicon.ico") => respond(StatusCode::NO_CONTENT, "image/x-icon", ""),
         (&Method::POST, "/checkout/session") => match session(s).await {
             Ok(v) => json_reply(StatusCode::OK, &v),
             Err(e) => json_reply(StatusCode::BAD_GATEWAY, &json!({"error": e.to_string()})),
