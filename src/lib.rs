@@ -88,6 +88,8 @@ pub struct AppState {
     pub forwarder: forward::Forwarder,
     /// Metrics registry.
     pub metrics: Arc<telemetry::Metrics>,
+    /// TLS of the main listener, loaded before anything else starts.
+    pub listen_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Access lines: one per request, written when it ends.
     pub access: Arc<telemetry::access::AccessLog>,
 }
@@ -99,9 +101,12 @@ impl AppState {
     /// TLS material. Fails, naming the key where it can.
     pub async fn build(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(telemetry::Metrics::new());
-        let keys = match (&config.vault.backend, &config.references) {
-            (VaultBackend::Memory, ReferenceBackend::Memory) => None,
-            _ => Some(vault::load_keys(&config.vault)?),
+        // Everything `check-config` builds comes first: a bad TLS file or
+        // template stops the start before a store is opened.
+        let front = Front::build(&config, metrics.clone())?;
+        let keys = match needs_keys(&config) {
+            false => None,
+            true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
         let (references, session_store): (Arc<dyn ReferenceStore>, Arc<dyn session::SessionStore>) =
@@ -136,8 +141,12 @@ impl AppState {
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
             tsp::sandbox::DEFAULT_SANDBOX_KEY,
         ));
-        let forwarder = forward::Forwarder::new(&config, metrics.clone())?;
+        let Front {
+            listen_tls,
+            forwarder,
+        } = front;
         Ok(Arc::new(AppState {
+            listen_tls,
             cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             sessions: session::Sessions::new(session_store, config.session_ttl),
@@ -150,6 +159,48 @@ impl AppState {
             metrics,
         }))
     }
+}
+
+/// Whether the stores seal anything, so master keys must be loaded.
+fn needs_keys(config: &Config) -> bool {
+    !matches!(
+        (&config.vault.backend, &config.references),
+        (VaultBackend::Memory, ReferenceBackend::Memory)
+    )
+}
+
+/// What `serve` builds from the config before it opens a store or binds a
+/// port — the same for [`check`], so "ok" means the server will start as
+/// far as files and settings go.
+struct Front {
+    listen_tls: Option<tokio_rustls::TlsAcceptor>,
+    forwarder: forward::Forwarder,
+}
+
+impl Front {
+    fn build(config: &Config, metrics: Arc<telemetry::Metrics>) -> Result<Front, StartError> {
+        let listen_tls = listen_tls(config)?;
+        // Allow-list, trust anchors and client certificates.
+        let forwarder = forward::Forwarder::new(config, metrics)?;
+        // Issue 19: compile the `[[routes]]` templates here, so both
+        // `serve` and `check-config` refuse one that does not compile.
+        Ok(Front {
+            listen_tls,
+            forwarder,
+        })
+    }
+}
+
+/// `check-config`: builds everything `serve` builds short of opening the
+/// stores and binding the ports — TLS files, the allow-list's
+/// certificates, the master keys (read, never created: a missing key file
+/// that `vault.create_key_file` would create passes).
+pub async fn check(config: &Config) -> Result<(), StartError> {
+    Front::build(config, Arc::new(telemetry::Metrics::new()))?;
+    if needs_keys(config) {
+        vault::check_keys(&config.vault)?;
+    }
+    Ok(())
 }
 
 /// Why tokenrelay could not start.
@@ -202,10 +253,11 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConfigError> {
-    let tls = listen_tls(&state.config)?;
+    let tls = state.listen_tls.clone();
     let limits = server::Limits {
         max_connections: state.config.max_connections,
         header_read_timeout: state.config.header_read_timeout,
+        idle_timeout: state.config.idle_timeout,
         shutdown_grace: state.config.shutdown_grace,
     };
     let admin_limits = server::Limits {
@@ -272,8 +324,13 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         response.status().as_u16(),
         response.headers().get(&X_RELAY_ERROR).cloned(),
     );
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), record.request_id().clone());
+    // Ours always in x-relay-request-id; x-request-id too unless the
+    // response is an acquirer's answer carrying its own, which passes.
+    let id = record.request_id().clone();
+    let headers = response.headers_mut();
+    headers.insert(forward::headers::X_RELAY_REQUEST_ID.clone(), id.clone());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
     response.map(|body| telemetry::access::RecordedBody::new(body, record).boxed())
 }
