@@ -116,6 +116,29 @@ pub struct RedisConfig {
     pub password_file: Option<PathBuf>,
     /// Prefix of every key tokenrelay writes.
     pub key_prefix: String,
+    /// Extra trust anchor (PEM) for `rediss://`, e.g. a private CA; the
+    /// public web roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// Longest wait for one Redis command (and for a new connection);
+    /// past it the connection is dropped and the next command dials
+    /// afresh (`references.timeout`, default 2 s).
+    pub timeout: Duration,
+}
+
+/// Default [`RedisConfig::timeout`].
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Default for RedisConfig {
+    /// `redis://127.0.0.1:6379` with every other key at its default.
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            password_file: None,
+            key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+            ca_file: None,
+            timeout: DEFAULT_REDIS_TIMEOUT,
+        }
+    }
 }
 
 /// Default [`RedisConfig::key_prefix`].
@@ -318,6 +341,8 @@ struct RawReferences {
     url: Option<String>,
     password_file: Option<PathBuf>,
     key_prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    timeout: Option<String>,
     max_entries: Option<u64>,
 }
 
@@ -785,6 +810,8 @@ impl RawConfig {
                             ("references.url", r.url.is_some()),
                             ("references.password_file", r.password_file.is_some()),
                             ("references.key_prefix", r.key_prefix.is_some()),
+                            ("references.ca_file", r.ca_file.is_some()),
+                            ("references.timeout", r.timeout.is_some()),
                         ] {
                             if given {
                                 return Err(ConfigError::new(
@@ -813,10 +840,27 @@ impl RawConfig {
                                 "must be 1-64 printable ASCII characters without spaces",
                             ));
                         }
+                        readable_file("references.ca_file", &r.ca_file)?;
+                        if r.ca_file.is_some() && !url.starts_with("rediss://") {
+                            return Err(ConfigError::new(
+                                "references.ca_file",
+                                "applies to rediss:// URLs only",
+                            ));
+                        }
+                        let timeout =
+                            duration("references.timeout", r.timeout, DEFAULT_REDIS_TIMEOUT)?;
+                        if timeout > Duration::from_secs(60) {
+                            return Err(ConfigError::new(
+                                "references.timeout",
+                                "must be at most 60s (a replica waits that long on a dead connection)",
+                            ));
+                        }
                         ReferenceBackend::Redis(RedisConfig {
                             url,
                             password_file: r.password_file,
                             key_prefix,
+                            ca_file: r.ca_file,
+                            timeout,
                         })
                     }
                     other => {
@@ -992,12 +1036,36 @@ mod tests {
                 url: "redis://cache.internal:6379/2".into(),
                 password_file: None,
                 key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+                ca_file: None,
+                timeout: DEFAULT_REDIS_TIMEOUT,
             })
         );
         assert!(Config::parse(
             "[references]\nbackend = \"redis\"\nurl = \"rediss://tokenrelay@cache.internal\"\nkey_prefix = \"tr-eu:\""
         )
         .is_ok());
+        for (doc, key) in [
+            (
+                "url = \"redis://c\"\nca_file = \"Cargo.toml\"",
+                "references.ca_file",
+            ),
+            (
+                "url = \"rediss://c\"\nca_file = \"no/such.pem\"",
+                "references.ca_file",
+            ),
+            (
+                "url = \"redis://c\"\ntimeout = \"61s\"",
+                "references.timeout",
+            ),
+            (
+                "url = \"redis://c\"\ntimeout = \"0s\"",
+                "references.timeout",
+            ),
+        ] {
+            let e =
+                Config::parse(&format!("[references]\nbackend = \"redis\"\n{doc}")).unwrap_err();
+            assert_eq!(e.key, key, "{doc}");
+        }
         for (doc, key) in [
             ("[references]\nbackend = \"redis\"", "references.url"),
             (

@@ -233,7 +233,7 @@ pub async fn handle(
                 state,
                 &checked,
                 &parsed,
-                &PciTokenValues::new(card, cvc.as_ref()),
+                &PciTokenValues::new(card, cvc.as_ref().map(crate::cvc::HeldCvc::secret)),
             )
             .await
         }
@@ -254,7 +254,7 @@ pub async fn handle(
                     Bound::Pci {
                         card,
                         cvc: Some(cvc),
-                    } => state.cvcs.restore(card.id, cvc),
+                    } => state.cvcs.restore(card.id, cvc).await?,
                     Bound::Pci { cvc: None, .. } => {}
                 }
             }
@@ -452,7 +452,7 @@ enum Bound {
     },
     Pci {
         card: Arc<PciToken>,
-        cvc: Option<Secret>,
+        cvc: Option<crate::cvc::HeldCvc>,
     },
 }
 
@@ -479,11 +479,12 @@ async fn consume(
                 .any(|f| f == Field::SecurityCode);
             let cvc = match (wants_cvc, checked.dry_run) {
                 (false, _) => None,
-                (true, true) if state.cvcs.is_held(id) => None,
+                (true, true) if state.cvcs.is_held(id).await? => None,
                 (true, false) => Some(
                     state
                         .cvcs
                         .take(id)
+                        .await?
                         .ok_or(ApiError::SecurityCodeUnavailable)?,
                 ),
                 (true, true) => return Err(ApiError::SecurityCodeUnavailable),
@@ -493,7 +494,7 @@ async fn consume(
     };
     let token = state
         .tokens
-        .get(token_id)
+        .get_current(token_id)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     if token.status != TokenStatus::Active {

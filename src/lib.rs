@@ -109,35 +109,45 @@ impl AppState {
             true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
-        let (references, session_store): (Arc<dyn ReferenceStore>, Arc<dyn session::SessionStore>) =
-            match &config.references {
-                ReferenceBackend::Memory => (
-                    Arc::new(references::memory::MemoryReferenceStore::new(
-                        config.reference_max_entries,
-                    )),
-                    Arc::new(session::memory::MemorySessionStore::new(
-                        config.reference_max_entries,
-                    )),
-                ),
-                ReferenceBackend::Redis(redis) => {
-                    let keys = match keys {
-                        Some(k) => k,
-                        None => vault::load_keys(&config.vault)?,
-                    };
-                    let store = references::redis::RedisReferenceStore::open(
+        let cvcs = cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries);
+        let (references, cvcs, session_store): (
+            Arc<dyn ReferenceStore>,
+            _,
+            Arc<dyn session::SessionStore>,
+        ) = match &config.references {
+            ReferenceBackend::Memory => (
+                Arc::new(references::memory::MemoryReferenceStore::new(
+                    config.reference_max_entries,
+                )),
+                cvcs,
+                Arc::new(session::memory::MemorySessionStore::new(
+                    config.reference_max_entries,
+                )),
+            ),
+            ReferenceBackend::Redis(redis) => {
+                let keys = match keys {
+                    Some(k) => k,
+                    None => vault::load_keys(&config.vault)?,
+                };
+                let store = Arc::new(
+                    references::redis::RedisReferenceStore::open(
                         redis,
                         keys.clone(),
                         config.reference_max_entries,
                     )
-                    .await?;
-                    let sessions = session::redis::RedisSessionStore::new(
-                        store.connection(),
-                        keys,
-                        &redis.key_prefix,
-                    );
-                    (Arc::new(store), Arc::new(sessions))
-                }
-            };
+                    .await?,
+                );
+                // Sessions and CVCs follow the references, so every
+                // replica sees them.
+                let sessions =
+                    session::redis::RedisSessionStore::new(store.clone(), keys, &redis.key_prefix);
+                (
+                    store.clone(),
+                    cvc::CvcStore::shared(config.cvc_ttl, store),
+                    Arc::new(sessions),
+                )
+            }
+        };
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
             tsp::sandbox::DEFAULT_SANDBOX_KEY,
         ));
@@ -147,7 +157,7 @@ impl AppState {
         } = front;
         Ok(Arc::new(AppState {
             listen_tls,
-            cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
+            cvcs,
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             sessions: session::Sessions::new(session_store, config.session_ttl),
             config,

@@ -640,6 +640,7 @@ async fn a_session_opened_on_one_replica_is_finished_on_another_with_redis() {
             url: url.clone(),
             password_file: None,
             key_prefix: prefix.clone(),
+            ..RedisConfig::default()
         });
         c
     };

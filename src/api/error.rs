@@ -119,7 +119,11 @@ pub enum ApiError {
     #[error("cryptogram reference not found or expired")]
     ReferenceNotFound,
     /// Reference consumed before.
-    #[error("cryptogram reference already used")]
+    #[error(
+        "cryptogram reference already used: a forward took it. If that forward got no answer \
+         (a lost connection, or a tokenrelay replica that stopped mid-request), its outcome is \
+         unknown here: ask the acquirer before paying again with a new cryptogram"
+    )]
     ReferenceAlreadyUsed,
     /// Reference bound to another token.
     #[error("cryptogram reference belongs to another network token")]
@@ -246,6 +250,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(d) => ApiError::Unavailable(format!("token store: {d}")),
             StoreError::Corrupt(d) => ApiError::Internal(format!("token store: {d}")),
+            StoreError::Lifecycle(status) => ApiError::TokenNotActive(status.as_str()),
         }
     }
 }

@@ -1,5 +1,11 @@
-//! Session store on Redis, sharing the reference store's connection and
-//! key prefix, so that any replica can finish a session another opened.
+//! Session store on Redis, sharing the reference store's connection (its
+//! scripts run through [`RedisReferenceStore::invoke`]) and key prefix, so
+//! that any replica can finish a session another opened.
+//!
+//! Not the reference store's sealed-blob primitive (`put_sealed` /
+//! `take_sealed`): a taken blob is deleted, and a spent session must stay
+//! as a tombstone so that a retry answers 409 `session_already_used`, not
+//! 404, atomically with the take.
 //!
 //! One hash per session, `<prefix>sess:<base64url SHA-256 of the id>`: `e`
 //! expiry (Unix ms), `k` key id, `p` the private key sealed with the vault's
@@ -15,7 +21,6 @@
 
 use std::sync::Arc;
 
-use ::redis::aio::ConnectionManager;
 use ::redis::Script;
 use async_trait::async_trait;
 use base64::Engine;
@@ -24,6 +29,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use super::{SessionId, SessionStore, TakeError, TakeFailure};
+use crate::references::redis::RedisReferenceStore;
 use crate::references::ReferenceStoreError;
 use crate::vault::keyring::Keyring;
 
@@ -50,14 +56,9 @@ fn unix_ms(t: OffsetDateTime) -> i64 {
     (t.unix_timestamp_nanos() / 1_000_000) as i64
 }
 
-fn unavailable(e: ::redis::RedisError) -> ReferenceStoreError {
-    // What we send is ciphertext, hashes and times: nothing to echo.
-    ReferenceStoreError::Unavailable(format!("redis (sessions): {e}"))
-}
-
 /// The Redis-backed session store.
 pub struct RedisSessionStore {
-    conn: ConnectionManager,
+    store: Arc<RedisReferenceStore>,
     keys: Arc<Keyring>,
     prefix: String,
     insert: Script,
@@ -65,11 +66,11 @@ pub struct RedisSessionStore {
 }
 
 impl RedisSessionStore {
-    /// Sessions on `conn` (the reference store's), keys under `prefix`,
-    /// private keys sealed with `keys`.
-    pub fn new(conn: ConnectionManager, keys: Arc<Keyring>, prefix: &str) -> Self {
+    /// Sessions beside `store`'s references, keys under `prefix`, private
+    /// keys sealed with `keys`.
+    pub fn new(store: Arc<RedisReferenceStore>, keys: Arc<Keyring>, prefix: &str) -> Self {
         Self {
-            conn,
+            store,
             keys,
             prefix: prefix.to_owned(),
             insert: Script::new(INSERT),
@@ -101,15 +102,13 @@ impl SessionStore for RedisSessionStore {
             .keys
             .seal(redis_key.as_bytes(), scalar.as_slice())
             .map_err(|e| ReferenceStoreError::Unavailable(format!("sealing a session: {e}")))?;
-        let code: i64 = self
-            .insert
+        let mut invocation = self.insert.prepare_invoke();
+        invocation
             .key(&redis_key)
             .arg(unix_ms(expires_at))
             .arg(key_id)
-            .arg(sealed)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .arg(sealed);
+        let code: i64 = self.store.invoke(invocation).await?;
         match code {
             0 => Ok(()),
             _ => Err(ReferenceStoreError::Unavailable(
@@ -120,13 +119,9 @@ impl SessionStore for RedisSessionStore {
 
     async fn take(&self, id: &SessionId, now: OffsetDateTime) -> Result<SecretKey, TakeFailure> {
         let redis_key = self.key(id);
-        let (code, key_id, sealed): (i64, String, Vec<u8>) = self
-            .take
-            .key(&redis_key)
-            .arg(unix_ms(now))
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let mut invocation = self.take.prepare_invoke();
+        invocation.key(&redis_key).arg(unix_ms(now));
+        let (code, key_id, sealed): (i64, String, Vec<u8>) = self.store.invoke(invocation).await?;
         let sealed = Zeroizing::new(sealed);
         match code {
             0 => {}
