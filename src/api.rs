@@ -15,6 +15,10 @@
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
 //! | `POST /api/sessions` | tokens | [`sessions::create`] |
 //!
+//! The compatible surfaces (contract §12: `/cards/…` in VGS CMP's shape,
+//! `POST /cryptograms` in J.P. Morgan's) are a separate route family,
+//! dispatched to [`surfaces`] before the `/api/` router and listed there.
+//!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
 //! The `{id}` segment is parsed here, once: a malformed id is simply not
@@ -42,6 +46,7 @@ pub mod idempotency;
 pub mod json;
 pub mod pci;
 pub mod sessions;
+pub mod surfaces;
 pub mod tokens;
 
 pub use error::ApiError;
@@ -78,6 +83,8 @@ pub enum Route {
     ForwardPci,
     /// `POST /api/sessions`
     CreateSession,
+    /// A compatible-surface operation (contract §12).
+    Surface(surfaces::Operation),
 }
 
 impl Route {
@@ -95,6 +102,7 @@ impl Route {
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
             Route::CreateSession => "create_session",
+            Route::Surface(op) => op.label(),
         }
     }
 
@@ -112,6 +120,7 @@ impl Route {
             | Route::GetPciToken
             | Route::DeletePciToken
             | Route::ForwardPci => Family::Pci,
+            Route::Surface(op) => op.family(),
         }
     }
 
@@ -127,6 +136,7 @@ impl Route {
             Route::CreateCryptogram => Scope::Cryptograms,
             Route::Forward | Route::ForwardPci => Scope::Forward,
             Route::TokenEvent => Scope::Admin,
+            Route::Surface(op) => op.scope(),
         }
     }
 }
@@ -175,7 +185,7 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
 }
 
 #[derive(Clone, Copy)]
-enum Family {
+pub(crate) enum Family {
     Network,
     Pci,
 }
@@ -272,12 +282,15 @@ pub async fn handle(
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
+        return surfaces::handle(&state, surface, req, trace).await;
+    }
     let Trace {
         route: route_seen,
         key_name,
         audit,
     } = trace;
-    let path = req.uri().path().to_owned();
     if !path.starts_with("/api/") {
         return ApiError::RouteNotFound.into_response();
     }
