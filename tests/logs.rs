@@ -280,7 +280,8 @@ async fn no_card_or_ciphertext_in_any_log_line_of_a_session_provisioning() {
     // secret) and the card only masked.
     assert!(logs.contains(&format!("\"session\":\"{id}\"")), "{logs}");
     assert!(
-        logs.contains(&format!("{}…{}", &pan[..6], &pan[11..])),
+        // A 15-digit card is masked to its last four only.
+        logs.contains(&format!("\"…{}\"", &pan[11..])),
         "masked card"
     );
     for (what, secret) in [
@@ -297,4 +298,27 @@ async fn no_card_or_ciphertext_in_any_log_line_of_a_session_provisioning() {
             assert!(!logs.contains(part), "a JWE part found in logs");
         }
     }
+}
+
+#[tokio::test]
+async fn short_card_numbers_are_logged_as_last4_only() {
+    let (capture, _guard) = Capture::start();
+    let acq = Acquirer::start().await;
+    let s = server_for(&acq, ComplianceLevel::SaqD).await;
+    for pan in ["4222222222222", AMEX, VISA] {
+        s.provision(pan).await;
+    }
+    s.stop().await;
+    let cards: Vec<String> = capture
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["fields"]["route"] == "provision_token")
+        .map(|l| l["fields"]["card"].as_str().unwrap().to_owned())
+        .collect();
+    // 13 and 15 digits: first6 + last4 would show 10 of 13 and 10 of 15.
+    assert_eq!(cards, ["…2222", "…0005", "411111…1111"]);
+    let text = capture.text();
+    assert!(!text.contains("422222"), "{text}");
+    assert!(!text.contains("378282"), "{text}");
 }

@@ -31,7 +31,7 @@ use zeroize::Zeroizing;
 use super::{SessionId, SessionStore, TakeError, TakeFailure};
 use crate::references::redis::RedisReferenceStore;
 use crate::references::ReferenceStoreError;
-use crate::vault::keyring::Keyring;
+use crate::vault::keyring::{Keyring, Purpose};
 
 /// `INSERT` — KEYS: session. ARGV: expires ms, key id, sealed key. → 0
 /// stored, 1 id collision.
@@ -100,7 +100,7 @@ impl SessionStore for RedisSessionStore {
         let scalar = Zeroizing::new(key.to_bytes());
         let (key_id, sealed) = self
             .keys
-            .seal(redis_key.as_bytes(), scalar.as_slice())
+            .seal_for(Purpose::Reference, redis_key.as_bytes(), scalar.as_slice())
             .map_err(|e| ReferenceStoreError::Unavailable(format!("sealing a session: {e}")))?;
         let mut invocation = self.insert.prepare_invoke();
         invocation
@@ -130,7 +130,7 @@ impl SessionStore for RedisSessionStore {
         }
         let scalar = self
             .keys
-            .open(&key_id, redis_key.as_bytes(), &sealed)
+            .open_for(Purpose::Reference, &key_id, redis_key.as_bytes(), &sealed)
             .map_err(|e| {
                 // Every replica must load the same master keys.
                 ReferenceStoreError::Unavailable(format!("opening a stored session: {e}"))
