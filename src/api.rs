@@ -13,6 +13,7 @@
 //! | `GET /api/pci/tokens/{id}` | tokens | [`pci::get`] |
 //! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
+//! | `POST /api/sessions` | tokens | [`sessions::create`] |
 //! | `POST /api/network/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
 //! | `POST /api/pci/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
 //!
@@ -46,6 +47,7 @@ pub mod error;
 pub mod idempotency;
 pub mod json;
 pub mod pci;
+pub mod sessions;
 pub mod surfaces;
 pub mod tokens;
 
@@ -84,6 +86,8 @@ pub enum Route {
     DeletePciToken,
     /// `* /api/pci/tokens/{id}/forward`
     ForwardPci,
+    /// `POST /api/sessions`
+    CreateSession,
     /// `POST /api/network/tokens/{id}/forward/{route}`
     ForwardRoute,
     /// `POST /api/pci/tokens/{id}/forward/{route}`
@@ -96,7 +100,8 @@ impl Route {
     /// Every route, for the test that holds the OpenAPI document to the
     /// router; [`Route::label`]'s exhaustive `match` is the reminder to add
     /// a new one here.
-    pub const ALL: [Route; 16] = [
+    pub const ALL: [Route; 17] = [
+        Route::CreateSession,
         Route::ForwardRoute,
         Route::ForwardPciRoute,
         Route::Surface(surfaces::Operation::VgsProvision),
@@ -128,6 +133,7 @@ impl Route {
             Route::GetPciToken => "get_pci_token",
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
+            Route::CreateSession => "create_session",
             Route::ForwardRoute => "forward_route",
             Route::ForwardPciRoute => "forward_pci_route",
             Route::Surface(op) => op.label(),
@@ -142,7 +148,9 @@ impl Route {
             | Route::CreateCryptogram
             | Route::Forward
             | Route::ForwardRoute
-            | Route::TokenEvent => Family::Network,
+            | Route::TokenEvent
+            // No `{id}` segment: the family is never asked for.
+            | Route::CreateSession => Family::Network,
             Route::CreatePciToken
             | Route::GetPciToken
             | Route::DeletePciToken
@@ -159,7 +167,8 @@ impl Route {
             | Route::DeleteToken
             | Route::CreatePciToken
             | Route::GetPciToken
-            | Route::DeletePciToken => Scope::Tokens,
+            | Route::DeletePciToken
+            | Route::CreateSession => Scope::Tokens,
             Route::CreateCryptogram => Scope::Cryptograms,
             Route::Forward | Route::ForwardPci | Route::ForwardRoute | Route::ForwardPciRoute => {
                 Scope::Forward
@@ -172,6 +181,12 @@ impl Route {
 
 /// Matches method and path; `Ok((route, id segment))`.
 pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ApiError> {
+    if path == "/api/sessions" {
+        return match *method {
+            Method::POST => Ok((Route::CreateSession, None)),
+            _ => Err(ApiError::MethodNotAllowed("POST")),
+        };
+    }
     let (family, rest) = if let Some(rest) = path.strip_prefix("/api/network/tokens") {
         (Family::Network, rest)
     } else if let Some(rest) = path.strip_prefix("/api/pci/tokens") {
@@ -294,6 +309,8 @@ pub struct Audit {
     pub change: Option<&'static str>,
     /// A forward's destination host.
     pub destination_host: Option<String>,
+    /// The card-capture session a request opened or spent (not a secret).
+    pub session: Option<crate::session::SessionId>,
     /// A route forward's route name (from the config).
     pub forward_route: Option<String>,
     /// A forward's request was handed to the upstream connection: from
@@ -382,6 +399,7 @@ pub async fn handle(
             (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
             (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,
             (Route::DeletePciToken, Some(Subject::PciToken(id))) => pci::delete(&state, id).await,
+            (Route::CreateSession, None) => sessions::create(&state, req, a).await,
             _ => Err(ApiError::Internal(format!(
                 "route {} matched with a mismatched id",
                 route.label()
@@ -470,6 +488,7 @@ mod tests {
                 Route::ForwardPci => 9,
                 Route::ForwardRoute => 14,
                 Route::ForwardPciRoute => 15,
+                Route::CreateSession => 16,
                 Route::Surface(op) => match op {
                     surfaces::Operation::VgsProvision => 10,
                     surfaces::Operation::VgsDelete => 11,
@@ -509,6 +528,18 @@ mod tests {
         ));
         assert!(matches!(
             route(&Method::GET, &format!("/api/network/tokens/{id}/nope")),
+            Err(ApiError::RouteNotFound)
+        ));
+        assert_eq!(
+            route(&Method::POST, "/api/sessions").unwrap(),
+            (Route::CreateSession, None)
+        );
+        assert!(matches!(
+            route(&Method::GET, "/api/sessions"),
+            Err(ApiError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/api/sessions/x"),
             Err(ApiError::RouteNotFound)
         ));
         assert!(matches!(

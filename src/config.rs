@@ -272,6 +272,8 @@ pub struct Config {
     pub max_rendered_bytes: usize,
     /// How long a CVC is held in memory for one forward.
     pub cvc_ttl: Duration,
+    /// Lifetime of a card-capture session (contract §11).
+    pub session_ttl: Duration,
     /// Placeholder delimiters.
     pub placeholder_syntax: PlaceholderSyntax,
     /// Mask injected values echoed back by the acquirer.
@@ -335,6 +337,7 @@ struct RawConfig {
     compliance_level: Option<ComplianceLevel>,
     reference_ttl: Option<String>,
     cvc_ttl: Option<String>,
+    session_ttl: Option<String>,
     max_body_bytes: Option<u64>,
     max_rendered_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
@@ -509,6 +512,15 @@ pub const CVC_TTL: DurationKey = DurationKey {
     min: secs(1),
     max: secs(3600),
 };
+/// `session_ttl`: a checkout page open longer than an hour should ask for
+/// a new session; a long-lived key pair is what a single-use session exists
+/// to avoid.
+pub const SESSION_TTL: DurationKey = DurationKey {
+    key: "session_ttl",
+    default: secs(15 * 60),
+    min: secs(1),
+    max: secs(3600),
+};
 /// `idempotency_ttl`: retries come within hours; a week at most.
 pub const IDEMPOTENCY_TTL: DurationKey = DurationKey {
     key: "idempotency_ttl",
@@ -572,6 +584,7 @@ pub const VAULT_CACHE_TTL: DurationKey = DurationKey {
 pub const DURATION_KEYS: &[DurationKey] = &[
     REFERENCE_TTL,
     CVC_TTL,
+    SESSION_TTL,
     IDEMPOTENCY_TTL,
     HEADER_READ_TIMEOUT,
     IDLE_TIMEOUT,
@@ -1099,6 +1112,7 @@ impl RawConfig {
             max_body_bytes: max_body_bytes as usize,
             max_rendered_bytes: max_rendered_bytes as usize,
             cvc_ttl: CVC_TTL.parse(self.cvc_ttl)?,
+            session_ttl: SESSION_TTL.parse(self.session_ttl)?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
                 .redact_responses
@@ -1139,6 +1153,7 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.compliance_level, ComplianceLevel::SaqA);
         assert_eq!(c.reference_ttl, Duration::from_secs(900));
+        assert_eq!(c.session_ttl, Duration::from_secs(900));
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert!(c.redact_responses);
         assert!(c.destinations.is_empty());
@@ -1154,6 +1169,8 @@ mod tests {
     fn bad_values_name_their_key() {
         for (doc, key) in [
             ("reference_ttl = \"soon\"", "reference_ttl"),
+            ("session_ttl = \"2h\"", "session_ttl"),
+            ("session_ttl = \"0s\"", "session_ttl"),
             ("listen = \"localhost\"", "listen"),
             (
                 "[upstream]\nconnect_timeout = \"0s\"",

@@ -263,6 +263,7 @@ fn network_paths(paths: &mut Map<String, Value>) {
                 ApiError::IdempotencyKeyReused,
                 ApiError::PciTokenNotFound,
             ]);
+            e.extend(session_errors());
             e
         },
     };
@@ -400,6 +401,51 @@ fn network_paths(paths: &mut Map<String, Value>) {
     );
 }
 
+/// What spending a session source can answer with.
+fn session_errors() -> Vec<ApiError> {
+    vec![
+        ApiError::SessionNotFound,
+        ApiError::SessionAlreadyUsed,
+        ApiError::InvalidSessionData(""),
+    ]
+}
+
+/// `POST /api/sessions` (contract §11).
+fn session_paths(paths: &mut Map<String, Value>) {
+    let create = Op {
+        route: "create_session",
+        scope: Scope::Tokens,
+        summary: "Open a card-capture session",
+        description: "A fresh P-256 key for the browser to encrypt one card to (JWE, ECDH-ES + \
+                      A256GCM, `kid` the session id); single use, `session_ttl`. The body is \
+                      empty or `{}`.",
+        params: vec![],
+        body: Some(("SessionRequest", json!({}))),
+        body_required: false,
+        ok: vec![(
+            "201",
+            json_ok(
+                "The session and its public key.",
+                "Session",
+                json!({
+                    "id": "sess_4mR8vN2qT6wYb1sK9xZ3aC",
+                    "public_key": {"kty": "EC", "crv": "P-256",
+                                   "x": "f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+                                   "y": "x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0",
+                                   "kid": "sess_4mR8vN2qT6wYb1sK9xZ3aC",
+                                   "alg": "ECDH-ES", "use": "enc"},
+                    "expires_at": "2026-12-01T10:15:00Z",
+                }),
+            ),
+        )],
+        errors: body_errors(),
+    };
+    paths.insert(
+        "/api/sessions".into(),
+        json!({"post": create.build("createSession", "sessions")}),
+    );
+}
+
 /// The PCI-token operations.
 fn pci_paths(paths: &mut Map<String, Value>) {
     let tag = "pci tokens";
@@ -447,6 +493,7 @@ fn pci_paths(paths: &mut Map<String, Value>) {
                 },
                 ApiError::InvalidMetadata(String::new()),
             ]);
+            e.extend(session_errors());
             e
         },
     };
@@ -813,6 +860,37 @@ fn components() -> Value {
                     "cardholder_name": opt(json!({"type": "string", "maxLength": 100})),
                 },
             },
+            "SessionSource": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["type", "id", "data"],
+                "description": "A card the browser encrypted to a session's key.",
+                "properties": {
+                    "type": {"const": "session"},
+                    "id": {"type": "string"},
+                    "data": {"type": "string", "description": "JWE compact serialization."},
+                },
+            },
+            "SessionRequest": {"type": "object", "additionalProperties": false},
+            "Session": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["id", "public_key", "expires_at"],
+                "properties": {
+                    "id": {"type": "string", "pattern": "^sess_"},
+                    "public_key": {
+                        "type": "object",
+                        "required": ["kty", "crv", "x", "y", "kid", "alg", "use"],
+                        "properties": {
+                            "kty": {"const": "EC"}, "crv": {"const": "P-256"},
+                            "x": {"type": "string"}, "y": {"type": "string"},
+                            "kid": {"type": "string"}, "alg": {"const": "ECDH-ES"},
+                            "use": {"const": "enc"},
+                        },
+                    },
+                    "expires_at": {"type": "string", "format": "date-time"},
+                },
+            },
             "PciTokenSource": {
                 "type": "object",
                 "additionalProperties": false,
@@ -830,15 +908,21 @@ fn components() -> Value {
                     "source": {"oneOf": [
                         {"$ref": "#/components/schemas/PanSource"},
                         {"$ref": "#/components/schemas/PciTokenSource"},
+                        {"$ref": "#/components/schemas/SessionSource"},
                     ]},
                     "metadata": opt(json!({"$ref": "#/components/schemas/Metadata"})),
                     "dauth_activated": {"type": ["boolean", "null"],
                                         "description": "Sandbox: activate delegated authentication."},
                 },
             },
-            "PciTokenRequest": {
+            "PciTokenRequest": {"oneOf": [
+                {"$ref": "#/components/schemas/PciCardRequest"},
+                {"$ref": "#/components/schemas/PciSessionRequest"},
+            ]},
+            "PciCardRequest": {
                 "type": "object",
                 "additionalProperties": false,
+                "description": "The card itself (compliance `saq-d`/`roc`).",
                 "required": ["number", "expiry_month", "expiry_year"],
                 "properties": {
                     "number": card_number,
@@ -846,6 +930,16 @@ fn components() -> Value {
                     "expiry_year": in_year,
                     "cvc": opt(json!({"type": "string", "pattern": "^[0-9]{3,4}$"})),
                     "cardholder_name": opt(json!({"type": "string", "maxLength": 100})),
+                    "metadata": opt(json!({"$ref": "#/components/schemas/Metadata"})),
+                },
+            },
+            "PciSessionRequest": {
+                "type": "object",
+                "additionalProperties": false,
+                "description": "A card encrypted in the browser (any compliance level).",
+                "required": ["source"],
+                "properties": {
+                    "source": {"$ref": "#/components/schemas/SessionSource"},
                     "metadata": opt(json!({"$ref": "#/components/schemas/Metadata"})),
                 },
             },
@@ -938,6 +1032,7 @@ fn main_value() -> Value {
     network_paths(&mut paths);
     pci_paths(&mut paths);
     forward_paths(&mut paths);
+    session_paths(&mut paths);
     surface_paths(&mut paths);
     paths.insert(
         "/openapi.json".into(),
@@ -966,7 +1061,7 @@ fn main_value() -> Value {
         "security": [{"apiKey": []}],
         "tags": [
             {"name": "network tokens"}, {"name": "pci tokens"}, {"name": "forward"},
-            {"name": "routes"},
+            {"name": "routes"}, {"name": "sessions"},
             {"name": "vgs cmp", "description": "VGS Card Management Platform compatible (seed 003)."},
             {"name": "j.p. morgan", "description": "J.P. Morgan `/cryptograms` compatible (seed 001)."},
             {"name": "meta"},

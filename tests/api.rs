@@ -286,7 +286,8 @@ async fn an_event_refuses_expiry_fields_it_does_not_use() {
 }
 
 #[tokio::test]
-async fn session_source_is_not_supported_yet() {
+async fn session_source_needs_an_id_and_data() {
+    // The session source itself is tested in tests/sessions.rs.
     let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
     let r = s
         .req(Method::POST, TOKENS)
@@ -294,7 +295,7 @@ async fn session_source_is_not_supported_yet() {
         .send()
         .await
         .unwrap();
-    assert_error(r, 422, "source_not_supported").await;
+    assert_error(r, 400, "invalid_request").await;
 }
 
 // ---------------------------------------------------------------------------

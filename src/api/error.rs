@@ -15,6 +15,8 @@ use http_body_util::{BodyExt, Full};
 
 use crate::api::auth::Scope;
 use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
+use crate::session::jwe::JweError;
+use crate::session::{SessionError, TakeError as SessionTakeError};
 use crate::tsp::{SchemeRule, TspError};
 use crate::vault::StoreError;
 use crate::{Body, X_RELAY_ERROR};
@@ -58,6 +60,16 @@ pub enum ApiError {
     /// Unknown token id.
     #[error("network token not found")]
     TokenNotFound,
+    /// Unknown, malformed or expired card-capture session.
+    #[error("session not found or expired")]
+    SessionNotFound,
+    /// The session was spent by an earlier request.
+    #[error("session already used; open a new session")]
+    SessionAlreadyUsed,
+    /// The session's JWE breaks the profile or does not decrypt; the reason
+    /// is a fixed text that never describes the plaintext.
+    #[error("invalid session data: {0}")]
+    InvalidSessionData(&'static str),
     /// Unknown PCI token id.
     #[error("PCI token not found")]
     PciTokenNotFound,
@@ -177,6 +189,9 @@ impl ApiError {
             E::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             E::TokenNotFound => (StatusCode::NOT_FOUND, "token_not_found"),
             E::PciTokenNotFound => (StatusCode::NOT_FOUND, "pci_token_not_found"),
+            E::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+            E::SessionAlreadyUsed => (StatusCode::CONFLICT, "session_already_used"),
+            E::InvalidSessionData(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_session_data"),
             E::SecurityCodeUnavailable => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "security_code_unavailable",
@@ -301,6 +316,23 @@ impl From<ReferenceStoreError> for ApiError {
     }
 }
 
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Refused(SessionTakeError::NotFound) => ApiError::SessionNotFound,
+            SessionError::Refused(SessionTakeError::AlreadyUsed) => ApiError::SessionAlreadyUsed,
+            SessionError::Invalid(JweError::Malformed) => {
+                ApiError::InvalidSessionData("not a JWE in compact serialization")
+            }
+            SessionError::Invalid(JweError::Header(reason)) => ApiError::InvalidSessionData(reason),
+            SessionError::Invalid(JweError::Decrypt) => {
+                ApiError::InvalidSessionData("does not decrypt under this session's key")
+            }
+            SessionError::Store(s) => s.into(),
+        }
+    }
+}
+
 impl From<TakeFailure> for ApiError {
     fn from(e: TakeFailure) -> Self {
         match e {
@@ -358,6 +390,9 @@ mod tests {
         E::IdempotencyKeyReused => E::IdempotencyKeyReused => 422 "idempotency_key_reused",
         E::TokenNotFound => E::TokenNotFound => 404 "token_not_found",
         E::PciTokenNotFound => E::PciTokenNotFound => 404 "pci_token_not_found",
+        E::SessionNotFound => E::SessionNotFound => 404 "session_not_found",
+        E::SessionAlreadyUsed => E::SessionAlreadyUsed => 409 "session_already_used",
+        E::InvalidSessionData("x") => E::InvalidSessionData(_) => 422 "invalid_session_data",
         E::SecurityCodeUnavailable => E::SecurityCodeUnavailable => 422 "security_code_unavailable",
         E::InvalidMetadata("x".into()) => E::InvalidMetadata(_) => 422 "invalid_metadata",
         E::InlineNotPermitted => E::InlineNotPermitted => 403 "inline_not_permitted",

@@ -161,6 +161,7 @@ impl AccessRecord {
             scheme = audit.scheme,
             card = audit.card.as_deref(),
             created = audit.created,
+            session = audit.session.as_ref().map(tracing::field::display),
             kind = audit.kind,
             mode = audit.mode,
             change = audit.change,
