@@ -87,10 +87,9 @@ fn main() -> std::process::ExitCode {
 
 fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    // TLS files and the allow-list load here; the vault is not opened, so
-    // checking never creates a database or a key.
-    let metrics = std::sync::Arc::new(tokenrelay::telemetry::Metrics::new());
-    runtime()?.block_on(async { tokenrelay::forward::Forwarder::new(&config, metrics) })?;
+    // Everything `serve` builds short of the stores and the ports; the
+    // vault is not opened, so checking never creates a database or a key.
+    runtime()?.block_on(tokenrelay::check(&config))?;
     println!("{}: ok", path.display());
     Ok(())
 }
