@@ -16,6 +16,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use base64::Engine;
 use serde::Deserialize;
 use serde_json::Value;
 use tokenrelay::config::{Config, VaultBackend};
@@ -110,10 +111,14 @@ fn the_binary_check_config_accepts_the_configmap_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tokenrelay.toml");
     std::fs::write(&path, configmap_toml()).unwrap();
+    let key =
+        base64::engine::general_purpose::STANDARD.encode(tokenrelay::crypto::random_bytes::<32>());
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
         .args(["check-config", "--config"])
         .arg(&path)
         .current_dir(dir.path())
+        // As the Deployment gives it, from the tokenrelay-master-key Secret.
+        .env("TOKENRELAY_MASTER_KEY", format!("k1:{key}"))
         .output()
         .unwrap();
     assert!(
