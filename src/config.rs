@@ -116,6 +116,29 @@ pub struct RedisConfig {
     pub password_file: Option<PathBuf>,
     /// Prefix of every key tokenrelay writes.
     pub key_prefix: String,
+    /// Extra trust anchor (PEM) for `rediss://`, e.g. a private CA; the
+    /// public web roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// Longest wait for one Redis command (and for a new connection);
+    /// past it the connection is dropped and the next command dials
+    /// afresh (`references.timeout`, default 2 s).
+    pub timeout: Duration,
+}
+
+/// Default [`RedisConfig::timeout`].
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Default for RedisConfig {
+    /// `redis://127.0.0.1:6379` with every other key at its default.
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            password_file: None,
+            key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+            ca_file: None,
+            timeout: DEFAULT_REDIS_TIMEOUT,
+        }
+    }
 }
 
 /// Default [`RedisConfig::key_prefix`].
@@ -217,6 +240,10 @@ pub struct Config {
     pub reference_ttl: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Largest rendered request (body, headers, URL) a forward may send,
+    /// by the template's upper bound; beyond it, 413 before anything is
+    /// consumed. Default 4 × `max_body_bytes`.
+    pub max_rendered_bytes: usize,
     /// How long a CVC is held in memory for one forward.
     pub cvc_ttl: Duration,
     /// Placeholder delimiters.
@@ -227,8 +254,12 @@ pub struct Config {
     pub idempotency_ttl: Duration,
     /// Most concurrent client connections.
     pub max_connections: usize,
-    /// Time a client has to send its request head.
+    /// Time a client has to send its request head, and from accept to its
+    /// first request.
     pub header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in
+    /// flight after its first one.
+    pub idle_timeout: Duration,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// API keys, hashed.
@@ -254,11 +285,13 @@ struct RawConfig {
     reference_ttl: Option<String>,
     cvc_ttl: Option<String>,
     max_body_bytes: Option<u64>,
+    max_rendered_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
     redact_responses: Option<bool>,
     idempotency_ttl: Option<String>,
     max_connections: Option<u64>,
     header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     tsp: Option<String>,
     tls: Option<RawTls>,
@@ -305,6 +338,8 @@ struct RawReferences {
     url: Option<String>,
     password_file: Option<PathBuf>,
     key_prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    timeout: Option<String>,
     max_entries: Option<u64>,
 }
 
@@ -413,6 +448,14 @@ pub const HEADER_READ_TIMEOUT: DurationKey = DurationKey {
     min: Duration::from_millis(1),
     max: secs(300),
 };
+/// `idle_timeout`: a client connection with no request in flight after
+/// its first one; pooled clients reconnect, so an hour at most.
+pub const IDLE_TIMEOUT: DurationKey = DurationKey {
+    key: "idle_timeout",
+    default: secs(60),
+    min: Duration::from_millis(1),
+    max: secs(3600),
+};
 /// `shutdown_grace`: Kubernetes' own grace is 30 s by default.
 pub const SHUTDOWN_GRACE: DurationKey = DurationKey {
     key: "shutdown_grace",
@@ -456,6 +499,7 @@ pub const DURATION_KEYS: &[DurationKey] = &[
     CVC_TTL,
     IDEMPOTENCY_TTL,
     HEADER_READ_TIMEOUT,
+    IDLE_TIMEOUT,
     SHUTDOWN_GRACE,
     UPSTREAM_CONNECT_TIMEOUT,
     UPSTREAM_RESPONSE_TIMEOUT,
@@ -668,6 +712,13 @@ impl RawConfig {
                 "must be between 1 and 67108864",
             ));
         }
+        let max_rendered_bytes = self.max_rendered_bytes.unwrap_or(4 * max_body_bytes);
+        if max_rendered_bytes < max_body_bytes || max_rendered_bytes > (256 << 20) {
+            return Err(ConfigError::new(
+                "max_rendered_bytes",
+                "must be at least max_body_bytes and at most 268435456",
+            ));
+        }
         let max_connections = self.max_connections.unwrap_or(4096);
         if max_connections == 0 {
             return Err(ConfigError::new(
@@ -746,6 +797,8 @@ impl RawConfig {
                             ("references.url", r.url.is_some()),
                             ("references.password_file", r.password_file.is_some()),
                             ("references.key_prefix", r.key_prefix.is_some()),
+                            ("references.ca_file", r.ca_file.is_some()),
+                            ("references.timeout", r.timeout.is_some()),
                         ] {
                             if given {
                                 return Err(ConfigError::new(
@@ -774,10 +827,27 @@ impl RawConfig {
                                 "must be 1-64 printable ASCII characters without spaces",
                             ));
                         }
+                        readable_file("references.ca_file", &r.ca_file)?;
+                        if r.ca_file.is_some() && !url.starts_with("rediss://") {
+                            return Err(ConfigError::new(
+                                "references.ca_file",
+                                "applies to rediss:// URLs only",
+                            ));
+                        }
+                        let timeout =
+                            duration("references.timeout", r.timeout, DEFAULT_REDIS_TIMEOUT)?;
+                        if timeout > Duration::from_secs(60) {
+                            return Err(ConfigError::new(
+                                "references.timeout",
+                                "must be at most 60s (a replica waits that long on a dead connection)",
+                            ));
+                        }
                         ReferenceBackend::Redis(RedisConfig {
                             url,
                             password_file: r.password_file,
                             key_prefix,
+                            ca_file: r.ca_file,
+                            timeout,
                         })
                     }
                     other => {
@@ -867,6 +937,7 @@ impl RawConfig {
             compliance_level,
             reference_ttl,
             max_body_bytes: max_body_bytes as usize,
+            max_rendered_bytes: max_rendered_bytes as usize,
             cvc_ttl: CVC_TTL.parse(self.cvc_ttl)?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
@@ -875,6 +946,7 @@ impl RawConfig {
             idempotency_ttl: IDEMPOTENCY_TTL.parse(self.idempotency_ttl)?,
             max_connections: max_connections as usize,
             header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
+            idle_timeout: IDLE_TIMEOUT.parse(self.idle_timeout)?,
             shutdown_grace: SHUTDOWN_GRACE.parse(self.shutdown_grace)?,
             api_keys,
             vault,
@@ -947,12 +1019,36 @@ mod tests {
                 url: "redis://cache.internal:6379/2".into(),
                 password_file: None,
                 key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+                ca_file: None,
+                timeout: DEFAULT_REDIS_TIMEOUT,
             })
         );
         assert!(Config::parse(
             "[references]\nbackend = \"redis\"\nurl = \"rediss://tokenrelay@cache.internal\"\nkey_prefix = \"tr-eu:\""
         )
         .is_ok());
+        for (doc, key) in [
+            (
+                "url = \"redis://c\"\nca_file = \"Cargo.toml\"",
+                "references.ca_file",
+            ),
+            (
+                "url = \"rediss://c\"\nca_file = \"no/such.pem\"",
+                "references.ca_file",
+            ),
+            (
+                "url = \"redis://c\"\ntimeout = \"61s\"",
+                "references.timeout",
+            ),
+            (
+                "url = \"redis://c\"\ntimeout = \"0s\"",
+                "references.timeout",
+            ),
+        ] {
+            let e =
+                Config::parse(&format!("[references]\nbackend = \"redis\"\n{doc}")).unwrap_err();
+            assert_eq!(e.key, key, "{doc}");
+        }
         for (doc, key) in [
             ("[references]\nbackend = \"redis\"", "references.url"),
             (

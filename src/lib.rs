@@ -104,23 +104,29 @@ impl AppState {
             true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
-        let references: Arc<dyn ReferenceStore> = match &config.references {
-            ReferenceBackend::Memory => Arc::new(references::memory::MemoryReferenceStore::new(
-                config.reference_max_entries,
-            )),
+        let cvcs = cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries);
+        let (references, cvcs): (Arc<dyn ReferenceStore>, _) = match &config.references {
+            ReferenceBackend::Memory => (
+                Arc::new(references::memory::MemoryReferenceStore::new(
+                    config.reference_max_entries,
+                )),
+                cvcs,
+            ),
             ReferenceBackend::Redis(redis) => {
                 let keys = match keys {
                     Some(k) => k,
                     None => vault::load_keys(&config.vault)?,
                 };
-                Arc::new(
+                let store = Arc::new(
                     references::redis::RedisReferenceStore::open(
                         redis,
                         keys,
                         config.reference_max_entries,
                     )
                     .await?,
-                )
+                );
+                // CVCs follow the references, so every replica sees them.
+                (store.clone(), cvc::CvcStore::shared(config.cvc_ttl, store))
             }
         };
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
@@ -132,7 +138,7 @@ impl AppState {
         } = front;
         Ok(Arc::new(AppState {
             listen_tls,
-            cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
+            cvcs,
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             config,
             tokens,
@@ -241,6 +247,7 @@ pub async fn run(
     let limits = server::Limits {
         max_connections: state.config.max_connections,
         header_read_timeout: state.config.header_read_timeout,
+        idle_timeout: state.config.idle_timeout,
         shutdown_grace: state.config.shutdown_grace,
     };
     let admin_limits = server::Limits {
@@ -307,8 +314,13 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         response.status().as_u16(),
         response.headers().get(&X_RELAY_ERROR).cloned(),
     );
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), record.request_id().clone());
+    // Ours always in x-relay-request-id; x-request-id too unless the
+    // response is an acquirer's answer carrying its own, which passes.
+    let id = record.request_id().clone();
+    let headers = response.headers_mut();
+    headers.insert(forward::headers::X_RELAY_REQUEST_ID.clone(), id.clone());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
     response.map(|body| telemetry::access::RecordedBody::new(body, record).boxed())
 }

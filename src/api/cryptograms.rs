@@ -172,7 +172,7 @@ async fn create_inner(
     let obj = json::object(body)?;
     let token = state
         .tokens
-        .get(token_id)
+        .get_current(token_id)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     let parsed = parse(&obj, state.config.compliance_level)?;

@@ -135,7 +135,9 @@ impl TokenStore for MemoryTokenStore {
             return Ok(None);
         };
         let mut next = NetworkToken::clone(current);
-        change.apply(&mut next);
+        if !change.apply(&mut next)? {
+            return Ok(Some(current.clone()));
+        }
         let next = Arc::new(next);
         inner.tokens.insert(id, next.clone());
         Ok(Some(next))
