@@ -274,6 +274,24 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The allow-list.
     pub destinations: Vec<DestinationRule>,
+    /// Which compatible surfaces (contract §12) are served.
+    pub surfaces: Surfaces,
+}
+
+/// The compatible surfaces switches (`[surfaces]`); both on by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Surfaces {
+    /// VGS Card Management Platform network tokens (`/cards/…`).
+    pub vgs_cmp: bool,
+    /// J.P. Morgan `POST /cryptograms`.
+    pub jpmc: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSurfaces {
+    vgs_cmp: Option<bool>,
+    jpmc: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -302,6 +320,7 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     #[serde(default)]
     destinations: Vec<RawDestination>,
+    surfaces: Option<RawSurfaces>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -954,6 +973,13 @@ impl RawConfig {
             reference_max_entries,
             upstream,
             destinations,
+            surfaces: {
+                let raw = self.surfaces.unwrap_or_default();
+                Surfaces {
+                    vgs_cmp: raw.vgs_cmp.unwrap_or(true),
+                    jpmc: raw.jpmc.unwrap_or(true),
+                }
+            },
         })
     }
 }
@@ -1221,5 +1247,25 @@ mod tests {
         assert!(p.matches("api.acquirer.example"));
         assert!(!p.matches("acquirer.example"));
         assert!(!p.matches("evilacquirer.example"));
+    }
+
+    #[test]
+    fn surfaces_default_on_switch_off_and_refuse_strangers() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(
+            c.surfaces,
+            Surfaces {
+                vgs_cmp: true,
+                jpmc: true
+            }
+        );
+        let c = Config::parse("[surfaces]\nvgs_cmp = false\n").unwrap();
+        assert!(!c.surfaces.vgs_cmp && c.surfaces.jpmc);
+        let c = Config::parse("[surfaces]\njpmc = false\n").unwrap();
+        assert!(c.surfaces.vgs_cmp && !c.surfaces.jpmc);
+        let e = Config::parse("[surfaces]\nstripe = true\n").unwrap_err();
+        assert!(e.to_string().contains("stripe"), "{e}");
+        let e = Config::parse("[surfaces]\njpmc = \"yes\"\n").unwrap_err();
+        assert!(e.to_string().contains("boolean"), "{e}");
     }
 }

@@ -239,6 +239,15 @@ impl TokenChange {
     }
 }
 
+/// How [`TokenStore::find_tokens`] looks tokens up.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenLookup<'a> {
+    /// The tokens made for a PCI token (card).
+    Card(PciTokenId),
+    /// The token with this number (TPAN), found by its keyed fingerprint.
+    Number(&'a CardNumber),
+}
+
 /// A recorded answer to an idempotent request.
 #[derive(Clone)]
 pub struct IdempotencyRecord {
@@ -370,6 +379,11 @@ pub trait TokenStore: Send + Sync + 'static {
         id: TokenId,
         change: TokenChange,
     ) -> Result<Option<Arc<NetworkToken>>, StoreError>;
+
+    /// The network tokens a lookup finds (any status), oldest first: those
+    /// made for one card (the compatible surfaces' "card"), or the one with
+    /// a given token number.
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError>;
 
     /// Increments and returns the token's transaction counter (ATC).
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError>;

@@ -345,6 +345,66 @@ async fn a_suspended_token_resumed_on_another_replica_pays_again() {
     let paid = pay(&a, &cl.acq, &id, &reference).await;
     assert_eq!(paid.status(), 200);
     assert_eq!(cl.acq.count(), 1);
+    // A replay through the other replica: 409, and the message does not
+    // pretend to know what happened to the first forward.
+    let replay = assert_error(
+        pay(&b, &cl.acq, &id, &reference).await,
+        409,
+        "reference_already_used",
+    )
+    .await;
+    assert!(
+        replay["message"]
+            .as_str()
+            .unwrap()
+            .contains("outcome is unknown"),
+        "{replay}"
+    );
+    assert_eq!(cl.acq.count(), 1);
+
+    // An expiry update on B reaches A's very next cryptogram, cache or not.
+    let r = b
+        .req(Method::POST, &format!("/api/network/tokens/{id}/events"))
+        .json(&json!({"event": "update_expiry", "expiry_month": 7, "expiry_year": 2034}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let inline = a.inline_cryptogram(&id).await;
+    assert_eq!(
+        (
+            inline["expiry_month"].as_u64(),
+            inline["expiry_year"].as_u64()
+        ),
+        (Some(7), Some(2034))
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_delete_racing_a_suspend_on_another_replica_always_ends_deleted() {
+    let Some(cl) = Cluster::new("delete_vs_suspend").await else {
+        return;
+    };
+    let (a, b) = (cl.replica().await, cl.replica().await);
+    for _round in 0..10 {
+        let id = a.provision(VISA).await["id"].as_str().unwrap().to_owned();
+        let path = format!("/api/network/tokens/{id}");
+        let (deleted, suspended) = tokio::join!(
+            a.req(Method::DELETE, &path).send(),
+            event(&b, &id, "suspend"),
+        );
+        assert_eq!(deleted.unwrap().status(), 204);
+        // The suspend either came first (200) or found it deleted (424).
+        let s = suspended.status().as_u16();
+        assert!(s == 200 || s == 424, "suspend answered {s}");
+        for r in [&a, &b] {
+            assert_error(event(r, &id, "resume").await, 424, "token_not_active").await;
+            assert_error(mint(r, &id).await, 424, "token_not_active").await;
+        }
+        assert_eq!(status_on(&a, &id).await, "deleted");
+    }
     a.stop().await;
     b.stop().await;
 }

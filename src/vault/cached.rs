@@ -32,7 +32,7 @@ use crate::card::CardNumber;
 
 use super::{
     IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, RotationCursor, RotationStep,
-    StoreError, TokenChange, TokenId, TokenStatus, TokenStore,
+    StoreError, TokenChange, TokenId, TokenLookup, TokenStatus, TokenStore,
 };
 
 /// Most tokens kept.
@@ -143,6 +143,12 @@ impl TokenStore for CachedTokenStore {
         result
     }
 
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+        // A lookup by card or number is not on the forward path: always the
+        // store's current answer.
+        self.inner.find_tokens(by).await
+    }
+
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
         // The counter is not part of the cached token.
         self.inner.next_counter(id).await
@@ -238,6 +244,12 @@ mod tests {
             c: TokenChange,
         ) -> Result<Option<Arc<NetworkToken>>, StoreError> {
             self.store.update(id, c).await
+        }
+        async fn find_tokens(
+            &self,
+            by: TokenLookup<'_>,
+        ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+            self.store.find_tokens(by).await
         }
         async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
             self.store.next_counter(id).await

@@ -24,7 +24,8 @@ use time::OffsetDateTime;
 use super::keyring::Keyring;
 use super::{
     IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, PciTokenId,
-    RotationCursor, RotationStep, StoreError, TokenChange, TokenId, TokenStatus, TokenStore,
+    RotationCursor, RotationStep, StoreError, TokenChange, TokenId, TokenLookup, TokenStatus,
+    TokenStore,
 };
 use crate::card::{Brand, CardNumber};
 
@@ -66,6 +67,18 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             created_at TEXT NOT NULL
         )",
             "CREATE INDEX IF NOT EXISTS pci_tokens_key_id ON pci_tokens (key_id)",
+        ],
+    ),
+    (
+        3,
+        // Lookups for the compatible surfaces: a card's tokens, and a token
+        // by its number (keyed fingerprint, never the number). Rows from
+        // before are filled in by `backfill_lookups` at start.
+        &[
+            "ALTER TABLE network_tokens ADD COLUMN pci_token_id TEXT",
+            "ALTER TABLE network_tokens ADD COLUMN tpan_fingerprint TEXT",
+            "CREATE INDEX IF NOT EXISTS network_tokens_pci_token_id ON network_tokens (pci_token_id)",
+            "CREATE INDEX IF NOT EXISTS network_tokens_tpan_fingerprint ON network_tokens (tpan_fingerprint)",
         ],
     ),
 ];
@@ -268,6 +281,7 @@ impl SqlTokenStore {
             atc: Default::default(),
         };
         store.migrate().await?;
+        store.backfill_lookups().await?;
         Ok(store)
     }
 
@@ -333,6 +347,41 @@ impl SqlTokenStore {
         }
         tx.commit().await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Fills the lookup columns of migration 3 for tokens stored before
+    /// it, in id order and in batches; a row that cannot be opened is left
+    /// as it is (key rotation reports it) and passed over.
+    async fn backfill_lookups(&self) -> Result<(), StoreError> {
+        let mut after = String::new();
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens
+                 WHERE tpan_fingerprint IS NULL AND id > $1 ORDER BY id LIMIT 500",
+            )
+            .bind(after.clone())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            after = last.try_get("id").map_err(unavailable)?;
+            for row in &rows {
+                let Ok(token) = self.row_to_token(row) else {
+                    continue;
+                };
+                sqlx::query(
+                    "UPDATE network_tokens SET pci_token_id = $1, tpan_fingerprint = $2 WHERE id = $3",
+                )
+                .bind(token.pci_token_id.map(|p| p.to_string()))
+                .bind(hex::encode(self.keys.fingerprint(token.tpan.expose())))
+                .bind(token.id.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            }
+        }
     }
 
     /// The `id`, parsed `public_json` and opened `secret` of a sealed row.
@@ -567,8 +616,8 @@ impl TokenStore for SqlTokenStore {
             }
         }
         sqlx::query(
-            "INSERT INTO network_tokens (id, status, public_json, key_id, secret, atc, updated_at)
-             VALUES ($1, $2, $3, $4, $5, 0, $6)",
+            "INSERT INTO network_tokens (id, status, public_json, key_id, secret, atc, updated_at, pci_token_id, tpan_fingerprint)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)",
         )
         .bind(id)
         .bind(token.status.as_str())
@@ -576,6 +625,8 @@ impl TokenStore for SqlTokenStore {
         .bind(key_id)
         .bind(b64(&sealed))
         .bind(token.updated_at.format(&Rfc3339).unwrap_or_default())
+        .bind(token.pci_token_id.map(|p| p.to_string()))
+        .bind(hex::encode(self.keys.fingerprint(token.tpan.expose())))
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -585,6 +636,29 @@ impl TokenStore for SqlTokenStore {
 
     async fn get(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
         self.get_token(id).await
+    }
+
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+        let (column, value) = match by {
+            TokenLookup::Card(card) => ("pci_token_id", card.to_string()),
+            TokenLookup::Number(n) => (
+                "tpan_fingerprint",
+                hex::encode(self.keys.fingerprint(n.expose())),
+            ),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens WHERE {column} = $1"
+        ))
+        .bind(value)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut found = rows
+            .iter()
+            .map(|r| self.row_to_token(r).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        found.sort_by_key(|t| (t.created_at, t.id));
+        Ok(found)
     }
 
     async fn status_now(
