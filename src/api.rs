@@ -13,6 +13,8 @@
 //! | `GET /api/pci/tokens/{id}` | tokens | [`pci::get`] |
 //! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
+//! | `POST /api/network/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
+//! | `POST /api/pci/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
 //!
 //! The compatible surfaces (contract §12: `/cards/…` in VGS CMP's shape,
 //! `POST /cryptograms` in J.P. Morgan's) are a separate route family,
@@ -79,6 +81,10 @@ pub enum Route {
     DeletePciToken,
     /// `* /api/pci/tokens/{id}/forward`
     ForwardPci,
+    /// `POST /api/network/tokens/{id}/forward/{route}`
+    ForwardRoute,
+    /// `POST /api/pci/tokens/{id}/forward/{route}`
+    ForwardPciRoute,
     /// A compatible-surface operation (contract §12).
     Surface(surfaces::Operation),
 }
@@ -97,6 +103,8 @@ impl Route {
             Route::GetPciToken => "get_pci_token",
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
+            Route::ForwardRoute => "forward_route",
+            Route::ForwardPciRoute => "forward_pci_route",
             Route::Surface(op) => op.label(),
         }
     }
@@ -108,11 +116,13 @@ impl Route {
             | Route::DeleteToken
             | Route::CreateCryptogram
             | Route::Forward
+            | Route::ForwardRoute
             | Route::TokenEvent => Family::Network,
             Route::CreatePciToken
             | Route::GetPciToken
             | Route::DeletePciToken
-            | Route::ForwardPci => Family::Pci,
+            | Route::ForwardPci
+            | Route::ForwardPciRoute => Family::Pci,
             Route::Surface(op) => op.family(),
         }
     }
@@ -126,7 +136,9 @@ impl Route {
             | Route::GetPciToken
             | Route::DeletePciToken => Scope::Tokens,
             Route::CreateCryptogram => Scope::Cryptograms,
-            Route::Forward | Route::ForwardPci => Scope::Forward,
+            Route::Forward | Route::ForwardPci | Route::ForwardRoute | Route::ForwardPciRoute => {
+                Scope::Forward
+            }
             Route::TokenEvent => Scope::Admin,
             Route::Surface(op) => op.scope(),
         }
@@ -143,9 +155,22 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
         return Err(ApiError::RouteNotFound);
     };
     let mut parts = rest.split('/');
-    // `rest` is "" or "/{id}[/{action}]"; the first split part is empty.
+    // `rest` is "" or "/{id}[/{action}[/{route}]]"; the first split part is empty.
     let (lead, id, action, extra) = (parts.next(), parts.next(), parts.next(), parts.next());
-    if lead != Some("") || extra.is_some() {
+    if lead != Some("") || parts.next().is_some() {
+        return Err(ApiError::RouteNotFound);
+    }
+    if let (Some(id), Some("forward"), Some(name)) = (id, action, extra) {
+        if id.is_empty() || name.is_empty() {
+            return Err(ApiError::RouteNotFound);
+        }
+        let route = match family {
+            Family::Network => Route::ForwardRoute,
+            Family::Pci => Route::ForwardPciRoute,
+        };
+        return Ok((route, Some(id)));
+    }
+    if extra.is_some() {
         return Err(ApiError::RouteNotFound);
     }
     let id = match id {
@@ -241,6 +266,8 @@ pub struct Audit {
     pub change: Option<&'static str>,
     /// A forward's destination host.
     pub destination_host: Option<String>,
+    /// A route forward's route name (from the config).
+    pub forward_route: Option<String>,
     /// A forward's request was handed to the upstream connection: from
     /// here on the acquirer may have it, whatever happens to the client.
     pub sent_upstream: bool,
@@ -311,6 +338,11 @@ pub async fn handle(
             }
             (Route::Forward | Route::ForwardPci, Some(subject)) => {
                 crate::forward::handle(&state, subject, req, a).await
+            }
+            (Route::ForwardRoute | Route::ForwardPciRoute, Some(subject)) => {
+                // The route name is the last path segment (see `route`).
+                let name = path.rsplit('/').next().unwrap_or_default();
+                crate::forward::route::handle(&state, subject, name, req, a).await
             }
             (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
             (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,
@@ -414,5 +446,29 @@ mod tests {
             route(&Method::GET, "/api/network/tokensx"),
             Err(ApiError::RouteNotFound)
         ));
+        assert_eq!(
+            route(
+                &Method::POST,
+                &format!("/api/network/tokens/{id}/forward/adyen-payments")
+            )
+            .unwrap(),
+            (Route::ForwardRoute, Some(id))
+        );
+        assert_eq!(
+            route(&Method::POST, &format!("/api/pci/tokens/{id}/forward/x"))
+                .unwrap()
+                .0,
+            Route::ForwardPciRoute
+        );
+        for bad in [
+            format!("/api/network/tokens/{id}/forward/"),
+            format!("/api/network/tokens/{id}/forward/a/b"),
+            format!("/api/network/tokens/{id}/cryptograms/a"),
+        ] {
+            assert!(
+                matches!(route(&Method::POST, &bad), Err(ApiError::RouteNotFound)),
+                "{bad}"
+            );
+        }
     }
 }

@@ -48,6 +48,7 @@ use crate::{AppState, Body};
 pub mod destination;
 pub mod headers;
 pub mod redact;
+pub mod route;
 pub mod upstream;
 
 use destination::{Destination, DestinationError, Resolver};
@@ -70,6 +71,8 @@ pub struct Forwarder {
     delims: (&'static str, &'static str),
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// The operator's `[[routes]]`, compiled.
+    pub routes: route::Routes,
 }
 
 impl Forwarder {
@@ -85,7 +88,9 @@ impl Forwarder {
             PlaceholderSyntax::Angle => (Syntax::Angle, ("<<", ">>")),
             PlaceholderSyntax::Braces => (Syntax::Braces, ("{{", "}}")),
         };
+        let routes = route::Routes::build(config, &rules, delims)?;
         Ok(Self {
+            routes,
             rules,
             resolver,
             client,
@@ -160,6 +165,9 @@ struct Parsed {
     query: Option<Part>,
     headers: Vec<(HeaderName, Part)>,
     body: Part,
+    /// A route forward: the body is the route's template over the
+    /// merchant's input (`body`), not `body` itself.
+    route: Option<route::Rendering>,
 }
 
 impl Parsed {
@@ -170,10 +178,33 @@ impl Parsed {
             .chain(std::iter::once(&self.body))
     }
 
+    /// Every token field the outbound request names.
+    fn fields(&self) -> impl Iterator<Item = Field> + '_ {
+        self.parts()
+            .flat_map(Part::fields)
+            .chain(self.route.iter().flat_map(route::Rendering::fields))
+    }
+
+    /// The outbound body with `values`.
+    fn body(&self, values: &dyn Values) -> Result<Bytes, ApiError> {
+        match &self.route {
+            None => Ok(self.body.render(values)),
+            Some(r) => r.render(values),
+        }
+    }
+
+    /// The outbound body with every value masked (dry run).
+    fn masked_body(&self) -> Result<Bytes, ApiError> {
+        match &self.route {
+            None => Ok(self.body.render(&Masked)),
+            Some(r) => r.render_masked(),
+        }
+    }
+
     /// The secret values this request injects: what redaction masks.
     fn redactor(&self, values: &dyn Values) -> Redactor {
         let mut secrets = Vec::new();
-        for field in self.parts().flat_map(Part::fields) {
+        for field in self.fields() {
             if matches!(
                 field,
                 Field::Number
@@ -199,6 +230,9 @@ pub async fn handle(
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
+    if state.config.routes_only {
+        return Err(ApiError::FreeFormForwardDisabled);
+    }
     let fwd = &state.forwarder;
     // CONNECT would open a tunnel and TRACE/TRACK echo the request (with
     // its rendered values) back: none is a payment.
@@ -208,13 +242,27 @@ pub async fn handle(
     {
         return Err(ApiError::MethodNotAllowed);
     }
-    let checked = check_headers(fwd, req.headers(), subject.needs_reference()).await?;
+    let checked = check_headers(fwd, req.headers(), subject.needs_reference(), None).await?;
     audit.destination_host = Some(checked.destination.host.clone());
-    let parsed = read_and_parse(state, &checked, req, subject.namespace()).await?;
-    let bound = consume(state, subject, &checked, &parsed).await?;
+    let parsed = read_and_parse(state, &checked, req, subject.namespace(), true).await?;
+    finish(state, subject, &checked, &parsed, audit, started).await
+}
+
+/// Steps 4 to 6, shared by free-form and route forwards: consume (or only
+/// look, for a dry run), send, relay; restore what was taken when nothing
+/// was sent.
+async fn finish(
+    state: &AppState,
+    subject: Subject,
+    checked: &Checked,
+    parsed: &Parsed,
+    audit: &mut Audit,
+    started: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let bound = consume(state, subject, checked, parsed).await?;
 
     if checked.dry_run {
-        return dry_run(&checked.destination, &parsed);
+        return dry_run(&checked.destination, parsed);
     }
     // Until `send` says nothing left, the acquirer may have the request.
     audit.sent_upstream = true;
@@ -222,8 +270,8 @@ pub async fn handle(
         Bound::Network { token, reference } => {
             send(
                 state,
-                &checked,
-                &parsed,
+                checked,
+                parsed,
                 &NetworkTokenValues::new(token, &reference.payload),
             )
             .await
@@ -231,8 +279,8 @@ pub async fn handle(
         Bound::Pci { card, cvc } => {
             send(
                 state,
-                &checked,
-                &parsed,
+                checked,
+                parsed,
                 &PciTokenValues::new(card, cvc.as_ref().map(crate::cvc::HeldCvc::secret)),
             )
             .await
@@ -270,25 +318,38 @@ pub async fn handle(
 
 /// Step 2: headers present; destination well-formed, allowed, resolved and
 /// its addresses checked.
+/// A route passes its `fixed` destination (then `x-destination-url` must
+/// be absent).
 async fn check_headers(
     fwd: &Forwarder,
     headers: &HeaderMap,
     needs_reference: bool,
+    fixed: Option<&Destination>,
 ) -> Result<Checked, ApiError> {
     let reference = match headers.get(&X_CRYPTOGRAM_REFERENCE) {
         Some(r) => Some(r),
         None if needs_reference => return Err(ApiError::MissingHeader("x-cryptogram-reference")),
         None => None,
     };
-    let url = headers
-        .get(&X_DESTINATION_URL)
-        .ok_or(ApiError::MissingHeader("x-destination-url"))?
-        .to_str()
-        .map_err(|_| ApiError::InvalidDestination("URL must be ASCII".into()))?;
-    let destination = destination::parse(url, &fwd.rules, fwd.delims).map_err(|e| match e {
-        DestinationError::Invalid(m) => ApiError::InvalidDestination(m),
-        DestinationError::NotAllowed(m) => ApiError::DestinationNotAllowed(m),
-    })?;
+    let destination = match fixed {
+        Some(_) if headers.contains_key(&X_DESTINATION_URL) => {
+            return Err(ApiError::InvalidDestination(
+                "a route's destination is fixed; send no x-destination-url".into(),
+            ))
+        }
+        Some(d) => d.clone(),
+        None => {
+            let url = headers
+                .get(&X_DESTINATION_URL)
+                .ok_or(ApiError::MissingHeader("x-destination-url"))?
+                .to_str()
+                .map_err(|_| ApiError::InvalidDestination("URL must be ASCII".into()))?;
+            destination::parse(url, &fwd.rules, fwd.delims).map_err(|e| match e {
+                DestinationError::Invalid(m) => ApiError::InvalidDestination(m),
+                DestinationError::NotAllowed(m) => ApiError::DestinationNotAllowed(m),
+            })?
+        }
+    };
     let addrs = fwd
         .resolver
         .resolve(&destination.host, destination.port)
@@ -336,12 +397,14 @@ fn dry_run_flag(headers: &HeaderMap) -> Result<bool, ApiError> {
     Ok(flag)
 }
 
-/// Step 3: body under the limit, every placeholder parsed.
+/// Step 3: body under the limit, every placeholder parsed (in the body
+/// only when `body_template`: a route's body is the merchant's input).
 async fn read_and_parse(
     state: &AppState,
     checked: &Checked,
     req: Request<Incoming>,
     ns: Namespace,
+    body_template: bool,
 ) -> Result<Parsed, ApiError> {
     let fwd = &state.forwarder;
     check_content_length(&req, state.config.max_body_bytes)?;
@@ -354,7 +417,14 @@ async fn read_and_parse(
             .get(header::CONTENT_TYPE)
             .map(HeaderValue::as_bytes),
     );
-    let body = Part::parse(body, fwd, ns, ctx, &"body")?;
+    let body = if body_template {
+        Part::parse(body, fwd, ns, ctx, &"body")?
+    } else {
+        Part {
+            input: body,
+            template: None,
+        }
+    };
     let dest = &checked.destination;
     let path = Part::parse(
         Bytes::from(dest.path.clone()),
@@ -432,6 +502,7 @@ async fn read_and_parse(
         query,
         headers,
         body,
+        route: None,
     };
     let limit = state.config.max_rendered_bytes;
     let bound = parsed
@@ -473,10 +544,7 @@ async fn consume(
                 .get_pci(id)
                 .await?
                 .ok_or(ApiError::PciTokenNotFound)?;
-            let wants_cvc = parsed
-                .parts()
-                .flat_map(Part::fields)
-                .any(|f| f == Field::SecurityCode);
+            let wants_cvc = parsed.fields().any(|f| f == Field::SecurityCode);
             let cvc = match (wants_cvc, checked.dry_run) {
                 (false, _) => None,
                 (true, true) if state.cvcs.is_held(id).await? => None,
@@ -550,7 +618,7 @@ async fn send(
     let path = parsed.path.render(values);
     let query = parsed.query.as_ref().map(|q| q.render(values));
     let uri = outbound_uri(dest, &path, query.as_deref()).map_err(|e| fail(e, true))?;
-    let body = parsed.body.render(values);
+    let body = parsed.body(values).map_err(|e| fail(e, true))?;
     // The parse-time bound covers the vault's limits; this catches a value
     // beyond them (e.g. a token service's metadata) before anything is sent.
     if body.len() > state.config.max_rendered_bytes {
@@ -739,7 +807,7 @@ fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiErr
             "method": parsed.method.as_str(),
             "url": uri.to_string(),
             "headers": headers,
-            "body": String::from_utf8_lossy(&parsed.body.render(&masked)),
+            "body": String::from_utf8_lossy(&parsed.masked_body()?),
         }),
     )
 }

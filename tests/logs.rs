@@ -194,6 +194,53 @@ async fn one_line_per_request_with_its_id_and_what_it_did() {
 }
 
 #[tokio::test]
+async fn a_route_forward_line_names_the_route_and_no_secret() {
+    let (capture, _guard) = Capture::start();
+    let acq = Acquirer::start().await;
+    let mut c = config(ComplianceLevel::SaqD);
+    c.destinations = vec![acq.rule()];
+    c.routes = vec![tokenrelay::config::RouteConfig {
+        name: "checkout-payments".into(),
+        destination: acq.url("/payments"),
+        method: http::Method::POST,
+        template: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/routes/checkout-payments.json.j2"),
+        subjects: vec![tokenrelay::config::RouteSubject::NetworkToken],
+    }];
+    let s = TestServer::start(c).await;
+    let t = s.provision(VISA).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let tpan = s.inline_cryptogram(&id).await["number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.reference(&id).await;
+    let resp = s
+        .req(
+            Method::POST,
+            &format!("/api/network/tokens/{id}/forward/checkout-payments"),
+        )
+        .header("x-cryptogram-reference", &r)
+        .json(&json!({"reference": "order-log", "amount": {"value": 1000, "currency": "EUR"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    s.stop().await;
+    let text = capture.text();
+    assert!(!text.contains(&tpan) && !text.contains(VISA));
+    let line: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["fields"]["route"] == "forward_route")
+        .unwrap_or_else(|| panic!("no access line for the route forward"));
+    let f = &line["fields"];
+    assert_eq!(f["forward_route"], "checkout-payments");
+    assert_eq!(f["destination_host"], "127.0.0.1");
+    assert_eq!(f["status"], 200);
+}
+
+#[tokio::test]
 async fn short_card_numbers_are_logged_as_last4_only() {
     let (capture, _guard) = Capture::start();
     let acq = Acquirer::start().await;

@@ -138,6 +138,20 @@ pub enum ApiError {
     /// The acquirer did not answer in time.
     #[error("destination timed out: {0}")]
     DestinationTimeout(String),
+    /// No `[[routes]]` entry has this name.
+    #[error("route not found")]
+    UnknownRoute,
+    /// The route is not open to this forward endpoint.
+    #[error("{0}")]
+    RouteNotPermitted(String),
+    /// The route did not render with the merchant's input.
+    #[error("invalid route input: {0}")]
+    InvalidRouteInput(String),
+    /// `routes_only = true`: free-form forwards are refused.
+    #[error(
+        "free-form forwards are disabled (routes_only); use a route: POST …/forward/{{route}}"
+    )]
+    FreeFormForwardDisabled,
     /// A backing store is down: ours, retryable.
     #[error("service unavailable")]
     Unavailable(String),
@@ -192,6 +206,10 @@ impl ApiError {
             E::ResponseNotRedactable(_) => (StatusCode::BAD_GATEWAY, "response_not_redactable"),
             E::InvalidUpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "invalid_upstream_response"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
+            E::UnknownRoute => (StatusCode::NOT_FOUND, "route_not_found"),
+            E::RouteNotPermitted(_) => (StatusCode::FORBIDDEN, "route_not_permitted"),
+            E::InvalidRouteInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_route_input"),
+            E::FreeFormForwardDisabled => (StatusCode::FORBIDDEN, "free_form_forward_disabled"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -355,6 +373,10 @@ mod tests {
         E::DestinationUnreachable("x".into()) => E::DestinationUnreachable(_) => 502 "destination_unreachable",
         E::DestinationFailed("x".into()) => E::DestinationFailed(_) => 502 "destination_failed",
         E::DestinationTimeout("x".into()) => E::DestinationTimeout(_) => 504 "destination_timeout",
+        E::UnknownRoute => E::UnknownRoute => 404 "route_not_found",
+        E::RouteNotPermitted("x".into()) => E::RouteNotPermitted(_) => 403 "route_not_permitted",
+        E::InvalidRouteInput("x".into()) => E::InvalidRouteInput(_) => 422 "invalid_route_input",
+        E::FreeFormForwardDisabled => E::FreeFormForwardDisabled => 403 "free_form_forward_disabled",
         E::HeaderNotAllowed("x".into()) => E::HeaderNotAllowed(_) => 400 "header_not_allowed",
         E::RenderedTooLarge(1) => E::RenderedTooLarge(_) => 413 "rendered_too_large",
         E::ResponseNotRedactable("x".into()) => E::ResponseNotRedactable(_) => 502 "response_not_redactable",

@@ -165,6 +165,7 @@ impl AccessRecord {
             mode = audit.mode,
             change = audit.change,
             destination_host = audit.destination_host.as_deref(),
+            forward_route = audit.forward_route.as_deref(),
             sent_upstream = audit.destination_host.is_some().then_some(audit.sent_upstream),
             duration_us = self.started.elapsed().as_micros() as u64,
         );
