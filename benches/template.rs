@@ -3,6 +3,12 @@
 //! body and an XML body. Throughput is the template's size, so criterion
 //! reports bytes per second as well as time per body.
 //!
+//! `route_vs_free_form` sets an operator route (minijinja, the Adyen
+//! fixture in `fixtures/routes/`) beside the free-form template that sends
+//! the same Adyen body: per request, a route parses the merchant's JSON input
+//! and renders its compiled template; a free-form forward parses and renders
+//! the merchant's `<< >>` body.
+//!
 //! `cargo bench --bench template -- --warm-up-time 1 --measurement-time 2`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -37,6 +43,7 @@ impl Values for TokenValues {
             Field::ExpiryMonth => Value::Int(11),
             Field::ExpiryYear => Value::Int(2029),
             Field::Type => Value::Str("TAVV"),
+            Field::NetworkTokenType => Value::Str("vts"),
             Field::Metadata => match key {
                 None => Value::Map(&self.metadata),
                 Some(k) => self.metadata.get(k).map_or(Value::Null, |v| Value::Str(v)),
@@ -196,5 +203,96 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The Adyen `/payments` body of `fixtures/routes/adyen-payments.json.j2`,
+/// written as a free-form template.
+const ADYEN_FREE_FORM: &str = r#"{
+  "merchantAccount": "AcmeShopEUR",
+  "reference": "ORD-2024-000123",
+  "amount": {"currency": "EUR", "value": 12999},
+  "paymentMethod": {
+    "type": "networkToken",
+    "brand": "visa",
+    "number": "<< number >>",
+    "expiryMonth": "<< expiry_month | mm >>",
+    "expiryYear": "<< expiry_year >>"
+  },
+  "mpiData": {
+    "directoryResponse": "Y",
+    "authenticationResponse": "Y",
+    "tokenAuthenticationVerificationValue": "<< cryptogram >>",
+    "eci": "<< eci >>"
+  },
+  "shopperInteraction": "Ecommerce",
+  "recurringProcessingModel": "CardOnFile"
+}"#;
+
+/// The merchant's input to the Adyen route.
+const ADYEN_INPUT: &str = r#"{"merchant_account": "AcmeShopEUR", "reference": "ORD-2024-000123",
+  "amount": {"value": 12999, "currency": "EUR"}, "recurring_processing_model": "CardOnFile"}"#;
+
+fn route_vs_free_form(c: &mut Criterion) {
+    use tokenrelay::config::Config;
+    use tokenrelay::forward::route::{Rendering, Routes};
+    let config = Config::parse_in(
+        r#"
+[[destinations]]
+host = "checkout-test.adyen.com"
+port = 443
+scheme = "https"
+
+[[routes]]
+name = "adyen-payments"
+destination = "https://checkout-test.adyen.com/v71/payments"
+method = "POST"
+template = "fixtures/routes/adyen-payments.json.j2"
+subjects = ["network_token"]
+"#,
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")),
+    )
+    .unwrap();
+    let routes = Routes::build(&config, &config.destinations, ("<<", ">>")).unwrap();
+    let route = routes.get("adyen-payments").unwrap();
+    let values = TokenValues::new();
+    // Both send the same body: check it once.
+    let from_route: serde_json::Value = serde_json::from_slice(
+        &Rendering::from_body(route, ADYEN_INPUT.as_bytes(), Namespace::NetworkToken)
+            .unwrap()
+            .render(&values)
+            .unwrap(),
+    )
+    .unwrap();
+    let free = ADYEN_FREE_FORM.as_bytes();
+    let t = Template::parse(free, Syntax::Angle, Context::Json, Namespace::NetworkToken).unwrap();
+    let from_free: serde_json::Value =
+        serde_json::from_slice(&t.render_to_vec(free, &values)).unwrap();
+    assert_eq!(from_route, from_free);
+
+    let mut g = c.benchmark_group("route_vs_free_form");
+    g.bench_function("adyen_route", |b| {
+        b.iter(|| {
+            let r = Rendering::from_body(
+                route,
+                black_box(ADYEN_INPUT.as_bytes()),
+                Namespace::NetworkToken,
+            )
+            .unwrap();
+            black_box(r.render(&values).unwrap())
+        });
+    });
+    g.bench_function("adyen_free_form", |b| {
+        b.iter(|| {
+            let t = Template::parse(
+                black_box(free),
+                Syntax::Angle,
+                Context::Json,
+                Namespace::NetworkToken,
+            )
+            .unwrap();
+            black_box(t.render_to_vec(free, &values))
+        });
+    });
+    g.finish();
+}
+
+criterion_group!(benches, bench, route_vs_free_form);
 criterion_main!(benches);

@@ -302,20 +302,40 @@ fn format(out: &mut Output, state: &mut State, value: &Jv) -> Result<(), minijin
 }
 
 /// A route body to render: the route and the merchant's input.
-pub(super) struct Rendering {
+pub struct Rendering {
     route: Arc<Route>,
     input: Jv,
     ns: Namespace,
 }
 
 impl Rendering {
+    /// `route`'s body for the merchant's `input` (the parsed JSON object),
+    /// rendered for a token of namespace `ns`.
+    fn new(route: &Arc<Route>, input: Jv, ns: Namespace) -> Rendering {
+        Rendering {
+            route: route.clone(),
+            input,
+            ns,
+        }
+    }
+
+    /// As the request path builds it, from the request body's bytes (a JSON
+    /// object, or empty for `{}`); public for `benches/template.rs`.
+    pub fn from_body(
+        route: &Arc<Route>,
+        body: &[u8],
+        ns: Namespace,
+    ) -> Result<Rendering, ApiError> {
+        Ok(Rendering::new(route, input(body)?, ns))
+    }
+
     /// The token fields the template names.
     pub(super) fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         self.route.fields.iter().copied()
     }
 
     /// The body with the token's real values.
-    pub(super) fn render(&self, values: &dyn Values) -> Result<Bytes, ApiError> {
+    pub fn render(&self, values: &dyn Values) -> Result<Bytes, ApiError> {
         let mut ctx = BTreeMap::new();
         for field in self.fields().filter(|f| f.in_namespace(self.ns)) {
             ctx.insert(field.name(), to_jinja(values.get(field, None)));
@@ -509,11 +529,7 @@ async fn forward(
             },
         ));
     }
-    let rendering = Rendering {
-        route: route.clone(),
-        input,
-        ns: subject.namespace(),
-    };
+    let rendering = Rendering::new(route, input, subject.namespace());
     // Nothing is consumed until the route renders with masked values.
     rendering.render_masked()?;
     parsed.route = Some(rendering);
