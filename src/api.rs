@@ -291,7 +291,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
                 tokens::event(&state, id, req, a).await
             }
             (Route::Forward | Route::ForwardPci, Some(subject)) => {
-                crate::forward::handle(&state, subject, req, a).await
+                crate::forward::handle(&state, key, subject, req, a).await
             }
             (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
             (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,

@@ -14,6 +14,11 @@
 //!    byte was written restores the reference;
 //! 6. [`relay`] — status, headers and body streamed back.
 //!
+//! With `x-idempotency-key`, steps 4 to 6 run under [`record::keyed`]
+//! (contract §9): a retry gets the first answer, recorded as it streamed.
+//! Every forward endpoint passes its request through that hook once it is
+//! checked and parsed, naming what it spends ([`record::Origin`]).
+//!
 //! This module never logs a rendered body or header, and its errors name
 //! placeholders and hosts, never values.
 
@@ -26,7 +31,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::{check_content_length, json_response, read_body, ApiError, Audit, Subject};
+use crate::api::auth::ApiKey;
+use crate::api::{
+    check_content_length, idempotency, json_response, read_body, ApiError, Audit, Subject,
+};
 use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};
@@ -36,6 +44,7 @@ use crate::{AppState, Body};
 
 pub mod destination;
 pub mod headers;
+pub mod record;
 pub mod redact;
 pub mod upstream;
 
@@ -44,6 +53,7 @@ use headers::{
     X_CRYPTOGRAM_REFERENCE, X_DESTINATION_URL, X_RELAY_DRY_RUN, X_RELAY_HEADER_NAME,
     X_RELAY_HEADER_VALUE, X_RELAY_UPSTREAM_DURATION_MS,
 };
+use record::{Executed, Origin};
 use redact::{RedactingBody, Redactor};
 use upstream::{ConnectError, UpstreamClient};
 
@@ -175,27 +185,66 @@ impl Parsed {
 
 /// `<ANY> /api/network/tokens/{id}/forward`
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
+    key: &ApiKey,
     subject: Subject,
     req: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let fwd = &state.forwarder;
+    let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
     let checked = check_headers(fwd, req.headers(), subject.needs_reference()).await?;
     audit.destination_host = Some(checked.destination.host.clone());
     let parsed = read_and_parse(state, &checked, req, subject.namespace()).await?;
-    let bound = consume(state, subject, &checked, &parsed).await?;
+    let result = match client_key {
+        // A dry run consumes and sends nothing: there is nothing to record.
+        Some(client_key) if !checked.dry_run => {
+            let reference = checked.reference.as_ref().map(ReferenceId::as_str);
+            let fingerprint =
+                record::fingerprint(subject, Origin::Reference(reference), &checked, &parsed);
+            let record_key = idempotency::record_key((&key.name, RECORD_SCOPE), &client_key);
+            record::keyed(state, record_key, fingerprint, move |state| async move {
+                execute(&state, subject, &checked, &parsed).await
+            })
+            .await
+        }
+        _ => execute(state, subject, &checked, &parsed)
+            .await
+            .into_result(),
+    };
+    state
+        .metrics
+        .forward_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
 
+/// The idempotency scope of every forward endpoint: one key names one
+/// payment, whichever endpoint and token it went through.
+const RECORD_SCOPE: &str = "forward";
+
+/// Steps 4 to 6, once the request is known to be good: consume, send,
+/// relay, restoring what was consumed when nothing was sent.
+async fn execute(
+    state: &AppState,
+    subject: Subject,
+    checked: &Checked,
+    parsed: &Parsed,
+) -> Executed {
+    let bound = match consume(state, subject, checked, parsed).await {
+        Ok(b) => b,
+        Err(e) => return Executed::NotSent(Err(e)),
+    };
     if checked.dry_run {
-        return dry_run(&checked.destination, &parsed);
+        return Executed::NotSent(dry_run(&checked.destination, parsed));
     }
     let result = match &bound {
         Bound::Network { token, reference } => {
             send(
                 state,
-                &checked,
-                &parsed,
+                checked,
+                parsed,
                 &NetworkTokenValues::new(token, &reference.payload),
             )
             .await
@@ -203,40 +252,36 @@ pub async fn handle(
         Bound::Pci { card, cvc } => {
             send(
                 state,
-                &checked,
-                &parsed,
+                checked,
+                parsed,
                 &PciTokenValues::new(card, cvc.as_ref()),
             )
             .await
         }
     };
-    let result = match result {
-        Ok(r) => Ok(r),
-        Err(failure) => {
-            if failure.nothing_sent {
-                // The payment was never attempted: what it used is usable again.
-                match bound {
-                    Bound::Network { reference, .. } => {
-                        if let Some(rid) = &checked.reference {
-                            state.references.restore(rid, reference).await?;
-                            state.metrics.references_restored.inc();
+    match result {
+        Ok(r) => Executed::Sent(Ok(r)),
+        Err(failure) if failure.nothing_sent => {
+            // The payment was never attempted: what it used is usable again.
+            match bound {
+                Bound::Network { reference, .. } => {
+                    if let Some(rid) = &checked.reference {
+                        if let Err(e) = state.references.restore(rid, reference).await {
+                            return Executed::NotSent(Err(e.into()));
                         }
+                        state.metrics.references_restored.inc();
                     }
-                    Bound::Pci {
-                        card,
-                        cvc: Some(cvc),
-                    } => state.cvcs.restore(card.id, cvc),
-                    Bound::Pci { cvc: None, .. } => {}
                 }
+                Bound::Pci {
+                    card,
+                    cvc: Some(cvc),
+                } => state.cvcs.restore(card.id, cvc),
+                Bound::Pci { cvc: None, .. } => {}
             }
-            Err(failure.error)
+            Executed::NotSent(Err(failure.error))
         }
-    };
-    state
-        .metrics
-        .forward_duration
-        .observe(started.elapsed().as_secs_f64());
-    result
+        Err(failure) => Executed::Sent(Err(failure.error)),
+    }
 }
 
 /// Step 2: headers present; destination well-formed, allowed, resolved and

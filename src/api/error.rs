@@ -115,6 +115,11 @@ pub enum ApiError {
     /// The acquirer did not answer in time.
     #[error("destination timed out: {0}")]
     DestinationTimeout(String),
+    /// A keyed forward's first request was sent, and its answer was never
+    /// recorded: the replica running it stopped mid-flight. Whether the
+    /// acquirer received it is unknown, so nothing is sent again.
+    #[error("the first request with this idempotency key may have reached the acquirer, but its answer was never recorded (tokenrelay stopped mid-flight); check the payment with the acquirer before charging again")]
+    ForwardOutcomeUnknown,
     /// A backing store is down: ours, retryable.
     #[error("service unavailable")]
     Unavailable(String),
@@ -165,6 +170,7 @@ impl ApiError {
             E::DestinationUnreachable(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable"),
             E::DestinationFailed(_) => (StatusCode::BAD_GATEWAY, "destination_failed"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
+            E::ForwardOutcomeUnknown => (StatusCode::BAD_GATEWAY, "forward_outcome_unknown"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -333,6 +339,11 @@ mod tests {
                 ApiError::DestinationTimeout("x".into()),
                 504,
                 "destination_timeout",
+            ),
+            (
+                ApiError::ForwardOutcomeUnknown,
+                502,
+                "forward_outcome_unknown",
             ),
         ];
         for (e, code, classifier) in cases {

@@ -10,6 +10,10 @@
 //!
 //! Records live in memory for `idempotency_ttl` (default 24 h); at most
 //! [`MAX_RECORDS`] are kept, well above what a sidecar sees in a day.
+//!
+//! A forward's answer streams, so it cannot wait in a cell: [`forward`]
+//! records it in the same vault table, claimed before the send and
+//! finished when the answer is known.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -26,6 +30,8 @@ use crate::vault::{IdempotencyRecord, TokenStore};
 use crate::{AppState, Body};
 use http::Request;
 use hyper::body::Incoming;
+
+pub mod forward;
 
 /// Reads the body of an idempotent endpoint (under `max_body_bytes`) and
 /// runs `f` on it under the request's idempotency key, scoped to the API
@@ -119,6 +125,32 @@ type Slot = tokio::sync::OnceCell<([u8; 32], Stored)>;
 /// The idempotency record cache.
 pub struct Idempotency {
     cache: Cache<String, Arc<Slot>>,
+    /// Forwards in flight on this replica, by record key.
+    pub flights: forward::Flights,
+}
+
+/// The request's `x-idempotency-key`, if it has one; a malformed one is
+/// refused (400 `invalid_request`).
+pub fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    client_key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+            ))
+        })
+}
+
+/// The vault key of a record: scope (API key name, route) and the
+/// client's key.
+pub fn record_key(scope: (&str, &str), client_key: &str) -> String {
+    format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1)
 }
 
 impl Idempotency {
@@ -129,6 +161,7 @@ impl Idempotency {
                 .max_capacity(MAX_RECORDS)
                 .time_to_live(ttl)
                 .build(),
+            flights: forward::Flights::default(),
         }
     }
 
@@ -151,19 +184,10 @@ impl Idempotency {
         F: FnOnce(Option<Pending>) -> Fut,
         Fut: Future<Output = Result<Stored, ApiError>>,
     {
-        let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
+        let Some(client_key) = client_key(headers)? else {
             let s = f(None).await?;
             return Ok(bytes_response(s.status, s.body));
         };
-        let client_key = client_key
-            .to_str()
-            .ok()
-            .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(format!(
-                    "{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters"
-                ))
-            })?;
         let fingerprint = {
             let mut ctx = digest::Context::new(&digest::SHA256);
             ctx.update(method.as_str().as_bytes());
@@ -175,7 +199,7 @@ impl Idempotency {
             fp.copy_from_slice(ctx.finish().as_ref());
             fp
         };
-        let record_key = format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1);
+        let record_key = record_key(scope, client_key);
         let slot = self
             .cache
             .get_with(record_key.clone(), || Arc::new(Slot::new()));
