@@ -231,34 +231,40 @@ pub struct Audit {
     pub change: Option<&'static str>,
     /// A forward's destination host.
     pub destination_host: Option<String>,
+    /// A forward's request was handed to the upstream connection: from
+    /// here on the acquirer may have it, whatever happens to the client.
+    pub sent_upstream: bool,
 }
 
-/// Everything the access log needs about a finished API request.
-pub struct Outcome {
+/// What the access line needs about an API request, filled in while it
+/// runs. The caller owns it, so a request cut short (a drain deadline,
+/// a panic) still leaves a line with what it had done so far.
+#[derive(Debug, Default)]
+pub struct Trace {
     /// The matched route, if any.
     pub route: Option<Route>,
     /// The authenticated key's name, if any.
     pub key_name: Option<String>,
     /// What the handler did.
     pub audit: Audit,
-    /// The response.
-    pub response: Response<Body>,
 }
 
-/// Serves one request on the main listener.
-pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
-    let mut audit = Audit::default();
+/// Serves one request on the main listener, recording what it does in
+/// `trace` as it goes.
+pub async fn handle(
+    state: Arc<AppState>,
+    req: Request<Incoming>,
+    trace: &mut Trace,
+) -> Response<Body> {
+    let Trace {
+        route: route_seen,
+        key_name,
+        audit,
+    } = trace;
     let path = req.uri().path().to_owned();
     if !path.starts_with("/api/") {
-        return Outcome {
-            route: None,
-            key_name: None,
-            audit,
-            response: ApiError::RouteNotFound.into_response(),
-        };
+        return ApiError::RouteNotFound.into_response();
     }
-    let mut route_seen = None;
-    let mut key_name = None;
     let result = async {
         let key = auth::authenticate(
             &state.config.api_keys,
@@ -268,16 +274,16 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
                 .ok_or(ApiError::Unauthorized)?,
         )
         .ok_or(ApiError::Unauthorized)?;
-        key_name = Some(key.name.clone());
+        *key_name = Some(key.name.clone());
         let (route, id) = route(req.method(), &path)?;
-        route_seen = Some(route);
+        *route_seen = Some(route);
         if !key.allows(route.scope()) {
             return Err(ApiError::Forbidden(route.scope()));
         }
         audit.subject = id
             .map(|id| Subject::parse(route.family(), id))
             .transpose()?;
-        let a = &mut audit;
+        let a = &mut *audit;
         match (route, a.subject) {
             (Route::ProvisionToken, None) => tokens::provision(&state, key, req, a).await,
             (Route::GetToken, Some(Subject::NetworkToken(id))) => tokens::get(&state, id).await,
@@ -303,12 +309,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Outcome {
         }
     }
     .await;
-    Outcome {
-        route: route_seen,
-        key_name,
-        audit,
-        response: result.unwrap_or_else(ApiError::into_response),
-    }
+    result.unwrap_or_else(ApiError::into_response)
 }
 
 /// Reads a request body, refusing more than `limit` bytes.

@@ -204,12 +204,19 @@ pub async fn handle(
             let fingerprint =
                 record::fingerprint(subject, Origin::Reference(reference), &checked, &parsed);
             let record_key = idempotency::record_key((&key.name, RECORD_SCOPE), &client_key);
-            record::keyed(state, record_key, fingerprint, move |state| async move {
-                execute(&state, subject, &checked, &parsed).await
-            })
+            let sent = &mut audit.sent_upstream;
+            record::keyed(
+                state,
+                record_key,
+                fingerprint,
+                sent,
+                move |state| async move {
+                    execute(&state, subject, &checked, &parsed, &mut false).await
+                },
+            )
             .await
         }
-        _ => execute(state, subject, &checked, &parsed)
+        _ => execute(state, subject, &checked, &parsed, &mut audit.sent_upstream)
             .await
             .into_result(),
     };
@@ -226,11 +233,14 @@ const RECORD_SCOPE: &str = "forward";
 
 /// Steps 4 to 6, once the request is known to be good: consume, send,
 /// relay, restoring what was consumed when nothing was sent.
+/// `sent_upstream` is set while the acquirer may have the request (see
+/// [`Audit::sent_upstream`]).
 async fn execute(
     state: &AppState,
     subject: Subject,
     checked: &Checked,
     parsed: &Parsed,
+    sent_upstream: &mut bool,
 ) -> Executed {
     let bound = match consume(state, subject, checked, parsed).await {
         Ok(b) => b,
@@ -239,6 +249,8 @@ async fn execute(
     if checked.dry_run {
         return Executed::NotSent(dry_run(&checked.destination, parsed));
     }
+    // Until `send` says nothing left, the acquirer may have the request.
+    *sent_upstream = true;
     let result = match &bound {
         Bound::Network { token, reference } => {
             send(
@@ -262,6 +274,7 @@ async fn execute(
     match result {
         Ok(r) => Executed::Sent(Ok(r)),
         Err(failure) if failure.nothing_sent => {
+            *sent_upstream = false;
             // The payment was never attempted: what it used is usable again.
             match bound {
                 Bound::Network { reference, .. } => {

@@ -24,13 +24,12 @@
 
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
-use std::time::Instant;
-
 use bytes::Bytes;
 use http::{HeaderName, HeaderValue, Request, Response};
 use http_body_util::combinators::BoxBody;
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
@@ -84,6 +83,8 @@ pub struct AppState {
     pub forwarder: forward::Forwarder,
     /// Metrics registry.
     pub metrics: Arc<telemetry::Metrics>,
+    /// Access lines: one per request, written when it ends.
+    pub access: Arc<telemetry::access::AccessLog>,
 }
 
 impl AppState {
@@ -129,6 +130,7 @@ impl AppState {
             references,
             tsp,
             forwarder,
+            access: telemetry::access::AccessLog::new(metrics.clone()),
             metrics,
         }))
     }
@@ -211,6 +213,9 @@ pub async fn run(
         shutdown,
     );
     tokio::join!(api, admin);
+    // The listeners stopped waiting: whatever is still running is cut off
+    // when the runtime goes, and its access line says so.
+    state.access.drain_deadline_passed();
     Ok(())
 }
 
@@ -229,35 +234,30 @@ fn request_id(req: &Request<Incoming>) -> HeaderValue {
         })
 }
 
-/// One API request: request id, the handler, the access log line, metrics.
+/// One API request. The handler runs in its own task, so a client that
+/// leaves mid-forward does not cancel the exchange with the acquirer
+/// half-way: it completes, and its access line says what the acquirer
+/// answered and that the client was gone (`telemetry::access`).
 async fn handle_api(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
-    let started = Instant::now();
-    let id = request_id(&req);
-    let method = req.method().clone();
-    let outcome = api::handle(state.clone(), req).await;
-    let mut response = outcome.response;
-    let status = response.status().as_u16();
-    let route = outcome.route.map_or("none", api::Route::label);
-    state.metrics.count_request(route, status);
-    let audit = &outcome.audit;
-    tracing::info!(
-        target: "tokenrelay::access",
-        request_id = id.to_str().unwrap_or(""),
-        method = method.as_str(),
-        route,
-        status,
-        relay_error = response.headers().get(&X_RELAY_ERROR).and_then(|v| v.to_str().ok()),
-        key = outcome.key_name.as_deref(),
-        subject = audit.subject.as_ref().map(tracing::field::display),
-        scheme = audit.scheme,
-        card = audit.card.as_deref(),
-        created = audit.created,
-        kind = audit.kind,
-        mode = audit.mode,
-        change = audit.change,
-        destination_host = audit.destination_host.as_deref(),
-        duration_us = started.elapsed().as_micros() as u64,
+    match tokio::spawn(respond(state, req)).await {
+        Ok(response) => response,
+        // The task panicked (its record wrote `handler_panicked`) or the
+        // runtime is shutting down.
+        Err(_) => api::ApiError::Internal("the request handler failed".into()).into_response(),
+    }
+}
+
+/// Runs the handler with the request's access record; the response body
+/// carries the record and writes its line when it ends.
+async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
+    let mut record = state.access.start(request_id(&req), req.method().clone());
+    let mut response = api::handle(state.clone(), req, &mut record.trace).await;
+    record.responded(
+        response.status().as_u16(),
+        response.headers().get(&X_RELAY_ERROR).cloned(),
     );
-    response.headers_mut().insert(X_REQUEST_ID.clone(), id);
     response
+        .headers_mut()
+        .insert(X_REQUEST_ID.clone(), record.request_id().clone());
+    response.map(|body| telemetry::access::RecordedBody::new(body, record).boxed())
 }

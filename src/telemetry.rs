@@ -12,6 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+pub mod access;
 mod json_line;
 pub use json_line::JsonLine;
 
@@ -197,6 +198,15 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
+/// Labels of the unfinished-request counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UnfinishedLabels {
+    /// Route label, or `none`.
+    pub route: &'static str,
+    /// How it ended: an [`access::Ending`] label other than `complete`.
+    pub outcome: &'static str,
+}
+
 /// Labels of per-destination counters.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct HostLabels {
@@ -209,6 +219,8 @@ pub struct Metrics {
     registry: Registry,
     /// Requests by route and status class.
     pub requests: Family<RequestLabels, Counter>,
+    /// Requests that did not deliver their whole response, by outcome.
+    pub unfinished: Family<UnfinishedLabels, Counter>,
     /// Whole forward handling time, seconds.
     pub forward_duration: Histogram,
     /// Time to the acquirer's response head, seconds.
@@ -249,6 +261,12 @@ impl Metrics {
             "requests",
             "Requests by route and status class",
             requests.clone(),
+        );
+        let unfinished = Family::<UnfinishedLabels, Counter>::default();
+        registry.register(
+            "requests_unfinished",
+            "Requests whose response was not delivered whole, by route and outcome",
+            unfinished.clone(),
         );
         let forward_duration = Histogram::new(latency_buckets());
         registry.register(
@@ -301,6 +319,7 @@ impl Metrics {
         Self {
             registry,
             requests,
+            unfinished,
             forward_duration,
             upstream_duration,
             references_issued,
@@ -323,6 +342,13 @@ impl Metrics {
         };
         self.requests
             .get_or_create(&RequestLabels { route, status })
+            .inc();
+    }
+
+    /// Counts a request that ended without delivering its whole response.
+    pub fn count_unfinished(&self, route: &'static str, outcome: &'static str) {
+        self.unfinished
+            .get_or_create(&UnfinishedLabels { route, outcome })
             .inc();
     }
 

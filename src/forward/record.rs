@@ -124,11 +124,13 @@ pub(super) fn bound(state: &AppState) -> Bound {
 
 /// Runs `run` (the forward from consume on) under the idempotency key
 /// `record_key`: a replay when the key was answered, else the forward, its
-/// answer recorded.
+/// answer recorded. `sent_upstream` says whether this request may have
+/// reached the acquirer (never for a replay).
 pub(super) async fn keyed<F, Fut>(
     state: &Arc<AppState>,
     record_key: String,
     fingerprint: [u8; 32],
+    sent_upstream: &mut bool,
     run: F,
 ) -> Result<Response<Body>, ApiError>
 where
@@ -140,25 +142,30 @@ where
         Begun::Owner(ticket) => ticket,
     };
     let owned = state.clone();
-    // Its own task: the merchant hanging up must not cancel a payment
-    // half-sent, nor leave its claim unfinished.
+    // Its own task, though the handler has one already: whatever cuts the
+    // handler short (a client gone, a drain deadline) must not cancel a
+    // payment half-sent nor leave its claim unfinished.
+    *sent_upstream = true;
     let task = tokio::spawn(async move {
         let window = owned.config.upstream.response_timeout;
         let max = owned.config.forward_record_max_bytes;
         match run(owned).await {
             Executed::NotSent(r) => {
                 ticket.release().await;
-                r
+                (r, false)
             }
             Executed::Sent(Err(e)) => {
                 ticket.finish(Answer::from_error(&e)).await;
-                Err(e)
+                (Err(e), true)
             }
-            Executed::Sent(Ok(resp)) => Ok(tee(resp, ticket, max, window)),
+            Executed::Sent(Ok(resp)) => (Ok(tee(resp, ticket, max, window)), true),
         }
     });
-    task.await
-        .map_err(|e| ApiError::Internal(format!("keyed forward task: {e}")))?
+    let (result, sent) = task
+        .await
+        .map_err(|e| ApiError::Internal(format!("keyed forward task: {e}")))?;
+    *sent_upstream = sent;
+    result
 }
 
 /// The response, its body copied into the record as it streams.
