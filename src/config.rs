@@ -291,7 +291,7 @@ struct RawApiKey {
     scopes: Vec<String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawVault {
     backend: Option<String>,
@@ -353,34 +353,168 @@ impl Config {
         raw.validate()
     }
 
-    /// A configuration with every default and no API keys or destinations:
-    /// the starting point for tests and the demo.
+    /// A configuration with every default, no API keys or destinations,
+    /// and the vault in memory (asked for by name, as a TOML file would
+    /// have to): the starting point for tests and the demo, which leave no
+    /// files behind. An empty TOML document means a SQLite vault instead.
     pub fn defaults() -> Config {
-        // An empty document always validates.
-        match Config::parse("") {
+        // This document always validates.
+        match Config::parse("[vault]\nbackend = \"memory\"\n") {
             Ok(c) => c,
-            Err(e) => unreachable!("empty config must validate: {e}"),
+            Err(e) => unreachable!("the defaults must validate: {e}"),
         }
     }
 }
 
 /// `vault.cache_ttl` when not set.
 pub const DEFAULT_VAULT_CACHE_TTL: Duration = Duration::from_secs(5);
-/// The longest `vault.cache_ttl` accepted.
-const MAX_VAULT_CACHE_TTL: Duration = Duration::from_secs(3600);
 
-fn duration(key: &str, value: Option<String>, default: Duration) -> Result<Duration, ConfigError> {
-    match value {
-        None => Ok(default),
-        Some(v) => {
-            let d = humantime::parse_duration(&v)
-                .map_err(|e| ConfigError::new(key, format!("not a duration ({e}): {v:?}")))?;
-            if d.is_zero() {
-                return Err(ConfigError::new(key, "must be greater than zero"));
-            }
-            Ok(d)
+/// A duration key: its default and the range it must fall in. Every
+/// duration the config accepts has one, so a value that would overflow a
+/// clock (`now + 9000 years`) or a cache (moka's TTL) is refused by name
+/// at `check-config`, never met as a panic on a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DurationKey {
+    /// Dotted key name, as errors name it.
+    pub key: &'static str,
+    /// Used when the key is absent.
+    pub default: Duration,
+    /// Smallest value accepted (zero: `"0s"` is allowed).
+    pub min: Duration,
+    /// Largest value accepted.
+    pub max: Duration,
+}
+
+const fn secs(n: u64) -> Duration {
+    Duration::from_secs(n)
+}
+
+/// `reference_ttl`: a cryptogram reference outliving a day would outlive
+/// the cryptogram it stands for.
+pub const REFERENCE_TTL: DurationKey = DurationKey {
+    key: "reference_ttl",
+    default: secs(15 * 60),
+    min: secs(1),
+    max: secs(24 * 3600),
+};
+/// `cvc_ttl`: a CVC is held for one forward, never longer than an hour.
+pub const CVC_TTL: DurationKey = DurationKey {
+    key: "cvc_ttl",
+    default: secs(15 * 60),
+    min: secs(1),
+    max: secs(3600),
+};
+/// `idempotency_ttl`: retries come within hours; a week at most.
+pub const IDEMPOTENCY_TTL: DurationKey = DurationKey {
+    key: "idempotency_ttl",
+    default: secs(24 * 3600),
+    min: secs(1),
+    max: secs(7 * 24 * 3600),
+};
+/// `header_read_timeout`.
+pub const HEADER_READ_TIMEOUT: DurationKey = DurationKey {
+    key: "header_read_timeout",
+    default: secs(10),
+    min: Duration::from_millis(1),
+    max: secs(300),
+};
+/// `shutdown_grace`: Kubernetes' own grace is 30 s by default.
+pub const SHUTDOWN_GRACE: DurationKey = DurationKey {
+    key: "shutdown_grace",
+    default: secs(30),
+    min: Duration::from_millis(1),
+    max: secs(600),
+};
+/// `upstream.connect_timeout`.
+pub const UPSTREAM_CONNECT_TIMEOUT: DurationKey = DurationKey {
+    key: "upstream.connect_timeout",
+    default: secs(5),
+    min: Duration::from_millis(1),
+    max: secs(300),
+};
+/// `upstream.response_timeout`.
+pub const UPSTREAM_RESPONSE_TIMEOUT: DurationKey = DurationKey {
+    key: "upstream.response_timeout",
+    default: secs(30),
+    min: Duration::from_millis(1),
+    max: secs(600),
+};
+/// `upstream.pool_idle_timeout`.
+pub const UPSTREAM_POOL_IDLE_TIMEOUT: DurationKey = DurationKey {
+    key: "upstream.pool_idle_timeout",
+    default: secs(90),
+    min: Duration::from_millis(1),
+    max: secs(3600),
+};
+/// `vault.cache_ttl`: another replica's changes show only after it; zero
+/// turns the cache off.
+pub const VAULT_CACHE_TTL: DurationKey = DurationKey {
+    key: "vault.cache_ttl",
+    default: DEFAULT_VAULT_CACHE_TTL,
+    min: Duration::ZERO,
+    max: secs(3600),
+};
+
+/// Every duration key with its own bounds (the tests walk this list).
+pub const DURATION_KEYS: &[DurationKey] = &[
+    REFERENCE_TTL,
+    CVC_TTL,
+    IDEMPOTENCY_TTL,
+    HEADER_READ_TIMEOUT,
+    SHUTDOWN_GRACE,
+    UPSTREAM_CONNECT_TIMEOUT,
+    UPSTREAM_RESPONSE_TIMEOUT,
+    UPSTREAM_POOL_IDLE_TIMEOUT,
+    VAULT_CACHE_TTL,
+];
+
+/// The bound of a duration key that has none of its own: 30 days, far
+/// from any overflow.
+pub const MAX_DURATION: Duration = secs(30 * 24 * 3600);
+
+impl DurationKey {
+    /// Parses `value` (humantime) or takes the default; out of range is an
+    /// error naming the key and the range.
+    pub fn parse(&self, value: Option<String>) -> Result<Duration, ConfigError> {
+        let Some(v) = value else {
+            return Ok(self.default);
+        };
+        let d = humantime::parse_duration(&v)
+            .map_err(|e| ConfigError::new(self.key, format!("not a duration ({e}): {v:?}")))?;
+        if d < self.min || d > self.max {
+            let min = if self.min.is_zero() {
+                "0s".to_owned()
+            } else {
+                humantime::format_duration(self.min).to_string()
+            };
+            return Err(ConfigError::new(
+                self.key,
+                format!(
+                    "{v:?} is out of range: must be between {min} and {}",
+                    humantime::format_duration(self.max)
+                ),
+            ));
         }
+        Ok(d)
     }
+}
+
+/// A duration key without bounds of its own (kept for keys other issues
+/// add before giving them a [`DurationKey`]): greater than zero, at most
+/// [`MAX_DURATION`].
+#[allow(dead_code)]
+fn duration(
+    key: &'static str,
+    value: Option<String>,
+    default: Duration,
+) -> Result<Duration, ConfigError> {
+    DurationKey {
+        key,
+        default,
+        min: Duration::from_millis(1),
+        max: MAX_DURATION,
+    }
+    .parse(value)
 }
 
 fn socket_addr(key: &str, value: Option<String>, default: &str) -> Result<SocketAddr, ConfigError> {
@@ -401,6 +535,36 @@ fn readable_file(key: &str, path: &Option<PathBuf>) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Refuses a URL that carries a password, in its user info
+/// (`scheme://user:secret@host`) or in a query parameter (`?password=`,
+/// `?sslpassword=`, …): secrets never live in the TOML, nor in `Config`'s
+/// `Debug`. The message never repeats the URL. `secret_source` names
+/// where the password goes instead.
+fn no_password_in_url(key: &str, url: &str, secret_source: &str) -> Result<(), ConfigError> {
+    let refuse = || {
+        ConfigError::new(
+            key,
+            format!("must not contain a password; use {secret_source}"),
+        )
+    };
+    let rest = url.split_once("://").map_or(url, |(_, rest)| rest);
+    let rest = rest.split('#').next().unwrap_or("");
+    let (before_query, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = before_query.split('/').next().unwrap_or("");
+    if let Some((userinfo, _)) = authority.rsplit_once('@') {
+        if userinfo.contains(':') {
+            return Err(refuse());
+        }
+    }
+    for pair in query.split('&') {
+        let name = pair.split('=').next().unwrap_or("").to_ascii_lowercase();
+        if name.contains("pass") || name.contains("pwd") || name.contains("secret") {
+            return Err(refuse());
+        }
+    }
+    Ok(())
+}
+
 /// Checks a Redis URL without connecting: scheme, parseable by the client,
 /// and no password (secrets never live in the TOML).
 fn redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
@@ -411,24 +575,8 @@ fn redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
             "must start with redis:// or rediss:// (TLS)",
         ));
     }
-    let no_password = || {
-        ConfigError::new(
-            key,
-            "must not contain a password; use references.password_file or TOKENRELAY_REDIS_PASSWORD",
-        )
-    };
-    let authority = url
-        .split("://")
-        .nth(1)
-        .unwrap_or("")
-        .split(['/', '?', '#'])
-        .next()
-        .unwrap_or("");
-    if let Some((userinfo, _)) = authority.rsplit_once('@') {
-        if userinfo.contains(':') {
-            return Err(no_password());
-        }
-    }
+    const WHERE: &str = "references.password_file or TOKENRELAY_REDIS_PASSWORD";
+    no_password_in_url(key, url, WHERE)?;
     if url.contains('#') {
         // `#insecure` would turn certificate checks off.
         return Err(ConfigError::new(key, "must not contain a #fragment"));
@@ -439,9 +587,77 @@ fn redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
         // passwords are refused below, before anything could echo one.
         .map_err(|e| ConfigError::new(key, format!("not a usable Redis URL ({e})")))?;
     if info.redis_settings().password().is_some() {
-        return Err(no_password());
+        return Err(ConfigError::new(
+            key,
+            format!("must not contain a password; use {WHERE}"),
+        ));
     }
     Ok(())
+}
+
+/// `[vault]`: backend, key source, cache.
+fn vault(v: RawVault) -> Result<VaultConfig, ConfigError> {
+    let backend = match v.backend.as_deref().unwrap_or("sqlite") {
+        "memory" => {
+            if v.path.is_some() || v.url.is_some() {
+                return Err(ConfigError::new(
+                    "vault",
+                    "path and url do not apply to backend \"memory\"",
+                ));
+            }
+            VaultBackend::Memory
+        }
+        "sqlite" => {
+            if v.url.is_some() || v.password_file.is_some() {
+                return Err(ConfigError::new(
+                    "vault.url",
+                    "url and password_file apply to backend \"postgres\" only",
+                ));
+            }
+            VaultBackend::Sqlite {
+                path: v
+                    .path
+                    .unwrap_or_else(|| PathBuf::from("data/tokenrelay.db")),
+            }
+        }
+        "postgres" => {
+            let url = v.url.ok_or_else(|| {
+                ConfigError::new("vault.url", "required for backend \"postgres\"")
+            })?;
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(ConfigError::new("vault.url", "must start with postgres://"));
+            }
+            no_password_in_url(
+                "vault.url",
+                &url,
+                "vault.password_file or TOKENRELAY_POSTGRES_PASSWORD",
+            )?;
+            if v.path.is_some() {
+                return Err(ConfigError::new(
+                    "vault.path",
+                    "applies to backend \"sqlite\" only",
+                ));
+            }
+            readable_file("vault.password_file", &v.password_file)?;
+            VaultBackend::Postgres {
+                url,
+                password_file: v.password_file,
+            }
+        }
+        other => {
+            return Err(ConfigError::new(
+                "vault.backend",
+                format!("unknown backend {other:?} (memory, sqlite, postgres)"),
+            ))
+        }
+    };
+    let cache_ttl = VAULT_CACHE_TTL.parse(v.cache_ttl)?;
+    Ok(VaultConfig {
+        backend,
+        key_file: v.key_file,
+        create_key_file: v.create_key_file.unwrap_or(false),
+        cache_ttl,
+    })
 }
 
 impl RawConfig {
@@ -449,11 +665,7 @@ impl RawConfig {
         let listen = socket_addr("listen", self.listen, "127.0.0.1:8080")?;
         let admin_listen = socket_addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?;
         let compliance_level = self.compliance_level.unwrap_or(ComplianceLevel::SaqA);
-        let reference_ttl = duration(
-            "reference_ttl",
-            self.reference_ttl,
-            Duration::from_secs(15 * 60),
-        )?;
+        let reference_ttl = REFERENCE_TTL.parse(self.reference_ttl)?;
         let max_body_bytes = self.max_body_bytes.unwrap_or(1 << 20);
         if max_body_bytes == 0 || max_body_bytes > (64 << 20) {
             return Err(ConfigError::new(
@@ -532,102 +744,9 @@ impl RawConfig {
             });
         }
 
-        let vault = match self.vault {
-            None => VaultConfig {
-                backend: VaultBackend::Memory,
-                key_file: None,
-                create_key_file: false,
-                cache_ttl: DEFAULT_VAULT_CACHE_TTL,
-            },
-            Some(v) => {
-                let backend = match v.backend.as_deref().unwrap_or("sqlite") {
-                    "memory" => {
-                        if v.path.is_some() || v.url.is_some() {
-                            return Err(ConfigError::new(
-                                "vault",
-                                "path and url do not apply to backend \"memory\"",
-                            ));
-                        }
-                        VaultBackend::Memory
-                    }
-                    "sqlite" => {
-                        if v.url.is_some() || v.password_file.is_some() {
-                            return Err(ConfigError::new(
-                                "vault.url",
-                                "url and password_file apply to backend \"postgres\" only",
-                            ));
-                        }
-                        VaultBackend::Sqlite {
-                            path: v
-                                .path
-                                .unwrap_or_else(|| PathBuf::from("data/tokenrelay.db")),
-                        }
-                    }
-                    "postgres" => {
-                        let url = v.url.ok_or_else(|| {
-                            ConfigError::new("vault.url", "required for backend \"postgres\"")
-                        })?;
-                        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-                            return Err(ConfigError::new(
-                                "vault.url",
-                                "must start with postgres://",
-                            ));
-                        }
-                        let authority = url
-                            .split("://")
-                            .nth(1)
-                            .unwrap_or("")
-                            .split(['/', '?'])
-                            .next()
-                            .unwrap_or("");
-                        if authority.split('@').next().is_some_and(|userinfo| {
-                            authority.contains('@') && userinfo.contains(':')
-                        }) {
-                            return Err(ConfigError::new(
-                                "vault.url",
-                                "must not contain a password; use vault.password_file or TOKENRELAY_POSTGRES_PASSWORD",
-                            ));
-                        }
-                        if v.path.is_some() {
-                            return Err(ConfigError::new(
-                                "vault.path",
-                                "applies to backend \"sqlite\" only",
-                            ));
-                        }
-                        readable_file("vault.password_file", &v.password_file)?;
-                        VaultBackend::Postgres {
-                            url,
-                            password_file: v.password_file,
-                        }
-                    }
-                    other => {
-                        return Err(ConfigError::new(
-                            "vault.backend",
-                            format!("unknown backend {other:?} (memory, sqlite, postgres)"),
-                        ))
-                    }
-                };
-                let cache_ttl = match v.cache_ttl {
-                    None => DEFAULT_VAULT_CACHE_TTL,
-                    Some(t) => humantime::parse_duration(&t).map_err(|e| {
-                        ConfigError::new("vault.cache_ttl", format!("not a duration ({e}): {t:?}"))
-                    })?,
-                };
-                // Another replica's changes show after this long: keep it short.
-                if cache_ttl > MAX_VAULT_CACHE_TTL {
-                    return Err(ConfigError::new(
-                        "vault.cache_ttl",
-                        "must be at most 1h (another replica's changes show only after it)",
-                    ));
-                }
-                VaultConfig {
-                    backend,
-                    key_file: v.key_file,
-                    create_key_file: v.create_key_file.unwrap_or(false),
-                    cache_ttl,
-                }
-            }
-        };
+        // No `[vault]` means the same as an empty one: SQLite. Tokens are
+        // never kept in memory only unless `backend = "memory"` says so.
+        let vault = vault(self.vault.unwrap_or_default())?;
 
         let (references, reference_max_entries) = match self.references {
             None => (ReferenceBackend::Memory, 1_000_000),
@@ -698,21 +817,9 @@ impl RawConfig {
             pool_max_idle_per_host: None,
         });
         let upstream = UpstreamConfig {
-            connect_timeout: duration(
-                "upstream.connect_timeout",
-                up.connect_timeout,
-                Duration::from_secs(5),
-            )?,
-            response_timeout: duration(
-                "upstream.response_timeout",
-                up.response_timeout,
-                Duration::from_secs(30),
-            )?,
-            pool_idle_timeout: duration(
-                "upstream.pool_idle_timeout",
-                up.pool_idle_timeout,
-                Duration::from_secs(90),
-            )?,
+            connect_timeout: UPSTREAM_CONNECT_TIMEOUT.parse(up.connect_timeout)?,
+            response_timeout: UPSTREAM_RESPONSE_TIMEOUT.parse(up.response_timeout)?,
+            pool_idle_timeout: UPSTREAM_POOL_IDLE_TIMEOUT.parse(up.pool_idle_timeout)?,
             pool_max_idle_per_host: up.pool_max_idle_per_host.unwrap_or(32) as usize,
         };
 
@@ -772,28 +879,16 @@ impl RawConfig {
             compliance_level,
             reference_ttl,
             max_body_bytes: max_body_bytes as usize,
-            cvc_ttl: duration("cvc_ttl", self.cvc_ttl, Duration::from_secs(15 * 60))?,
+            cvc_ttl: CVC_TTL.parse(self.cvc_ttl)?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
                 .redact_responses
                 .unwrap_or(compliance_level == ComplianceLevel::SaqA),
-            idempotency_ttl: duration(
-                "idempotency_ttl",
-                self.idempotency_ttl,
-                Duration::from_secs(24 * 3600),
-            )?,
+            idempotency_ttl: IDEMPOTENCY_TTL.parse(self.idempotency_ttl)?,
             forward_record_max_bytes: forward_record_max_bytes as usize,
             max_connections: max_connections as usize,
-            header_read_timeout: duration(
-                "header_read_timeout",
-                self.header_read_timeout,
-                Duration::from_secs(10),
-            )?,
-            shutdown_grace: duration(
-                "shutdown_grace",
-                self.shutdown_grace,
-                Duration::from_secs(30),
-            )?,
+            header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
+            shutdown_grace: SHUTDOWN_GRACE.parse(self.shutdown_grace)?,
             api_keys,
             vault,
             references,
@@ -921,6 +1016,126 @@ mod tests {
             assert_eq!(e.key, key, "{doc}: {e}");
             assert!(!e.to_string().contains("hunter2"), "{e}");
         }
+    }
+
+    /// `key = value` placed where the key lives (top level or its table).
+    fn doc_with(key: &str, value: &str) -> String {
+        match key.split_once('.') {
+            None => format!("{key} = \"{value}\"\n[vault]\nbackend = \"memory\"\n"),
+            Some(("vault", k)) => format!("[vault]\nbackend = \"memory\"\n{k} = \"{value}\"\n"),
+            Some((table, k)) => {
+                format!("[vault]\nbackend = \"memory\"\n[{table}]\n{k} = \"{value}\"\n")
+            }
+        }
+    }
+
+    #[test]
+    fn every_duration_is_bounded_and_named() {
+        for d in DURATION_KEYS {
+            for ok in [d.min, d.max, d.default] {
+                let text = humantime::format_duration(ok).to_string();
+                let text = if ok.is_zero() { "0s".into() } else { text };
+                assert!(
+                    Config::parse(&doc_with(d.key, &text)).is_ok(),
+                    "{} = {text}",
+                    d.key
+                );
+            }
+            let mut bad = vec![
+                humantime::format_duration(d.max + Duration::from_millis(1)).to_string(),
+                "9000years".to_owned(),
+                "600000000000000000000years".to_owned(),
+            ];
+            if !d.min.is_zero() {
+                bad.push("0s".into());
+            }
+            for text in bad {
+                let e = Config::parse(&doc_with(d.key, &text)).unwrap_err();
+                assert_eq!(e.key, d.key, "{} = {text}: {e}", d.key);
+            }
+        }
+        // The keys and their defaults as the config uses them.
+        let c = Config::defaults();
+        assert_eq!(
+            [
+                c.reference_ttl,
+                c.cvc_ttl,
+                c.idempotency_ttl,
+                c.header_read_timeout,
+                c.shutdown_grace
+            ],
+            [
+                REFERENCE_TTL,
+                CVC_TTL,
+                IDEMPOTENCY_TTL,
+                HEADER_READ_TIMEOUT,
+                SHUTDOWN_GRACE
+            ]
+            .map(|d| d.default)
+        );
+        assert_eq!(
+            [
+                c.upstream.connect_timeout,
+                c.upstream.response_timeout,
+                c.upstream.pool_idle_timeout,
+                c.vault.cache_ttl
+            ],
+            [
+                UPSTREAM_CONNECT_TIMEOUT,
+                UPSTREAM_RESPONSE_TIMEOUT,
+                UPSTREAM_POOL_IDLE_TIMEOUT,
+                VAULT_CACHE_TTL
+            ]
+            .map(|d| d.default)
+        );
+        assert_eq!(
+            Config::parse("[vault]\ncache_ttl = \"0s\"")
+                .unwrap()
+                .vault
+                .cache_ttl,
+            Duration::ZERO
+        );
+    }
+
+    #[test]
+    fn no_vault_table_means_sqlite_as_an_empty_one_does() {
+        let sqlite = VaultBackend::Sqlite {
+            path: PathBuf::from("data/tokenrelay.db"),
+        };
+        assert_eq!(Config::parse("").unwrap().vault.backend, sqlite);
+        assert_eq!(
+            Config::parse("[vault]").unwrap().vault,
+            Config::parse("").unwrap().vault
+        );
+        assert_eq!(
+            Config::parse("[vault]\nbackend = \"memory\"")
+                .unwrap()
+                .vault
+                .backend,
+            VaultBackend::Memory,
+            "memory only when asked for by name"
+        );
+    }
+
+    #[test]
+    fn no_password_in_any_url() {
+        for (doc, key) in [
+            ("[vault]\nbackend = \"postgres\"\nurl = \"postgres://app:hunter2@db/vault\"", "vault.url"),
+            ("[vault]\nbackend = \"postgres\"\nurl = \"postgresql://app@db/vault?password=hunter2\"", "vault.url"),
+            ("[vault]\nbackend = \"postgres\"\nurl = \"postgres://app@db/vault?sslmode=require&PassWord=hunter2\"", "vault.url"),
+            ("[vault]\nbackend = \"postgres\"\nurl = \"postgres://app@db/vault?sslpassword=hunter2\"", "vault.url"),
+            ("[references]\nbackend = \"redis\"\nurl = \"redis://cache/0?password=hunter2\"", "references.url"),
+            ("[references]\nbackend = \"redis\"\nurl = \"rediss://u:hunter2@cache/0\"", "references.url"),
+        ] {
+            let e = Config::parse(doc).unwrap_err();
+            assert_eq!(e.key, key, "{doc}: {e}");
+            assert!(!e.to_string().contains("hunter2"), "{e}");
+        }
+        let ok = Config::parse(
+            "[vault]\nbackend = \"postgres\"\nurl = \"postgres://app@db:5432/vault?sslmode=verify-full\"",
+        )
+        .unwrap();
+        assert!(!format!("{ok:?}").contains("hunter2"));
     }
 
     #[test]

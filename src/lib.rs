@@ -83,6 +83,8 @@ pub struct AppState {
     pub forwarder: forward::Forwarder,
     /// Metrics registry.
     pub metrics: Arc<telemetry::Metrics>,
+    /// TLS of the main listener, loaded before anything else starts.
+    pub listen_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Access lines: one per request, written when it ends.
     pub access: Arc<telemetry::access::AccessLog>,
 }
@@ -94,9 +96,12 @@ impl AppState {
     /// TLS material. Fails, naming the key where it can.
     pub async fn build(config: Config) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(telemetry::Metrics::new());
-        let keys = match (&config.vault.backend, &config.references) {
-            (VaultBackend::Memory, ReferenceBackend::Memory) => None,
-            _ => Some(vault::load_keys(&config.vault)?),
+        // Everything `check-config` builds comes first: a bad TLS file or
+        // template stops the start before a store is opened.
+        let front = Front::build(&config, metrics.clone())?;
+        let keys = match needs_keys(&config) {
+            false => None,
+            true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
         let references: Arc<dyn ReferenceStore> = match &config.references {
@@ -121,8 +126,12 @@ impl AppState {
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
             tsp::sandbox::DEFAULT_SANDBOX_KEY,
         ));
-        let forwarder = forward::Forwarder::new(&config, metrics.clone())?;
+        let Front {
+            listen_tls,
+            forwarder,
+        } = front;
         Ok(Arc::new(AppState {
+            listen_tls,
             cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             config,
@@ -134,6 +143,48 @@ impl AppState {
             metrics,
         }))
     }
+}
+
+/// Whether the stores seal anything, so master keys must be loaded.
+fn needs_keys(config: &Config) -> bool {
+    !matches!(
+        (&config.vault.backend, &config.references),
+        (VaultBackend::Memory, ReferenceBackend::Memory)
+    )
+}
+
+/// What `serve` builds from the config before it opens a store or binds a
+/// port — the same for [`check`], so "ok" means the server will start as
+/// far as files and settings go.
+struct Front {
+    listen_tls: Option<tokio_rustls::TlsAcceptor>,
+    forwarder: forward::Forwarder,
+}
+
+impl Front {
+    fn build(config: &Config, metrics: Arc<telemetry::Metrics>) -> Result<Front, StartError> {
+        let listen_tls = listen_tls(config)?;
+        // Allow-list, trust anchors and client certificates.
+        let forwarder = forward::Forwarder::new(config, metrics)?;
+        // Issue 19: compile the `[[routes]]` templates here, so both
+        // `serve` and `check-config` refuse one that does not compile.
+        Ok(Front {
+            listen_tls,
+            forwarder,
+        })
+    }
+}
+
+/// `check-config`: builds everything `serve` builds short of opening the
+/// stores and binding the ports — TLS files, the allow-list's
+/// certificates, the master keys (read, never created: a missing key file
+/// that `vault.create_key_file` would create passes).
+pub async fn check(config: &Config) -> Result<(), StartError> {
+    Front::build(config, Arc::new(telemetry::Metrics::new()))?;
+    if needs_keys(config) {
+        vault::check_keys(&config.vault)?;
+    }
+    Ok(())
 }
 
 /// Why tokenrelay could not start.
@@ -186,7 +237,7 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConfigError> {
-    let tls = listen_tls(&state.config)?;
+    let tls = state.listen_tls.clone();
     let limits = server::Limits {
         max_connections: state.config.max_connections,
         header_read_timeout: state.config.header_read_timeout,

@@ -87,10 +87,9 @@ fn main() -> std::process::ExitCode {
 
 fn check_config(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    // TLS files and the allow-list load here; the vault is not opened, so
-    // checking never creates a database or a key.
-    let metrics = std::sync::Arc::new(tokenrelay::telemetry::Metrics::new());
-    runtime()?.block_on(async { tokenrelay::forward::Forwarder::new(&config, metrics) })?;
+    // Everything `serve` builds short of the stores and the ports; the
+    // vault is not opened, so checking never creates a database or a key.
+    runtime()?.block_on(tokenrelay::check(&config))?;
     println!("{}: ok", path.display());
     Ok(())
 }
@@ -196,9 +195,11 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         let admin = tokio::net::TcpListener::bind(state.config.admin_listen)
             .await
             .with_context(|| format!("binding admin_listen {}", state.config.admin_listen))?;
+        // The bound addresses, not the configured ones: with port 0 (tests)
+        // this line is where the ports are learnt.
         tracing::info!(
-            listen = %state.config.listen,
-            admin_listen = %state.config.admin_listen,
+            listen = %listener.local_addr().unwrap_or(state.config.listen),
+            admin_listen = %admin.local_addr().unwrap_or(state.config.admin_listen),
             compliance_level = ?state.config.compliance_level,
             "tokenrelay ready"
         );

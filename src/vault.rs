@@ -416,9 +416,11 @@ pub const POSTGRES_PASSWORD_ENV: &str = "TOKENRELAY_POSTGRES_PASSWORD";
 
 /// Loads the master keys the config names (env first, then the key file).
 pub fn load_keys(config: &crate::config::VaultConfig) -> Result<Arc<keyring::Keyring>, OpenError> {
-    let env = std::env::var(keyring::MASTER_KEY_ENV).ok();
+    let env = std::env::var(keyring::MASTER_KEY_ENV)
+        .ok()
+        .map(zeroize::Zeroizing::new);
     let (keys, created) = keyring::Keyring::load(
-        env.as_deref(),
+        env.as_deref().map(String::as_str),
         config.key_file.as_deref(),
         config.create_key_file,
     )?;
@@ -430,6 +432,19 @@ pub fn load_keys(config: &crate::config::VaultConfig) -> Result<Arc<keyring::Key
         );
     }
     Ok(Arc::new(keys))
+}
+
+/// Whether [`load_keys`] would succeed, creating nothing (`check-config`).
+pub fn check_keys(config: &crate::config::VaultConfig) -> Result<(), OpenError> {
+    let env = std::env::var(keyring::MASTER_KEY_ENV)
+        .ok()
+        .map(zeroize::Zeroizing::new);
+    keyring::Keyring::check(
+        env.as_deref().map(String::as_str),
+        config.key_file.as_deref(),
+        config.create_key_file,
+    )?;
+    Ok(())
 }
 
 /// Opens the configured token store, sealing under `keys` (loaded from the
@@ -455,14 +470,17 @@ pub async fn open(
         }
         VaultBackend::Postgres { url, password_file } => {
             let keys = keys()?;
-            let password = match password_file {
-                Some(f) => Some(
-                    std::fs::read_to_string(f)
-                        .map_err(OpenError::Password)?
-                        .trim_end()
-                        .to_owned(),
-                ),
-                None => std::env::var(POSTGRES_PASSWORD_ENV).ok(),
+            // Secrets: the environment wins over a file, everywhere (the
+            // master key and the Redis password read the same way).
+            let password = match (std::env::var(POSTGRES_PASSWORD_ENV).ok(), password_file) {
+                (Some(pw), _) => Some(zeroize::Zeroizing::new(pw)),
+                (None, Some(f)) => {
+                    let text = zeroize::Zeroizing::new(
+                        std::fs::read_to_string(f).map_err(OpenError::Password)?,
+                    );
+                    Some(zeroize::Zeroizing::new(text.trim_end().to_owned()))
+                }
+                (None, None) => None,
             };
             let url = match password {
                 Some(pw) => with_password(url, &pw),

@@ -4,12 +4,13 @@
 
 mod support;
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::{json, Value};
+use support::binary::Binary;
 use support::*;
 use tokenrelay::api::auth::KeyHash;
 use tokenrelay::config::ComplianceLevel;
@@ -157,38 +158,29 @@ async fn a_client_that_never_finishes_its_headers_is_cut_off() {
     );
 }
 
-/// The real binary, killed on drop.
-struct Binary(Child);
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn sigterm_lets_an_in_flight_forward_finish_then_exits_zero() {
-    let acq = Acquirer::with(Arc::new(|_r| {
-        Box::pin(async {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            full(200, r#"{"approved":true}"#)
-        })
+    // The acquirer holds its answer until the test has seen tokenrelay
+    // start draining: the forward is in flight during the drain however
+    // slow the machine is.
+    let received = Arc::new(tokio::sync::Notify::new());
+    let release = Arc::new(tokio::sync::Notify::new());
+    let acq = Acquirer::with(Arc::new({
+        let (received, release) = (received.clone(), release.clone());
+        move |_r| {
+            let (received, release) = (received.clone(), release.clone());
+            Box::pin(async move {
+                received.notify_one();
+                release.notified().await;
+                full(200, r#"{"approved":true}"#)
+            })
+        }
     }))
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
     let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin}"
+        r#"listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 compliance_level = "saq-d"
 shutdown_grace = "10s"
 [[api_keys]]
@@ -209,30 +201,9 @@ ca_file = "{ca}"
     );
     let path = dir.path().join("tokenrelay.toml");
     std::fs::write(&path, config).unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut bin = Binary(child);
+    let mut bin = Binary::serve(&path, &dir.path().join("tokenrelay.log")).await;
     let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..200 {
-        if http
-            .get(format!("http://127.0.0.1:{admin}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "tokenrelay did not start");
+    let base = bin.base.clone();
     let t: Value = http
         .post(format!("{base}/api/network/tokens"))
         .header("x-api-key", "ops-key")
@@ -270,33 +241,36 @@ ca_file = "{ca}"
         }
     });
     // Wait until the acquirer holds the request, then ask tokenrelay to stop.
-    for _ in 0..100 {
-        if acq.count() == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    tokio::time::timeout(Duration::from_secs(60), received.notified())
+        .await
+        .expect("the forward never reached the acquirer");
     assert_eq!(acq.count(), 1);
-    let pid = bin.0.id().to_string();
+    let pid = bin.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap()
         .success());
+    bin.logged("shutdown signal received; draining").await;
+    release.notify_one();
     assert_eq!(
         in_flight.await.unwrap().unwrap(),
         200,
         "the in-flight forward finished"
     );
-    let mut status = None;
-    for _ in 0..200 {
-        if let Some(s) = bin.0.try_wait().unwrap() {
-            status = Some(s);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let status = status.expect("tokenrelay did not exit after SIGTERM");
+    // Bounded by shutdown_grace (10 s) in the binary; generous here.
+    let status = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || {
+            let status = bin.child.wait();
+            (bin, status)
+        }),
+    )
+    .await
+    .expect("tokenrelay did not exit after SIGTERM")
+    .unwrap()
+    .1
+    .unwrap();
     assert_eq!(status.code(), Some(0));
     // New connections are refused once it has stopped.
     assert!(http.get(format!("{base}/api/x")).send().await.is_err());

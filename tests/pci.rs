@@ -437,13 +437,12 @@ async fn the_cvc_never_reaches_the_database() {
             let plain = keys
                 .open(&key_id, format!("{prefix}{id}").as_bytes(), &sealed)
                 .unwrap();
-            let plain = String::from_utf8_lossy(&plain);
-            for text in [public.as_str(), &plain] {
-                assert!(!text.contains(cvc), "CVC stored in {table}");
-                assert!(
-                    !text.contains("cvc") && !text.contains("security_code"),
-                    "{table}"
-                );
+            // Structure, not substrings: the TPAN, timestamps, UUIDs and
+            // references are random and contain "7319" now and then.
+            let public: Value = serde_json::from_str(&public).unwrap();
+            let plain: Value = serde_json::from_slice(&plain).unwrap();
+            for (what, value) in [("public_json", &public), ("secret", &plain)] {
+                assert_holds_no_cvc(value, cvc, &format!("{table}.{what}"));
             }
         }
     }
@@ -462,4 +461,49 @@ async fn the_cvc_never_reaches_the_database() {
         assert!(!text.contains("\"cvc\""));
     }
     assert!(scanned >= 2, "the database and the key file were scanned");
+}
+
+/// Fails when `value` has a CVC-named key anywhere, or a string (or number)
+/// equal to `cvc`.
+fn assert_holds_no_cvc(value: &Value, cvc: &str, at: &str) {
+    match value {
+        Value::Object(fields) => {
+            for (key, v) in fields {
+                let k = key.to_ascii_lowercase();
+                assert!(
+                    !(k.contains("cvc") || k.contains("cvv") || k.contains("security_code")),
+                    "{at}: CVC-named key {key:?}"
+                );
+                assert_holds_no_cvc(v, cvc, &format!("{at}.{key}"));
+            }
+        }
+        Value::Array(items) => {
+            for (i, v) in items.iter().enumerate() {
+                assert_holds_no_cvc(v, cvc, &format!("{at}[{i}]"));
+            }
+        }
+        Value::String(s) => assert_ne!(s.trim(), cvc, "{at}: the CVC as a value"),
+        Value::Number(n) => assert_ne!(n.to_string(), cvc, "{at}: the CVC as a number"),
+        Value::Bool(_) | Value::Null => {}
+    }
+}
+
+#[test]
+fn the_cvc_check_sees_structure_not_substrings() {
+    let cvc = "7319";
+    // A TPAN, a timestamp and a reference that merely contain the digits.
+    assert_holds_no_cvc(
+        &json!({"tpan": "5204731900001234", "at": 1_733_190_000_007_319_u64, "r": "sbx_a7319"}),
+        cvc,
+        "ok",
+    );
+    for bad in [
+        json!({"card": {"cvc": "000"}}),
+        json!({"Security_Code": 1}),
+        json!({"x": ["a", " 7319"]}),
+        json!({"x": 7319}),
+    ] {
+        let caught = std::panic::catch_unwind(|| assert_holds_no_cvc(&bad, cvc, "bad"));
+        assert!(caught.is_err(), "{bad} passed");
+    }
 }

@@ -66,27 +66,16 @@ impl KeyHash {
 
     /// Parses `sha256:<64 hex digits>`.
     pub fn parse(s: &str) -> Option<KeyHash> {
-        let hex = s.strip_prefix("sha256:")?;
-        if hex.len() != 64 {
-            return None;
-        }
+        let digits = s.strip_prefix("sha256:")?;
         let mut out = [0u8; 32];
-        for (i, chunk) in hex.as_bytes().chunks(2).enumerate() {
-            let hi = (chunk[0] as char).to_digit(16)?;
-            let lo = (chunk[1] as char).to_digit(16)?;
-            out[i] = (hi * 16 + lo) as u8;
-        }
+        // Exactly 64 hex digits, either case.
+        hex::decode_to_slice(digits, &mut out).ok()?;
         Some(KeyHash(out))
     }
 
     /// The config form, `sha256:<hex>`.
     pub fn to_config_string(&self) -> String {
-        let mut s = String::with_capacity(71);
-        s.push_str("sha256:");
-        for b in self.0 {
-            s.push_str(&format!("{b:02x}"));
-        }
-        s
+        format!("sha256:{}", hex::encode(self.0))
     }
 }
 

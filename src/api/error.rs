@@ -257,98 +257,97 @@ impl From<TakeFailure> for ApiError {
 mod tests {
     use super::*;
 
-    /// Pins the contract's status/classifier table.
-    #[test]
-    fn contract_table() {
-        let cases: Vec<(ApiError, u16, &str)> = vec![
-            (ApiError::Unauthorized, 401, "unauthorized"),
-            (ApiError::Forbidden(Scope::Forward), 403, "forbidden"),
-            (
-                ApiError::SourceNotPermitted("pan", "saq-a"),
-                403,
-                "source_not_permitted",
-            ),
-            (
-                ApiError::InvalidCard {
-                    field: "number",
-                    reason: "x",
-                },
-                422,
-                "invalid_card",
-            ),
-            (
-                ApiError::IdempotencyKeyReused,
-                422,
-                "idempotency_key_reused",
-            ),
-            (ApiError::TokenNotFound, 404, "token_not_found"),
-            (ApiError::PciTokenNotFound, 404, "pci_token_not_found"),
-            (
-                ApiError::SecurityCodeUnavailable,
-                422,
-                "security_code_unavailable",
-            ),
-            (
-                ApiError::InvalidMetadata("x".into()),
-                422,
-                "invalid_metadata",
-            ),
-            (ApiError::InlineNotPermitted, 403, "inline_not_permitted"),
-            (ApiError::DauthNotActivated, 422, "dauth_not_activated"),
-            (ApiError::TokenNotActive("deleted"), 424, "token_not_active"),
-            (
-                ApiError::InvalidCryptogramRequest("x".into()),
-                422,
-                "invalid_cryptogram_request",
-            ),
-            (ApiError::ReferenceStoreFull, 503, "reference_store_full"),
-            (ApiError::MissingHeader("x"), 400, "missing_header"),
-            (
-                ApiError::InvalidDestination("x".into()),
-                400,
-                "invalid_destination",
-            ),
-            (
-                ApiError::DestinationNotAllowed("x".into()),
-                403,
-                "destination_not_allowed",
-            ),
-            (ApiError::BodyTooLarge(1), 413, "body_too_large"),
-            (
-                ApiError::InvalidTemplate("x".into()),
-                422,
-                "invalid_template",
-            ),
-            (ApiError::ReferenceNotFound, 404, "reference_not_found"),
-            (
-                ApiError::ReferenceAlreadyUsed,
-                409,
-                "reference_already_used",
-            ),
-            (
-                ApiError::ReferenceTokenMismatch,
-                422,
-                "reference_token_mismatch",
-            ),
-            (
-                ApiError::DestinationUnreachable("x".into()),
-                502,
-                "destination_unreachable",
-            ),
-            (
-                ApiError::DestinationTimeout("x".into()),
-                504,
-                "destination_timeout",
-            ),
-            (
-                ApiError::ForwardOutcomeUnknown,
-                502,
-                "forward_outcome_unknown",
-            ),
-        ];
-        for (e, code, classifier) in cases {
+    use ApiError as E;
+
+    /// Writes the contract's table once and makes from it `contract_row`,
+    /// an exhaustive `match` with no `_ =>` (so a new variant does not
+    /// compile until it has a row), and `one_of_each`, the rows' samples.
+    macro_rules! contract_table {
+        ($($sample:expr => $pattern:pat => $code:literal $classifier:literal,)*) => {
+            fn contract_row(e: &ApiError) -> (u16, &'static str) {
+                match e {
+                    $($pattern => ($code, $classifier),)*
+                }
+            }
+
+            /// One value per row, each checked to match its own row.
+            fn one_of_each() -> Vec<ApiError> {
+                let samples = vec![$($sample),*];
+                let mut i = 0;
+                $(
+                    assert!(matches!(samples[i], $pattern), "{} is not {}", $classifier, stringify!($sample));
+                    i += 1;
+                )*
+                assert_eq!(i, samples.len());
+                samples
+            }
+        };
+    }
+
+    // The contract's status/classifier table (§3), written out on its own
+    // rather than derived from `status_and_classifier`:
+    // sample => pattern => status classifier.
+    contract_table! {
+        E::Unauthorized => E::Unauthorized => 401 "unauthorized",
+        E::Forbidden(Scope::Forward) => E::Forbidden(_) => 403 "forbidden",
+        E::RouteNotFound => E::RouteNotFound => 404 "not_found",
+        E::MethodNotAllowed => E::MethodNotAllowed => 405 "method_not_allowed",
+        E::InvalidRequest("x".into()) => E::InvalidRequest(_) => 400 "invalid_request",
+        E::SourceNotPermitted("pan", "saq-a") => E::SourceNotPermitted(..) => 403 "source_not_permitted",
+        E::SourceNotSupported("x".into()) => E::SourceNotSupported(_) => 422 "source_not_supported",
+        E::InvalidCard { field: "number", reason: "x" } => E::InvalidCard { .. } => 422 "invalid_card",
+        E::IdempotencyKeyReused => E::IdempotencyKeyReused => 422 "idempotency_key_reused",
+        E::TokenNotFound => E::TokenNotFound => 404 "token_not_found",
+        E::PciTokenNotFound => E::PciTokenNotFound => 404 "pci_token_not_found",
+        E::SecurityCodeUnavailable => E::SecurityCodeUnavailable => 422 "security_code_unavailable",
+        E::InvalidMetadata("x".into()) => E::InvalidMetadata(_) => 422 "invalid_metadata",
+        E::InlineNotPermitted => E::InlineNotPermitted => 403 "inline_not_permitted",
+        E::DauthNotActivated => E::DauthNotActivated => 422 "dauth_not_activated",
+        E::TokenNotActive("deleted") => E::TokenNotActive(_) => 424 "token_not_active",
+        E::InvalidCryptogramRequest("x".into()) => E::InvalidCryptogramRequest(_) => 422 "invalid_cryptogram_request",
+        E::ReferenceStoreFull => E::ReferenceStoreFull => 503 "reference_store_full",
+        E::MissingHeader("x") => E::MissingHeader(_) => 400 "missing_header",
+        E::InvalidDestination("x".into()) => E::InvalidDestination(_) => 400 "invalid_destination",
+        E::DestinationNotAllowed("x".into()) => E::DestinationNotAllowed(_) => 403 "destination_not_allowed",
+        E::BodyTooLarge(1) => E::BodyTooLarge(_) => 413 "body_too_large",
+        E::InvalidTemplate("x".into()) => E::InvalidTemplate(_) => 422 "invalid_template",
+        E::ReferenceNotFound => E::ReferenceNotFound => 404 "reference_not_found",
+        E::ReferenceAlreadyUsed => E::ReferenceAlreadyUsed => 409 "reference_already_used",
+        E::ReferenceTokenMismatch => E::ReferenceTokenMismatch => 422 "reference_token_mismatch",
+        E::DestinationUnreachable("x".into()) => E::DestinationUnreachable(_) => 502 "destination_unreachable",
+        E::DestinationFailed("x".into()) => E::DestinationFailed(_) => 502 "destination_failed",
+        E::DestinationTimeout("x".into()) => E::DestinationTimeout(_) => 504 "destination_timeout",
+        E::ForwardOutcomeUnknown => E::ForwardOutcomeUnknown => 502 "forward_outcome_unknown",
+        E::Unavailable("x".into()) => E::Unavailable(_) => 503 "service_unavailable",
+        E::Internal("x".into()) => E::Internal(_) => 500 "internal_error",
+    }
+
+    /// Pins the contract's table for every variant: the status, the body's
+    /// `code`, `classifier` and `message`, and `x-relay-error`.
+    #[tokio::test]
+    async fn contract_table() {
+        let samples = one_of_each();
+        let variants: std::collections::HashSet<_> =
+            samples.iter().map(std::mem::discriminant).collect();
+        assert_eq!(variants.len(), samples.len(), "a variant has two rows");
+        for e in samples {
+            let (code, classifier) = contract_row(&e);
             let (s, c) = e.status_and_classifier();
             assert_eq!((s.as_u16(), c), (code, classifier), "{e:?}");
+            let message = e.to_string();
+            let resp = e.into_response();
+            assert_eq!(resp.status().as_u16(), code, "{classifier}");
+            assert_eq!(resp.headers()[&X_RELAY_ERROR], classifier);
+            assert_eq!(
+                resp.headers()[http::header::CONTENT_TYPE],
+                "application/json"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"code": code, "classifier": classifier, "message": message})
+            );
         }
     }
 

@@ -218,15 +218,6 @@ fn known_eci(s: &str) -> Option<&'static str> {
         .find(|e| *e == s)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    use std::fmt::Write;
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        let _ = write!(s, "{b:02x}");
-    }
-    s
-}
-
 impl RedisReferenceStore {
     /// Connects to `url` (checked by the config: no password in it), with
     /// `password` if given. Keys start with `prefix`; at most `max_entries`
@@ -303,7 +294,7 @@ impl RedisReferenceStore {
 
     fn ref_key(&self, id: &ReferenceId) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
-        format!("{}ref:{}", self.prefix, hex(digest.as_ref()))
+        format!("{}ref:{}", self.prefix, hex::encode(digest))
     }
 
     fn token_key(&self, token_id: TokenId) -> String {
@@ -548,7 +539,7 @@ mod tests {
     fn keys_hide_the_reference_id() {
         let id = ReferenceId::generate();
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
-        let key = format!("tokenrelay:ref:{}", hex(digest.as_ref()));
+        let key = format!("tokenrelay:ref:{}", hex::encode(digest));
         assert_eq!(key.len(), "tokenrelay:ref:".len() + 64);
         assert!(!key.contains(&id.as_str()[5..]));
     }

@@ -114,10 +114,7 @@ impl TokenServiceProvider for SandboxTsp {
         let expiry_year = (now.year() + 3) as u16;
         let expiry_month = u8::from(now.month());
 
-        let reference: String = random_bytes::<12>()
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let reference = hex::encode(random_bytes::<12>());
         let mut scheme_metadata = Metadata::new();
         scheme_metadata.insert("token_service".into(), "sandbox".into());
         scheme_metadata.insert("token_requestor_id".into(), "40010030273".into());

@@ -140,7 +140,8 @@ impl Keyring {
             path: path.display().to_string(),
             error,
         };
-        match std::fs::read_to_string(path) {
+        match std::fs::read_to_string(path).map(Zeroizing::new) {
+            // The file's text is the key material: zeroized when dropped.
             Ok(text) => Ok((Keyring::parse(&text)?, false)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_if_missing => {
                 if let Some(dir) = path.parent() {
@@ -157,6 +158,29 @@ impl Keyring {
                 Ok((Keyring::parse(&text)?, true))
             }
             Err(e) => Err(file_err(e)),
+        }
+    }
+
+    /// What [`Keyring::load`] would do, without creating anything: the
+    /// keys parse, or the file is missing and would be created. For
+    /// `check-config`.
+    pub fn check(
+        env_value: Option<&str>,
+        file: Option<&Path>,
+        create_if_missing: bool,
+    ) -> Result<(), KeyError> {
+        if let Some(v) = env_value {
+            return Keyring::parse(v).map(drop);
+        }
+        let path = file
+            .ok_or_else(|| KeyError::Invalid(format!("set {MASTER_KEY_ENV} or vault.key_file")))?;
+        match std::fs::read_to_string(path) {
+            Ok(text) => Keyring::parse(&Zeroizing::new(text)).map(drop),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && create_if_missing => Ok(()),
+            Err(error) => Err(KeyError::File {
+                path: path.display().to_string(),
+                error,
+            }),
         }
     }
 

@@ -212,19 +212,9 @@ fn from_db_key(stored: String) -> String {
     stored.replace("%00", "\0").replace("%25", "%")
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 fn unhex32(s: &str) -> Result<[u8; 32], StoreError> {
     let mut out = [0u8; 32];
-    if s.len() != 64 {
-        return Err(corrupt("bad fingerprint"));
-    }
-    for (i, c) in s.as_bytes().chunks(2).enumerate() {
-        let pair = std::str::from_utf8(c).map_err(|_| corrupt("bad fingerprint"))?;
-        out[i] = u8::from_str_radix(pair, 16).map_err(|_| corrupt("bad fingerprint"))?;
-    }
+    hex::decode_to_slice(s, &mut out).map_err(|_| corrupt("bad fingerprint"))?;
     Ok(out)
 }
 
@@ -423,7 +413,7 @@ impl SqlTokenStore {
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
         )
         .bind(db_key(&r.key))
-        .bind(hex(&r.fingerprint))
+        .bind(hex::encode(r.fingerprint))
         .bind(i64::from(r.status))
         .bind(key_id)
         .bind(body)
@@ -634,7 +624,7 @@ impl TokenStore for SqlTokenStore {
             .keys
             .seal(&pci_aad(&id), &secret)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let fingerprint = hex(&token.fingerprint);
+        let fingerprint = hex::encode(token.fingerprint);
         let done = sqlx::query(
             "INSERT INTO pci_tokens (id, fingerprint, public_json, key_id, secret, created_at)
              VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -757,7 +747,7 @@ impl TokenStore for SqlTokenStore {
         .bind(key_id)
         .bind(body)
         .bind(db_key(&record.key))
-        .bind(hex(&record.fingerprint))
+        .bind(hex::encode(record.fingerprint))
         .bind(i64::from(IdempotencyRecord::IN_FLIGHT))
         .execute(&self.pool)
         .await
@@ -772,7 +762,7 @@ impl TokenStore for SqlTokenStore {
     ) -> Result<(), StoreError> {
         sqlx::query("DELETE FROM idempotency WHERE key = $1 AND fingerprint = $2 AND status = $3")
             .bind(db_key(key))
-            .bind(hex(fingerprint))
+            .bind(hex::encode(fingerprint))
             .bind(i64::from(IdempotencyRecord::IN_FLIGHT))
             .execute(&self.pool)
             .await
@@ -838,5 +828,46 @@ impl TokenStore for SqlTokenStore {
             .await
             .map_err(unavailable)?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod durability_tests {
+    use super::*;
+
+    /// The durability setting itself, read back from every connection the
+    /// pool opens (`synchronous` is per connection, so a file on disk cannot
+    /// show it): `FULL` (2) fsyncs the WAL at each commit, so an acknowledged
+    /// write survives power loss, not only a killed process. The kill -9
+    /// test in `tests/vault.rs` cannot tell `FULL` from `OFF` (the page
+    /// cache survives SIGKILL); this one can.
+    #[tokio::test]
+    async fn sqlite_connections_open_with_wal_and_synchronous_full() {
+        let dir = tempfile::tempdir().unwrap();
+        // The URL `vault::open` builds for `backend = "sqlite"`.
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
+        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
+            .await
+            .unwrap();
+        let max = store.pool.options().get_max_connections();
+        // Hold them all at once so each is a separate connection.
+        let mut held = Vec::new();
+        for _ in 0..max {
+            held.push(store.pool.acquire().await.unwrap());
+        }
+        for conn in &mut held {
+            let synchronous: i64 = sqlx::query("PRAGMA synchronous")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(synchronous, 2, "PRAGMA synchronous is not FULL");
+            let journal: String = sqlx::query("PRAGMA journal_mode")
+                .fetch_one(&mut **conn)
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(journal, "wal");
+        }
     }
 }
