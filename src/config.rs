@@ -217,6 +217,10 @@ pub struct Config {
     pub reference_ttl: Duration,
     /// Largest request body accepted.
     pub max_body_bytes: usize,
+    /// Largest rendered request (body, headers, URL) a forward may send,
+    /// by the template's upper bound; beyond it, 413 before anything is
+    /// consumed. Default 4 × `max_body_bytes`.
+    pub max_rendered_bytes: usize,
     /// How long a CVC is held in memory for one forward.
     pub cvc_ttl: Duration,
     /// Placeholder delimiters.
@@ -231,8 +235,12 @@ pub struct Config {
     pub forward_record_max_bytes: usize,
     /// Most concurrent client connections.
     pub max_connections: usize,
-    /// Time a client has to send its request head.
+    /// Time a client has to send its request head, and from accept to its
+    /// first request.
     pub header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in
+    /// flight after its first one.
+    pub idle_timeout: Duration,
     /// How long in-flight requests may run after SIGTERM.
     pub shutdown_grace: Duration,
     /// API keys, hashed.
@@ -258,12 +266,14 @@ struct RawConfig {
     reference_ttl: Option<String>,
     cvc_ttl: Option<String>,
     max_body_bytes: Option<u64>,
+    max_rendered_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
     redact_responses: Option<bool>,
     idempotency_ttl: Option<String>,
     forward_record_max_bytes: Option<u64>,
     max_connections: Option<u64>,
     header_read_timeout: Option<String>,
+    idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
     tsp: Option<String>,
     tls: Option<RawTls>,
@@ -418,6 +428,14 @@ pub const HEADER_READ_TIMEOUT: DurationKey = DurationKey {
     min: Duration::from_millis(1),
     max: secs(300),
 };
+/// `idle_timeout`: a client connection with no request in flight after
+/// its first one; pooled clients reconnect, so an hour at most.
+pub const IDLE_TIMEOUT: DurationKey = DurationKey {
+    key: "idle_timeout",
+    default: secs(60),
+    min: Duration::from_millis(1),
+    max: secs(3600),
+};
 /// `shutdown_grace`: Kubernetes' own grace is 30 s by default.
 pub const SHUTDOWN_GRACE: DurationKey = DurationKey {
     key: "shutdown_grace",
@@ -461,6 +479,7 @@ pub const DURATION_KEYS: &[DurationKey] = &[
     CVC_TTL,
     IDEMPOTENCY_TTL,
     HEADER_READ_TIMEOUT,
+    IDLE_TIMEOUT,
     SHUTDOWN_GRACE,
     UPSTREAM_CONNECT_TIMEOUT,
     UPSTREAM_RESPONSE_TIMEOUT,
@@ -680,6 +699,13 @@ impl RawConfig {
                 "must be between 1 and 16777216",
             ));
         }
+        let max_rendered_bytes = self.max_rendered_bytes.unwrap_or(4 * max_body_bytes);
+        if max_rendered_bytes < max_body_bytes || max_rendered_bytes > (256 << 20) {
+            return Err(ConfigError::new(
+                "max_rendered_bytes",
+                "must be at least max_body_bytes and at most 268435456",
+            ));
+        }
         let max_connections = self.max_connections.unwrap_or(4096);
         if max_connections == 0 {
             return Err(ConfigError::new(
@@ -879,6 +905,7 @@ impl RawConfig {
             compliance_level,
             reference_ttl,
             max_body_bytes: max_body_bytes as usize,
+            max_rendered_bytes: max_rendered_bytes as usize,
             cvc_ttl: CVC_TTL.parse(self.cvc_ttl)?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
@@ -888,6 +915,7 @@ impl RawConfig {
             forward_record_max_bytes: forward_record_max_bytes as usize,
             max_connections: max_connections as usize,
             header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
+            idle_timeout: IDLE_TIMEOUT.parse(self.idle_timeout)?,
             shutdown_grace: SHUTDOWN_GRACE.parse(self.shutdown_grace)?,
             api_keys,
             vault,

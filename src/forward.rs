@@ -3,16 +3,27 @@
 //! One request walks these named steps, and nothing is consumed until the
 //! request is known to be good:
 //!
-//! 1. auth — done by the router (`forward` scope);
+//! 1. auth — done by the router (`forward` scope); `CONNECT`, `TRACE` and
+//!    `TRACK` refused (405);
 //! 2. [`check_headers`] — both headers present, destination parsed, on the
-//!    allow-list, resolved once and its addresses checked;
+//!    allow-list, resolved once and its addresses checked; `x-relay-dry-run`
+//!    is `true` or `false`;
 //! 3. [`read_and_parse`] — body read under `max_body_bytes`, placeholders
-//!    parsed in the body, header values and the URL's path and query;
+//!    parsed in the body, header values and the URL's path and query; the
+//!    reserved-header escape only for tokenrelay's own names; the rendered
+//!    size bounded by `max_rendered_bytes`;
 //! 4. [`consume`] — token active, reference taken atomically (or only
 //!    peeked, for a dry run); for a PCI token, the held CVC taken;
 //! 5. [`send`] — render, connect, send; a connection that fails before any
 //!    byte was written restores the reference;
-//! 6. [`relay`] — status, headers and body streamed back.
+//! 6. [`relay`] — status, headers and body streamed back. With redaction
+//!    on, the acquirer is asked for `accept-encoding: identity` and an
+//!    answer with any other `content-encoding` is refused (502
+//!    `response_not_redactable`): compressed echoes cannot be masked, and
+//!    decoding, masking and re-encoding would cost a decompressor per
+//!    forward for no merchant benefit on a sidecar hop. An answer framed
+//!    by both `content-length` and `transfer-encoding` is refused (502
+//!    `invalid_upstream_response`).
 //!
 //! With `x-idempotency-key`, steps 4 to 6 run under [`record::keyed`]
 //! (contract §9): a retry gets the first answer, recorded as it streamed.
@@ -51,7 +62,7 @@ pub mod upstream;
 use destination::{Destination, DestinationError, Resolver};
 use headers::{
     X_CRYPTOGRAM_REFERENCE, X_DESTINATION_URL, X_RELAY_DRY_RUN, X_RELAY_HEADER_NAME,
-    X_RELAY_HEADER_VALUE, X_RELAY_UPSTREAM_DURATION_MS,
+    X_RELAY_HEADER_VALUE, X_RELAY_REQUEST_ID, X_RELAY_UPSTREAM_DURATION_MS,
 };
 use record::{Executed, Origin};
 use redact::{RedactingBody, Redactor};
@@ -131,6 +142,13 @@ impl Part {
         })
     }
 
+    /// Most bytes this part can render to.
+    fn max_len(&self) -> usize {
+        self.template
+            .as_ref()
+            .map_or(self.input.len(), Template::max_rendered_len)
+    }
+
     fn fields(&self) -> impl Iterator<Item = Field> + '_ {
         self.template
             .iter()
@@ -193,6 +211,14 @@ pub async fn handle(
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
     let fwd = &state.forwarder;
+    // CONNECT would open a tunnel and TRACE/TRACK echo the request (with
+    // its rendered values) back: none is a payment.
+    if req.method() == Method::CONNECT
+        || req.method() == Method::TRACE
+        || req.method().as_str() == "TRACK"
+    {
+        return Err(ApiError::MethodNotAllowed);
+    }
     let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
     let checked = check_headers(fwd, req.headers(), subject.needs_reference()).await?;
     audit.destination_host = Some(checked.destination.host.clone());
@@ -332,9 +358,7 @@ async fn check_headers(
             }
         },
     )?;
-    let dry_run = headers
-        .get(&X_RELAY_DRY_RUN)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"true"));
+    let dry_run = dry_run_flag(headers)?;
     Ok(Checked {
         // A malformed reference cannot exist; it is reported at step 4.
         reference: reference
@@ -343,6 +367,28 @@ async fn check_headers(
         destination,
         dry_run,
     })
+}
+
+/// `x-relay-dry-run`: absent, `true` or `false` (any case); anything else
+/// is refused, so a typo never sends a real payment.
+fn dry_run_flag(headers: &HeaderMap) -> Result<bool, ApiError> {
+    let mut values = headers.get_all(&X_RELAY_DRY_RUN).iter();
+    let flag = match values.next() {
+        None => false,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"true") => true,
+        Some(v) if v.as_bytes().eq_ignore_ascii_case(b"false") => false,
+        Some(_) => {
+            return Err(ApiError::InvalidRequest(
+                "x-relay-dry-run must be `true` or `false`".into(),
+            ))
+        }
+    };
+    if values.next().is_some() {
+        return Err(ApiError::InvalidRequest(
+            "x-relay-dry-run given more than once".into(),
+        ));
+    }
+    Ok(flag)
 }
 
 /// Step 3: body under the limit, every placeholder parsed.
@@ -413,6 +459,13 @@ async fn read_and_parse(
             let name = HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
                 ApiError::InvalidRequest("x-relay-header-name is not a valid header name".into())
             })?;
+            if !headers::escapable(&name) {
+                return Err(ApiError::HeaderNotAllowed(format!(
+                    "x-relay-header-name may only name a header tokenrelay reserves \
+                     (x-api-key, x-cryptogram-reference, x-destination-url, x-relay-dry-run, \
+                     x-relay-header-name, x-relay-header-value), not `{name}`"
+                )));
+            }
             let part = Part::parse(
                 Bytes::copy_from_slice(v.as_bytes()),
                 fwd,
@@ -428,13 +481,22 @@ async fn read_and_parse(
             ))
         }
     }
-    Ok(Parsed {
+    let parsed = Parsed {
         method: parts.method,
         path,
         query,
         headers,
         body,
-    })
+    };
+    let limit = state.config.max_rendered_bytes;
+    let bound = parsed
+        .parts()
+        .map(Part::max_len)
+        .fold(0usize, usize::saturating_add);
+    if bound > limit {
+        return Err(ApiError::RenderedTooLarge(limit));
+    }
+    Ok(parsed)
 }
 
 /// What step 4 bound the request to.
@@ -534,13 +596,27 @@ async fn send(
         error,
         nothing_sent,
     };
+    let redactor = if state.config.redact_responses {
+        parsed.redactor(values)
+    } else {
+        Redactor::default()
+    };
     let path = parsed.path.render(values);
     let query = parsed.query.as_ref().map(|q| q.render(values));
     let uri = outbound_uri(dest, &path, query.as_deref()).map_err(|e| fail(e, true))?;
+    let body = parsed.body.render(values);
+    // The parse-time bound covers the vault's limits; this catches a value
+    // beyond them (e.g. a token service's metadata) before anything is sent.
+    if body.len() > state.config.max_rendered_bytes {
+        return Err(fail(
+            ApiError::RenderedTooLarge(state.config.max_rendered_bytes),
+            true,
+        ));
+    }
     let mut req = Request::builder()
         .method(parsed.method.clone())
         .uri(uri)
-        .body(Full::new(parsed.body.render(values)))
+        .body(Full::new(body))
         .map_err(|e| {
             fail(
                 ApiError::Internal(format!("building the request: {e}")),
@@ -549,6 +625,9 @@ async fn send(
         })?;
     let out = req.headers_mut();
     for (name, part) in &parsed.headers {
+        if !redactor.is_empty() && name == header::ACCEPT_ENCODING {
+            continue;
+        }
         let value = HeaderValue::from_maybe_shared(part.render(values)).map_err(|_| {
             fail(
                 ApiError::InvalidTemplate(format!("header {name} renders to an invalid value")),
@@ -556,6 +635,13 @@ async fn send(
             )
         })?;
         out.append(name.clone(), value);
+    }
+    if !redactor.is_empty() {
+        // Only an uncompressed echo can be searched for the values.
+        out.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
     }
 
     let sent_at = Instant::now();
@@ -600,11 +686,33 @@ async fn send(
         .metrics
         .upstream_duration
         .observe(upstream_elapsed.as_secs_f64());
-    let redactor = if state.config.redact_responses {
-        parsed.redactor(values)
-    } else {
-        Redactor::default()
-    };
+    let h = response.headers();
+    if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
+        return Err(fail(
+            ApiError::InvalidUpstreamResponse(format!(
+                "{} framed its answer with both content-length and transfer-encoding",
+                dest.host
+            )),
+            false,
+        ));
+    }
+    if !redactor.is_empty() {
+        let identity = h.get_all(header::CONTENT_ENCODING).iter().all(|v| {
+            v.as_bytes()
+                .split(|b| *b == b',')
+                .all(|c| c.trim_ascii().eq_ignore_ascii_case(b"identity"))
+        });
+        if !identity {
+            return Err(fail(
+                ApiError::ResponseNotRedactable(format!(
+                    "{} answered with a content-encoding other than identity; \
+                     its echoes could not be masked, so the answer was not relayed",
+                    dest.host
+                )),
+                false,
+            ));
+        }
+    }
     Ok(relay(response, upstream_elapsed, redactor))
 }
 
@@ -619,6 +727,7 @@ fn relay(
     // Only tokenrelay's own errors carry this header: an acquirer cannot
     // make its answer look like one.
     parts.headers.remove(&crate::X_RELAY_ERROR);
+    parts.headers.remove(&X_RELAY_REQUEST_ID);
     parts.version = http::Version::default();
     parts.headers.insert(
         X_RELAY_UPSTREAM_DURATION_MS.clone(),

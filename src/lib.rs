@@ -241,6 +241,7 @@ pub async fn run(
     let limits = server::Limits {
         max_connections: state.config.max_connections,
         header_read_timeout: state.config.header_read_timeout,
+        idle_timeout: state.config.idle_timeout,
         shutdown_grace: state.config.shutdown_grace,
     };
     let admin_limits = server::Limits {
@@ -307,8 +308,13 @@ async fn respond(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body>
         response.status().as_u16(),
         response.headers().get(&X_RELAY_ERROR).cloned(),
     );
-    response
-        .headers_mut()
-        .insert(X_REQUEST_ID.clone(), record.request_id().clone());
+    // Ours always in x-relay-request-id; x-request-id too unless the
+    // response is an acquirer's answer carrying its own, which passes.
+    let id = record.request_id().clone();
+    let headers = response.headers_mut();
+    headers.insert(forward::headers::X_RELAY_REQUEST_ID.clone(), id.clone());
+    if !headers.contains_key(&X_REQUEST_ID) {
+        headers.insert(X_REQUEST_ID.clone(), id);
+    }
     response.map(|body| telemetry::access::RecordedBody::new(body, record).boxed())
 }

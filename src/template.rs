@@ -11,16 +11,28 @@
 //! - rendering: [`Template::render`] copies every literal byte unchanged and
 //!   writes each value escaped for where it lands:
 //!   - JSON (`application/json`, `*/*+json`): inside a string literal the
-//!     text is JSON-escaped (no quotes added); outside, it is written raw.
+//!     text is JSON-escaped (no quotes added); outside one, the value is
+//!     always written as a JSON value (a string quoted and escaped, as with
+//!     `| unwrap`), so no value can add keys or end the document.
 //!     With `| unwrap` the native JSON value is written, and when the
 //!     placeholder is the whole content of a string literal the two quotes
 //!     go too (`"exp": "<< expiry_month | unwrap >>"` → `"exp": 12`, as
 //!     Hellgate writes requests);
 //!   - form bodies, URL path and query: percent-encoded (only the RFC 3986
-//!     unreserved bytes pass);
-//!   - XML (`application/xml`, `text/xml`, `*/*+xml`): entity-escaped;
+//!     unreserved bytes pass); in the path a value made only of dots has
+//!     them encoded (`%2E`), so it cannot act as a `.`/`..` segment;
+//!   - XML (`application/xml`, `text/xml`, `*/*+xml`): entity-escaped, and
+//!     the characters XML 1.0 forbids (C0 controls but tab, LF, CR; U+FFFE,
+//!     U+FFFF) are dropped;
 //!   - header values: raw, with control bytes dropped so CR/LF cannot occur;
-//!   - anything else: raw.
+//!   - anything else (raw): only values from a fixed alphabet (numbers,
+//!     cryptograms, ids, enums) are allowed; merchant-controlled free text
+//!     (`metadata…`, `scheme_metadata…`, `cardholder_name`) is refused at
+//!     parse time, because it cannot be escaped for an unknown type.
+//!
+//! Each parse also computes [`Template::max_rendered_len`], an upper bound
+//! on the rendered size whatever the values, so a caller can refuse an
+//! amplifying template before it spends anything.
 //!
 //! It must never: re-serialise or otherwise touch a byte outside a
 //! placeholder; do I/O or log; put a value into an error, a `Debug` string
@@ -244,6 +256,41 @@ impl Field {
         }
     }
 
+    /// Whether the value is free text a merchant (or a token service)
+    /// chose, which only a known body type can escape.
+    pub fn is_free_text(self) -> bool {
+        matches!(
+            self,
+            Field::Metadata
+                | Field::SchemeMetadata
+                | Field::NetworkTokenMetadata
+                | Field::CardholderName
+        )
+    }
+
+    /// Most bytes of the value's string form (a map's: its JSON form).
+    fn max_text_bytes(self, keyed: bool) -> usize {
+        match self {
+            Field::Metadata | Field::SchemeMetadata | Field::NetworkTokenMetadata => {
+                if keyed {
+                    4 * crate::api::json::METADATA_MAX_VALUE
+                } else {
+                    MAX_MAP_BYTES
+                }
+            }
+            Field::CardholderName => 4 * 100,
+            Field::SchemeReference => 128,
+            Field::Cryptogram => 64,
+            Field::NetworkTokenId | Field::PciTokenId => 36,
+            // Integers are at most 20 characters (`i64::MIN`).
+            Field::ExpiryMonth | Field::ExpiryYear => 20,
+            Field::Number | Field::AccountNumber => 19,
+            Field::Type | Field::Status | Field::NetworkTokenType => 16,
+            Field::DynamicCvv | Field::Eci => 8,
+            Field::Bin | Field::SecurityCode | Field::Last4 | Field::SupportsDeviceBinding => 6,
+        }
+    }
+
     /// Whether the field takes a `.key` (the three metadata maps).
     pub fn takes_key(self) -> bool {
         matches!(
@@ -362,6 +409,8 @@ enum Escape {
     None,
     JsonString,
     Percent,
+    /// Percent-encoding in the URL path: all-dot values encoded too.
+    PercentPath,
     Xml,
     Header,
 }
@@ -370,7 +419,8 @@ impl Escape {
     fn for_context(ctx: Context) -> Escape {
         match ctx {
             Context::Json | Context::Raw => Escape::None,
-            Context::Form | Context::UrlPath | Context::UrlQuery => Escape::Percent,
+            Context::Form | Context::UrlQuery => Escape::Percent,
+            Context::UrlPath => Escape::PercentPath,
             Context::Xml => Escape::Xml,
             Context::Header => Escape::Header,
         }
@@ -387,7 +437,8 @@ struct Hole {
     end: usize,
     placeholder: Placeholder,
     escape: Escape,
-    /// `unwrap` is in the chain: write the JSON form.
+    /// Write the JSON form: `unwrap` is in the chain, or the hole stands
+    /// outside a JSON string literal.
     unwrap: bool,
     /// No format filter in the chain: the value is written straight out.
     plain: bool,
@@ -397,11 +448,23 @@ struct Hole {
 /// the output (a PAN is 19 digits; a cryptogram 28 base64 characters).
 const ESTIMATE_PER_HOLE: usize = 32;
 
+/// Most bytes one byte of a value can become once escaped, whatever the
+/// context: a control byte is `\u0001` in JSON, and that percent-encoded
+/// is `%5Cu0001` (8).
+const MAX_EXPANSION: usize = 8;
+
+/// Most bytes of a metadata map's compact JSON form before escaping:
+/// braces, and per pair two quoted strings, a colon and a comma (limits of
+/// [`crate::api::json::metadata`], four UTF-8 bytes per character).
+const MAX_MAP_BYTES: usize = 2 + crate::api::json::METADATA_MAX_PAIRS
+    * (4 * (crate::api::json::METADATA_MAX_KEY + crate::api::json::METADATA_MAX_VALUE) + 6);
+
 /// A parsed template: literal ranges of the input and the holes between
 /// them. Holds no input bytes: render with the same input given to parse.
 #[derive(Debug, Clone)]
 pub struct Template {
     holes: Vec<Hole>,
+    max_len: usize,
 }
 
 impl Template {
@@ -433,7 +496,15 @@ impl Template {
             let close_end = content_end + close.len();
             let content = input.get(content_start..content_end).unwrap_or_default();
             let placeholder = parse_placeholder(content, ns, at)?;
-            let unwrap = placeholder.filters.contains(&Filter::Unwrap);
+            if ctx == Context::Raw && placeholder.field.is_free_text() {
+                return Err(TemplateError::new(
+                    TemplateErrorKind::FreeTextInRaw {
+                        name: placeholder.field.name(),
+                    },
+                    at,
+                ));
+            }
+            let mut unwrap = placeholder.filters.contains(&Filter::Unwrap);
             let plain = placeholder.filters.iter().all(|f| *f == Filter::Unwrap);
 
             let (start, end, escape) = if ctx == Context::Json {
@@ -449,6 +520,9 @@ impl Template {
                 } else if json.in_string {
                     (at, close_end, Escape::JsonString)
                 } else {
+                    // Outside a string literal only a JSON value may go:
+                    // a string is quoted, never written raw.
+                    unwrap = true;
                     (at, close_end, Escape::None)
                 }
             } else {
@@ -464,7 +538,18 @@ impl Template {
             });
             literal = end;
         }
-        Ok(Template { holes })
+        let replaced: usize = holes.iter().map(|h| h.end - h.start).sum();
+        let max_len = holes
+            .iter()
+            .map(|h| hole_bound(&h.placeholder))
+            .fold(input.len().saturating_sub(replaced), usize::saturating_add);
+        Ok(Template { holes, max_len })
+    }
+
+    /// An upper bound on the rendered size, whatever the values (within
+    /// the vault's limits on them): what an amplification check compares.
+    pub fn max_rendered_len(&self) -> usize {
+        self.max_len
     }
 
     /// Whether the template has no placeholders, so the input can be passed
@@ -550,6 +635,12 @@ impl JsonScan {
             }
         }
     }
+}
+
+/// Most bytes a placeholder can render to: its text, quoted, each byte
+/// escaped at worst.
+fn hole_bound(p: &Placeholder) -> usize {
+    (p.field.max_text_bytes(p.key.is_some()) + 2).saturating_mul(MAX_EXPANSION)
 }
 
 fn is_blank(b: u8) -> bool {
@@ -729,6 +820,11 @@ pub enum TemplateErrorKind {
         /// The field's name.
         name: &'static str,
     },
+    /// Free text in a body whose content type tokenrelay cannot escape for.
+    FreeTextInRaw {
+        /// The field's name.
+        name: &'static str,
+    },
     /// A metadata key that is empty, too long or has other characters than
     /// `[A-Za-z0-9_-]`.
     InvalidKey {
@@ -789,6 +885,12 @@ impl fmt::Display for TemplateError {
             TemplateErrorKind::KeyNotAllowed { name } => {
                 write!(f, "`{name}` takes no key (placeholder at byte {at})")
             }
+            TemplateErrorKind::FreeTextInRaw { name } => write!(
+                f,
+                "`{name}` (placeholder at byte {at}) is free text and the body's content type \
+                 is not JSON, form or XML, so it cannot be escaped; send content-type \
+                 application/json, application/x-www-form-urlencoded or application/xml"
+            ),
             TemplateErrorKind::InvalidKey { name, key } => write!(
                 f,
                 "invalid key `{key}` for `{name}` at byte {at}: \
@@ -818,7 +920,7 @@ impl Out<'_> {
         match self.escape {
             Escape::None => self.buf.extend_from_slice(bytes),
             Escape::JsonString => json_escape(bytes, self.buf),
-            Escape::Percent => percent_encode(bytes, self.buf),
+            Escape::Percent | Escape::PercentPath => percent_encode(bytes, self.buf),
             Escape::Xml => xml_escape(bytes, self.buf),
             Escape::Header => header_clean(bytes, self.buf),
         }
@@ -862,6 +964,16 @@ impl Out<'_> {
     fn put_value(&mut self, value: Value<'_>, json: bool) {
         match value {
             Value::Str(s) if json => self.put_json_str(s),
+            // `.` and `..` would be dot segments; `%2E` is not one.
+            Value::Str(s)
+                if self.escape == Escape::PercentPath
+                    && !s.is_empty()
+                    && s.bytes().all(|b| b == b'.') =>
+            {
+                for _ in 0..s.len() {
+                    self.buf.extend_from_slice(b"%2E");
+                }
+            }
             Value::Str(s) => self.put(s.as_bytes()),
             Value::Int(n) => self.put_int(n),
             Value::Bool(b) => self.put_bool(b),
@@ -1019,21 +1131,34 @@ fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(bytes.get(start..).unwrap_or_default());
 }
 
-/// Escape the five XML special characters.
+/// Escape the five XML special characters and drop what XML 1.0 forbids
+/// (C0 controls other than tab, LF and CR; U+FFFE and U+FFFF, which are
+/// `EF BF BE` / `EF BF BF` in UTF-8).
 fn xml_escape(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        let entity: &[u8] = match b {
-            b'&' => b"&amp;",
-            b'<' => b"&lt;",
-            b'>' => b"&gt;",
-            b'"' => b"&quot;",
-            b'\'' => b"&apos;",
-            _ => continue,
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        let (entity, skip): (&[u8], usize) = match b {
+            b'&' => (b"&amp;", 1),
+            b'<' => (b"&lt;", 1),
+            b'>' => (b"&gt;", 1),
+            b'"' => (b"&quot;", 1),
+            b'\'' => (b"&apos;", 1),
+            b'\t' | b'\n' | b'\r' => {
+                i += 1;
+                continue;
+            }
+            0x00..=0x1f => (b"", 1),
+            0xef if matches!(bytes.get(i + 1..i + 3), Some([0xbf, 0xbe | 0xbf])) => (b"", 3),
+            _ => {
+                i += 1;
+                continue;
+            }
         };
         out.extend_from_slice(bytes.get(start..i).unwrap_or_default());
         out.extend_from_slice(entity);
-        start = i + 1;
+        i += skip;
+        start = i;
     }
     out.extend_from_slice(bytes.get(start..).unwrap_or_default());
 }
@@ -1168,7 +1293,7 @@ mod tests {
         ] {
             for name in names {
                 let input = format!("<< {name} >>");
-                let t = Template::parse(input.as_bytes(), Syntax::Angle, Context::Raw, ns)
+                let t = Template::parse(input.as_bytes(), Syntax::Angle, Context::Json, ns)
                     .unwrap_or_else(|e| panic!("{name}: {e}"));
                 let p = t.placeholders().next().unwrap();
                 let base = name.split('.').next().unwrap();
@@ -1295,9 +1420,10 @@ mod tests {
     #[test]
     fn json_inside_and_outside_strings() {
         let c = Context::Json;
+        // Outside a string literal a string value is quoted.
         assert_eq!(
             render(r#"{"n": "<< number >>", "e": << eci >>}"#, c),
-            r#"{"n": "4111111111111111", "e": 05}"#
+            r#"{"n": "4111111111111111", "e": "05"}"#
         );
         // Escaped quotes before the placeholder do not end the string.
         let v = V::new().with(Field::Number, Value::Str("q\"\n"));
@@ -1314,10 +1440,38 @@ mod tests {
             render_with(r#"{"n": "pre <<number>> post"}"#, Syntax::Angle, c, &v),
             r#"{"n": "pre q\"\n post"}"#
         );
-        // Outside a string: raw.
+        // Outside a string: quoted and escaped, never raw.
         assert_eq!(
             render_with(r#"{"n": <<number>>}"#, Syntax::Angle, c, &v),
-            "{\"n\": q\"\n}"
+            r#"{"n": "q\"\n"}"#
+        );
+        // The injection the issue showed: a value that would add keys
+        // stays one string.
+        let v = V::new().with(
+            Field::Metadata,
+            Value::Str(r#"1, "amount": 999999, "z": ""#),
+        );
+        let out = render_with(
+            r#"{"amount": 100, "note": << metadata.x >>}"#,
+            Syntax::Angle,
+            c,
+            &v,
+        );
+        let parsed: serde_json::Value = serde_json::from_str(&out).unwrap();
+        assert_eq!(parsed["amount"], 100);
+        assert_eq!(parsed["note"], r#"1, "amount": 999999, "z": ""#);
+        assert_eq!(parsed.as_object().unwrap().len(), 2);
+        // Numbers, booleans and maps keep their JSON form; no value is null.
+        assert_eq!(
+            render(
+                r#"[<< expiry_month >>, << supports_device_binding >>, << dynamic_cvv >>, << metadata.nope >>]"#,
+                c
+            ),
+            r#"[3, true, null, null]"#
+        );
+        assert_eq!(
+            render(r#"{"y": << expiry_year | yy >>}"#, c),
+            r#"{"y": "29"}"#
         );
         let v = V::new().with(Field::Number, Value::Str("\u{1}\t\r\u{8}\u{c}\\"));
         assert_eq!(
@@ -1466,14 +1620,162 @@ mod tests {
     }
 
     #[test]
-    fn filters() {
-        let r = |input: &str, field: Field, v: Value<'static>| {
-            render_with(
-                input,
+    fn raw_context_refuses_free_text() {
+        for name in [
+            "metadata",
+            "metadata.k",
+            "scheme_metadata",
+            "network_token_metadata.k",
+        ] {
+            let e = err(&format!("x=<< {name} >>"), Namespace::NetworkToken);
+            assert!(e.contains("is free text"), "{e}");
+            assert!(e.contains("application/json"), "{e}");
+        }
+        let e = err("<< cardholder_name >>", Namespace::PciToken);
+        assert!(
+            e.contains("`cardholder_name` (placeholder at byte 0) is free text"),
+            "{e}"
+        );
+        // Fixed-alphabet values are fine in raw.
+        assert_eq!(
+            render("n=<< number >>&c=<< cryptogram >>", Context::Raw),
+            "n=4111111111111111&c=AgAAAAAAAIR8CQrXcIhbQAAAAAA="
+        );
+        // The same free text is fine where it can be escaped.
+        for ctx in [Context::Json, Context::Form, Context::Xml, Context::Header] {
+            Template::parse(
+                b"<< metadata >>",
                 Syntax::Angle,
-                Context::Json,
-                &V::new().with(field, v),
+                ctx,
+                Namespace::NetworkToken,
             )
+            .unwrap();
+        }
+    }
+
+    #[test]
+    fn xml_drops_forbidden_characters() {
+        let v = V::new().with(
+            Field::Metadata,
+            Value::Str("a\u{0}b\u{7}c\u{1b}d\te\nf\rg\u{fffe}h\u{ffff}i\u{fffd}&"),
+        );
+        let out = render_with("<n><< metadata.x >></n>", Syntax::Angle, Context::Xml, &v);
+        assert_eq!(out, "<n>abcd\te\nf\rghi\u{fffd}&amp;</n>");
+        // Inside the JSON form of a map, controls are already \u escapes.
+        let out = render_with(
+            "<n><< metadata | unwrap >></n>",
+            Syntax::Angle,
+            Context::Xml,
+            &v,
+        );
+        assert!(!out.bytes().any(|b| b < 0x20), "{out:?}");
+    }
+
+    #[test]
+    fn dot_values_cannot_be_path_segments() {
+        for (value, expected) in [
+            (".", "/v1/%2E/pay"),
+            ("..", "/v1/%2E%2E/pay"),
+            ("...", "/v1/%2E%2E%2E/pay"),
+            ("a.b", "/v1/a.b/pay"),
+            ("../x", "/v1/..%2Fx/pay"),
+        ] {
+            let v = V::new().with(Field::Metadata, Value::Str(value));
+            assert_eq!(
+                render_with(
+                    "/v1/<< metadata.k >>/pay",
+                    Syntax::Angle,
+                    Context::UrlPath,
+                    &v
+                ),
+                expected
+            );
+        }
+        // Through a filter as well; the query keeps dots (no segments there).
+        let v = V::new().with(Field::Number, Value::Str("9...."));
+        assert_eq!(
+            render_with("/<< number | last4 >>", Syntax::Angle, Context::UrlPath, &v),
+            "/%2E%2E%2E%2E"
+        );
+        let v = V::new().with(Field::Metadata, Value::Str(".."));
+        assert_eq!(
+            render_with("q=<< metadata.k >>", Syntax::Angle, Context::UrlQuery, &v),
+            "q=.."
+        );
+    }
+
+    #[test]
+    fn max_rendered_len_bounds_every_render() {
+        let long = "\u{1}\"é".repeat(26); // 80 characters, the worst bytes
+        let mut meta = BTreeMap::new();
+        for i in 0..crate::api::json::METADATA_MAX_PAIRS {
+            meta.insert(format!("{i:0>20}"), long.clone());
+        }
+        let meta: &'static BTreeMap<String, String> = Box::leak(Box::new(meta));
+        let v = V::new()
+            .with(Field::Metadata, Value::Map(meta))
+            .with(Field::NetworkTokenMetadata, Value::Map(meta));
+        for (input, ctx) in [
+            (
+                r#"{"a": "<< metadata >>", "b": << metadata >>, "c": "x<< number >>"}"#,
+                Context::Json,
+            ),
+            (
+                "m=<< metadata | unwrap >>&n=<< network_token_metadata >>",
+                Context::Form,
+            ),
+            ("<m><< metadata >></m>", Context::Xml),
+            ("/<< metadata | unwrap >>/<< number >>", Context::UrlPath),
+            ("<< metadata >>", Context::Header),
+            ("<< number >><< cryptogram | unwrap >>", Context::Raw),
+        ] {
+            let t = Template::parse(
+                input.as_bytes(),
+                Syntax::Angle,
+                ctx,
+                Namespace::NetworkToken,
+            )
+            .unwrap();
+            let out = t.render_to_vec(input.as_bytes(), &v);
+            assert!(
+                out.len() <= t.max_rendered_len(),
+                "{ctx:?}: {} > {}",
+                out.len(),
+                t.max_rendered_len()
+            );
+        }
+        // Without placeholders the bound is the input.
+        let t = Template::parse(
+            b"abc",
+            Syntax::Angle,
+            Context::Json,
+            Namespace::NetworkToken,
+        )
+        .unwrap();
+        assert_eq!(t.max_rendered_len(), 3);
+        // The amplification of the issue: 40,327 map placeholders in 1 MiB.
+        let input = "<< network_token_metadata >>".repeat(40_327);
+        let t = Template::parse(
+            input.as_bytes(),
+            Syntax::Angle,
+            Context::Json,
+            Namespace::NetworkToken,
+        )
+        .unwrap();
+        assert!(t.max_rendered_len() > 1 << 30);
+    }
+
+    #[test]
+    fn filters() {
+        // Bare placeholders render in a header (a JSON body would quote
+        // them); those inside quotes in a JSON body.
+        let r = |input: &str, field: Field, v: Value<'static>| {
+            let ctx = if input.starts_with(['"', '{']) {
+                Context::Json
+            } else {
+                Context::Header
+            };
+            render_with(input, Syntax::Angle, ctx, &V::new().with(field, v))
         };
         let m = Field::ExpiryMonth;
         assert_eq!(r("<< expiry_month | mm >>", m, Value::Int(3)), "03");

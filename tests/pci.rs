@@ -278,6 +278,8 @@ async fn the_cvc_is_injected_once() {
     let resp = s
         .req(Method::POST, &format!("/api/pci/tokens/{pci_id}/forward"))
         .header("x-destination-url", acq.url("/pay"))
+        // Free text (the name) needs a body type it can be escaped for.
+        .header("content-type", "application/json")
         .body(r#"{"n":"<< account_number | last4 >>","b":"<< bin >>","h":"<< cardholder_name >>"}"#)
         .send()
         .await

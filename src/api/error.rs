@@ -96,6 +96,13 @@ pub enum ApiError {
     /// Placeholder syntax or name error.
     #[error("invalid template: {0}")]
     InvalidTemplate(String),
+    /// A header tokenrelay must not let a merchant set (framing, `host`,
+    /// hop-by-hop), or an escape for a name tokenrelay does not reserve.
+    #[error("header not allowed: {0}")]
+    HeaderNotAllowed(String),
+    /// The request could render beyond `max_rendered_bytes`.
+    #[error("the rendered request could exceed {0} bytes")]
+    RenderedTooLarge(usize),
     /// Unknown or expired reference.
     #[error("cryptogram reference not found or expired")]
     ReferenceNotFound,
@@ -112,6 +119,14 @@ pub enum ApiError {
     /// have received it, so the reference stays consumed.
     #[error("destination failed: {0}")]
     DestinationFailed(String),
+    /// The acquirer's answer is compressed while redaction is on, so its
+    /// echoes could not be masked; it is not relayed.
+    #[error("response not redactable: {0}")]
+    ResponseNotRedactable(String),
+    /// The acquirer's answer is malformed (e.g. both `content-length` and
+    /// `transfer-encoding`); it is not relayed.
+    #[error("invalid upstream response: {0}")]
+    InvalidUpstreamResponse(String),
     /// The acquirer did not answer in time.
     #[error("destination timed out: {0}")]
     DestinationTimeout(String),
@@ -162,6 +177,8 @@ impl ApiError {
             E::DestinationNotAllowed(_) => (StatusCode::FORBIDDEN, "destination_not_allowed"),
             E::BodyTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             E::InvalidTemplate(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_template"),
+            E::HeaderNotAllowed(_) => (StatusCode::BAD_REQUEST, "header_not_allowed"),
+            E::RenderedTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "rendered_too_large"),
             E::ReferenceNotFound => (StatusCode::NOT_FOUND, "reference_not_found"),
             E::ReferenceAlreadyUsed => (StatusCode::CONFLICT, "reference_already_used"),
             E::ReferenceTokenMismatch => {
@@ -169,6 +186,8 @@ impl ApiError {
             }
             E::DestinationUnreachable(_) => (StatusCode::BAD_GATEWAY, "destination_unreachable"),
             E::DestinationFailed(_) => (StatusCode::BAD_GATEWAY, "destination_failed"),
+            E::ResponseNotRedactable(_) => (StatusCode::BAD_GATEWAY, "response_not_redactable"),
+            E::InvalidUpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "invalid_upstream_response"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
             E::ForwardOutcomeUnknown => (StatusCode::BAD_GATEWAY, "forward_outcome_unknown"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
@@ -318,6 +337,10 @@ mod tests {
         E::DestinationFailed("x".into()) => E::DestinationFailed(_) => 502 "destination_failed",
         E::DestinationTimeout("x".into()) => E::DestinationTimeout(_) => 504 "destination_timeout",
         E::ForwardOutcomeUnknown => E::ForwardOutcomeUnknown => 502 "forward_outcome_unknown",
+        E::HeaderNotAllowed("x".into()) => E::HeaderNotAllowed(_) => 400 "header_not_allowed",
+        E::RenderedTooLarge(1) => E::RenderedTooLarge(_) => 413 "rendered_too_large",
+        E::ResponseNotRedactable("x".into()) => E::ResponseNotRedactable(_) => 502 "response_not_redactable",
+        E::InvalidUpstreamResponse("x".into()) => E::InvalidUpstreamResponse(_) => 502 "invalid_upstream_response",
         E::Unavailable("x".into()) => E::Unavailable(_) => 503 "service_unavailable",
         E::Internal("x".into()) => E::Internal(_) => 500 "internal_error",
     }

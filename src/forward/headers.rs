@@ -22,6 +22,9 @@ pub static X_RELAY_HEADER_VALUE: HeaderName = HeaderName::from_static("x-relay-h
 /// Timing header on relayed responses.
 pub static X_RELAY_UPSTREAM_DURATION_MS: HeaderName =
     HeaderName::from_static("x-relay-upstream-duration-ms");
+/// tokenrelay's request id on every response (the acquirer's own
+/// `x-request-id` passes through untouched).
+pub static X_RELAY_REQUEST_ID: HeaderName = HeaderName::from_static("x-relay-request-id");
 /// The API key header.
 pub static X_API_KEY: HeaderName = HeaderName::from_static("x-api-key");
 
@@ -51,6 +54,25 @@ pub static RESERVED_OUTBOUND: [&HeaderName; 9] = [
     &header::EXPECT,
 ];
 
+/// The names the escape hatch (`x-relay-header-name`) may send: the
+/// headers tokenrelay itself reads, which a merchant cannot send directly.
+/// Never `host`, `content-length`, `transfer-encoding`, `expect` or a
+/// hop-by-hop header: those decide framing and routing, which tokenrelay
+/// owns.
+pub static ESCAPABLE: [&HeaderName; 6] = [
+    &X_API_KEY,
+    &X_CRYPTOGRAM_REFERENCE,
+    &X_DESTINATION_URL,
+    &X_RELAY_DRY_RUN,
+    &X_RELAY_HEADER_NAME,
+    &X_RELAY_HEADER_VALUE,
+];
+
+/// Whether the escape hatch may send `name`.
+pub fn escapable(name: &HeaderName) -> bool {
+    ESCAPABLE.contains(&name)
+}
+
 /// Removes hop-by-hop headers and those the `Connection` header names.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let named: Vec<HeaderName> = headers
@@ -77,6 +99,21 @@ pub fn is_reserved(name: &HeaderName) -> bool {
 mod tests {
     use super::*;
     use http::HeaderValue;
+
+    #[test]
+    fn escape_only_for_own_names() {
+        for n in ESCAPABLE {
+            assert!(escapable(n));
+        }
+        for n in HOP_BY_HOP.iter().chain([
+            &header::HOST,
+            &header::CONTENT_LENGTH,
+            &header::EXPECT,
+            &header::AUTHORIZATION,
+        ]) {
+            assert!(!escapable(n), "{n}");
+        }
+    }
 
     #[test]
     fn strips_hop_by_hop_and_connection_named() {

@@ -10,8 +10,9 @@
 //!
 //! - nothing sent (every error before the send, a restored
 //!   `destination_unreachable`): released, the retry runs afresh;
-//! - sent and failed (`destination_failed`, `destination_timeout`): that
-//!   error is recorded;
+//! - sent and failed (`destination_failed`, `destination_timeout`, and an
+//!   answer refused as `response_not_redactable` or
+//!   `invalid_upstream_response`): that error is recorded;
 //! - answered: the response streams to the merchant through a
 //!   [`RecordingBody`], a tee that copies at most `forward_record_max_bytes`
 //!   of the (already redacted) body and records when the body ends, when the

@@ -3,6 +3,15 @@
 //! acquirer echoes them, in headers and in the streamed body, including a
 //! value split across chunks.
 //!
+//! Each value is looked for as written and in the forms an echo takes:
+//! percent-encoded (upper- and lower-case hex, as a form body or a query
+//! string carries it), JSON-escaped with `\/` for `/`, and JSON-escaped
+//! with `\u00XX` for every non-alphanumeric byte (upper- and lower-case
+//! hex, as .NET and some Java encoders write `+`, `/`, `=`). A value
+//! escaped two ways at once (some bytes `%2B`, others `\u002F`) is not
+//! recognised. The forward asks the acquirer for `identity` and refuses a
+//! compressed answer, since compressed bytes cannot be searched.
+//!
 //! Each match is replaced by as many `*` as it has bytes, so lengths — and
 //! `content-length` — stay true. The body wrapper holds back only the last
 //! `longest value` bytes of each chunk (a possible match that continues in
@@ -24,7 +33,9 @@ pub const MIN_FREE_MATCH: usize = 8;
 /// The set of values to mask.
 #[derive(Clone, Default)]
 pub struct Redactor {
-    needles: Vec<Vec<u8>>,
+    /// Every form of every value, longest first; each with its searcher,
+    /// built once per forward.
+    needles: Vec<memchr::memmem::Finder<'static>>,
     longest: usize,
 }
 
@@ -35,19 +46,35 @@ impl std::fmt::Debug for Redactor {
 }
 
 impl Redactor {
-    /// A redactor for `values` (empty ones are ignored).
+    /// A redactor for `values` (empty ones are ignored), in every form
+    /// listed in the module docs.
     pub fn new<'a>(values: impl IntoIterator<Item = &'a str>) -> Redactor {
-        let mut needles: Vec<Vec<u8>> = values
-            .into_iter()
-            .filter(|v| !v.is_empty())
-            .map(|v| v.as_bytes().to_vec())
-            .collect();
-        needles.sort();
-        needles.dedup();
+        let mut forms: Vec<Vec<u8>> = Vec::new();
+        for v in values.into_iter().filter(|v| !v.is_empty()) {
+            let v = v.as_bytes();
+            forms.push(v.to_vec());
+            if v.iter().all(u8::is_ascii_alphanumeric) {
+                // Digits (PAN, TPAN, CVC): every escaping leaves them as is.
+                continue;
+            }
+            forms.push(escaped(v, Hex::Upper, Form::Percent));
+            forms.push(escaped(v, Hex::Lower, Form::Percent));
+            forms.push(escaped(v, Hex::Upper, Form::JsonSlash));
+            forms.push(escaped(v, Hex::Upper, Form::JsonUnicode));
+            forms.push(escaped(v, Hex::Lower, Form::JsonUnicode));
+        }
+        forms.sort();
+        forms.dedup();
         // Longest first, so a value containing another is masked whole.
-        needles.sort_by_key(|n| std::cmp::Reverse(n.len()));
-        let longest = needles.first().map_or(0, Vec::len);
-        Redactor { needles, longest }
+        forms.sort_by_key(|n| std::cmp::Reverse(n.len()));
+        let longest = forms.first().map_or(0, Vec::len);
+        Redactor {
+            needles: forms
+                .iter()
+                .map(|f| memchr::memmem::Finder::new(f).into_owned())
+                .collect(),
+            longest,
+        }
     }
 
     /// Whether there is nothing to mask.
@@ -59,12 +86,13 @@ impl Redactor {
     /// `buf` (for the boundary rule); a match touching the end of `buf` is
     /// masked only if `at_end` (nothing follows) or it is long.
     fn mask(&self, buf: &mut [u8], before: Option<u8>, at_end: bool) {
-        for needle in &self.needles {
-            let short = needle.len() < MIN_FREE_MATCH;
+        for finder in &self.needles {
+            let len = finder.needle().len();
+            let short = len < MIN_FREE_MATCH;
             let mut from = 0;
-            while let Some(pos) = memchr::memmem::find(&buf[from..], needle) {
+            while let Some(pos) = buf.get(from..).and_then(|rest| finder.find(rest)) {
                 let start = from + pos;
-                let end = start + needle.len();
+                let end = start + len;
                 let ok = !short || {
                     let prev = if start == 0 {
                         before
@@ -91,11 +119,7 @@ impl Redactor {
 
     /// Masks a complete value (a header), returning it unchanged when clean.
     pub fn mask_all(&self, input: &[u8]) -> Option<Vec<u8>> {
-        if !self
-            .needles
-            .iter()
-            .any(|n| memchr::memmem::find(input, n).is_some())
-        {
+        if !self.needles.iter().any(|n| n.find(input).is_some()) {
             return None;
         }
         let mut out = input.to_vec();
@@ -113,6 +137,46 @@ impl Redactor {
             }
         }
     }
+}
+
+#[derive(Clone, Copy)]
+enum Hex {
+    Upper,
+    Lower,
+}
+
+#[derive(Clone, Copy)]
+enum Form {
+    /// `%2B`: every byte outside RFC 3986's unreserved set.
+    Percent,
+    /// `\/` for `/`, the rest as is.
+    JsonSlash,
+    /// `\u002B`: every non-alphanumeric byte.
+    JsonUnicode,
+}
+
+/// `v` written in `form`.
+fn escaped(v: &[u8], hex: Hex, form: Form) -> Vec<u8> {
+    let digits: &[u8; 16] = match hex {
+        Hex::Upper => b"0123456789ABCDEF",
+        Hex::Lower => b"0123456789abcdef",
+    };
+    let hi = |b: u8| digits[usize::from(b >> 4)];
+    let lo = |b: u8| digits[usize::from(b & 0xf)];
+    let mut out = Vec::with_capacity(v.len() * 3);
+    for &b in v {
+        match form {
+            Form::Percent if !(b.is_ascii_alphanumeric() || b"-._~".contains(&b)) => {
+                out.extend_from_slice(&[b'%', hi(b), lo(b)]);
+            }
+            Form::JsonSlash if b == b'/' => out.extend_from_slice(b"\\/"),
+            Form::JsonUnicode if !b.is_ascii_alphanumeric() => {
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', hi(b), lo(b)]);
+            }
+            _ => out.push(b),
+        }
+    }
+    out
 }
 
 /// A body that masks the redactor's values as it streams.
@@ -280,6 +344,18 @@ mod tests {
     async fn nothing_to_mask_passes_through() {
         let out = run(vec![b"hello ", b"world"], &["4895370012345678"]).await;
         assert_eq!(out, b"hello world");
+    }
+
+    #[tokio::test]
+    async fn escaped_echoes_are_masked() {
+        let cavv = "AAAAI2sO+a/b=";
+        let body: &'static [u8] = b"cavv=AAAAI2sO%2Ba%2Fb%3D&l=AAAAI2sO%2ba%2fb%3d&j={\"c\":\"AAAAI2sO+a\\/b=\"}&u=AAAAI2sO\\u002Ba\\u002Fb\\u003D&w=AAAAI2sO\\u002ba\\u002fb\\u003d";
+        let chunks: Vec<&'static [u8]> = body.chunks(5).collect();
+        let out = String::from_utf8(run(chunks, &[cavv]).await).unwrap();
+        assert!(!out.contains("AAAAI2sO"), "{out}");
+        assert_eq!(out.len(), body.len());
+        assert!(out.starts_with("cavv=*"), "{out}");
+        assert!(out.contains("&j={\"c\":\"*"), "{out}");
     }
 
     #[test]

@@ -72,12 +72,51 @@ pub enum Answer {
         /// Whether `body` is only the head.
         truncated: bool,
     },
-    /// 502 `destination_failed` with this detail.
-    Failed(String),
-    /// 504 `destination_timeout` with this detail.
-    TimedOut(String),
+    /// tokenrelay's own error after the request went out, with its detail
+    /// (hosts and reasons, never values).
+    Error(SentError, String),
     /// The owner never finished: 502 `forward_outcome_unknown`.
     Unknown,
+}
+
+/// The errors a forward can end with once its request went out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SentError {
+    /// 502 `destination_failed`.
+    Failed,
+    /// 504 `destination_timeout`.
+    TimedOut,
+    /// 502 `response_not_redactable`.
+    NotRedactable,
+    /// 502 `invalid_upstream_response`.
+    InvalidUpstream,
+}
+
+impl SentError {
+    const ALL: [SentError; 4] = [
+        SentError::Failed,
+        SentError::TimedOut,
+        SentError::NotRedactable,
+        SentError::InvalidUpstream,
+    ];
+
+    fn code(self) -> u8 {
+        match self {
+            SentError::Failed => 1,
+            SentError::TimedOut => 2,
+            SentError::NotRedactable => 4,
+            SentError::InvalidUpstream => 5,
+        }
+    }
+
+    fn error(self, detail: String) -> ApiError {
+        match self {
+            SentError::Failed => ApiError::DestinationFailed(detail),
+            SentError::TimedOut => ApiError::DestinationTimeout(detail),
+            SentError::NotRedactable => ApiError::ResponseNotRedactable(detail),
+            SentError::InvalidUpstream => ApiError::InvalidUpstreamResponse(detail),
+        }
+    }
 }
 
 impl std::fmt::Debug for Answer {
@@ -95,8 +134,7 @@ impl std::fmt::Debug for Answer {
                 body.len(),
                 if *truncated { ", truncated" } else { "" }
             ),
-            Answer::Failed(_) => f.write_str("Answer::Failed"),
-            Answer::TimedOut(_) => f.write_str("Answer::TimedOut"),
+            Answer::Error(kind, _) => write!(f, "Answer::Error({kind:?})"),
             Answer::Unknown => f.write_str("Answer::Unknown"),
         }
     }
@@ -104,27 +142,28 @@ impl std::fmt::Debug for Answer {
 
 const FORMAT_V1: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
-const KIND_FAILED: u8 = 1;
-const KIND_TIMED_OUT: u8 = 2;
 const KIND_UNKNOWN: u8 = 3;
 
 impl Answer {
     /// The error of a request that may have been sent, as recorded.
     pub fn from_error(e: &ApiError) -> Answer {
-        match e {
-            ApiError::DestinationFailed(d) => Answer::Failed(d.clone()),
-            ApiError::DestinationTimeout(d) => Answer::TimedOut(d.clone()),
+        let (kind, d) = match e {
+            ApiError::DestinationFailed(d) => (SentError::Failed, d),
+            ApiError::DestinationTimeout(d) => (SentError::TimedOut, d),
+            ApiError::ResponseNotRedactable(d) => (SentError::NotRedactable, d),
+            ApiError::InvalidUpstreamResponse(d) => (SentError::InvalidUpstream, d),
             // No other error follows a send; should one appear, the
             // outcome is not known, and saying so is the safe answer.
-            _ => Answer::Unknown,
-        }
+            _ => return Answer::Unknown,
+        };
+        Answer::Error(kind, d.clone())
     }
 
     fn status(&self) -> StatusCode {
         match self {
             Answer::Response { status, .. } => *status,
-            Answer::Failed(_) | Answer::Unknown => StatusCode::BAD_GATEWAY,
-            Answer::TimedOut(_) => StatusCode::GATEWAY_TIMEOUT,
+            Answer::Error(kind, _) => kind.error(String::new()).status_and_classifier().0,
+            Answer::Unknown => StatusCode::BAD_GATEWAY,
         }
     }
 
@@ -157,12 +196,8 @@ impl Answer {
                 }
                 put(&mut out, body);
             }
-            Answer::Failed(d) => {
-                out.push(KIND_FAILED);
-                put(&mut out, d.as_bytes());
-            }
-            Answer::TimedOut(d) => {
-                out.push(KIND_TIMED_OUT);
+            Answer::Error(kind, d) => {
+                out.push(kind.code());
                 put(&mut out, d.as_bytes());
             }
             Answer::Unknown => out.push(KIND_UNKNOWN),
@@ -200,10 +235,11 @@ impl Answer {
                     truncated,
                 }
             }
-            KIND_FAILED => Answer::Failed(String::from_utf8(r.field()?.to_vec()).ok()?),
-            KIND_TIMED_OUT => Answer::TimedOut(String::from_utf8(r.field()?.to_vec()).ok()?),
             KIND_UNKNOWN => Answer::Unknown,
-            _ => return None,
+            code => {
+                let kind = SentError::ALL.into_iter().find(|k| k.code() == code)?;
+                Answer::Error(kind, String::from_utf8(r.field()?.to_vec()).ok()?)
+            }
         };
         r.0.is_empty().then_some(answer)
     }
@@ -232,8 +268,7 @@ impl Answer {
                 }
                 resp
             }
-            Answer::Failed(d) => ApiError::DestinationFailed(d.clone()).into_response(),
-            Answer::TimedOut(d) => ApiError::DestinationTimeout(d.clone()).into_response(),
+            Answer::Error(kind, d) => kind.error(d.clone()).into_response(),
             Answer::Unknown => ApiError::ForwardOutcomeUnknown.into_response(),
         };
         resp.headers_mut().insert(
@@ -559,8 +594,13 @@ mod tests {
                 body: Bytes::from_static(b"{\"declined\":true}"),
                 truncated: true,
             },
-            Answer::Failed("acq.example: the connection failed".into()),
-            Answer::TimedOut("acq.example sent no response".into()),
+            Answer::Error(
+                SentError::Failed,
+                "acq.example: the connection failed".into(),
+            ),
+            Answer::Error(SentError::TimedOut, "acq.example sent no response".into()),
+            Answer::Error(SentError::NotRedactable, "acq.example: gzip".into()),
+            Answer::Error(SentError::InvalidUpstream, "acq.example: framing".into()),
             Answer::Unknown,
         ] {
             let encoded = a.encode();
@@ -586,7 +626,19 @@ mod tests {
         let r = a.replay();
         assert_eq!(r.headers()[&X_RELAY_IDEMPOTENT_REPLAY], "true");
         assert_eq!(r.headers()[&X_RELAY_IDEMPOTENT_BODY], "truncated");
-        let r = Answer::TimedOut("x".into()).replay();
+        for kind in SentError::ALL {
+            let e = kind.error("x".into());
+            assert_eq!(Answer::from_error(&e), Answer::Error(kind, "x".into()));
+            let (status, classifier) = e.status_and_classifier();
+            let r = Answer::Error(kind, "x".into()).replay();
+            assert_eq!(r.status(), status);
+            assert_eq!(r.headers()[&crate::X_RELAY_ERROR], classifier);
+        }
+        assert_eq!(
+            Answer::from_error(&ApiError::TokenNotFound),
+            Answer::Unknown
+        );
+        let r = Answer::Error(SentError::TimedOut, "x".into()).replay();
         assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
         assert_eq!(r.headers()[&crate::X_RELAY_ERROR], "destination_timeout");
         assert_eq!(r.headers()[&X_RELAY_IDEMPOTENT_REPLAY], "true");
