@@ -14,6 +14,10 @@
 //! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
 //!
+//! The compatible surfaces (contract §12: `/cards/…` in VGS CMP's shape,
+//! `POST /cryptograms` in J.P. Morgan's) are a separate route family,
+//! dispatched to [`surfaces`] before the `/api/` router and listed there.
+//!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
 //! The `{id}` segment is parsed here, once: a malformed id is simply not
@@ -40,6 +44,7 @@ pub mod error;
 pub mod idempotency;
 pub mod json;
 pub mod pci;
+pub mod surfaces;
 pub mod tokens;
 
 pub use error::ApiError;
@@ -74,6 +79,8 @@ pub enum Route {
     DeletePciToken,
     /// `* /api/pci/tokens/{id}/forward`
     ForwardPci,
+    /// A compatible-surface operation (contract §12).
+    Surface(surfaces::Operation),
 }
 
 impl Route {
@@ -90,6 +97,7 @@ impl Route {
             Route::GetPciToken => "get_pci_token",
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
+            Route::Surface(op) => op.label(),
         }
     }
 
@@ -105,6 +113,7 @@ impl Route {
             | Route::GetPciToken
             | Route::DeletePciToken
             | Route::ForwardPci => Family::Pci,
+            Route::Surface(op) => op.family(),
         }
     }
 
@@ -119,6 +128,7 @@ impl Route {
             Route::CreateCryptogram => Scope::Cryptograms,
             Route::Forward | Route::ForwardPci => Scope::Forward,
             Route::TokenEvent => Scope::Admin,
+            Route::Surface(op) => op.scope(),
         }
     }
 }
@@ -161,7 +171,7 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
 }
 
 #[derive(Clone, Copy)]
-enum Family {
+pub(crate) enum Family {
     Network,
     Pci,
 }
@@ -256,12 +266,15 @@ pub async fn handle(
     req: Request<Incoming>,
     trace: &mut Trace,
 ) -> Response<Body> {
+    let path = req.uri().path().to_owned();
+    if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
+        return surfaces::handle(&state, surface, req, trace).await;
+    }
     let Trace {
         route: route_seen,
         key_name,
         audit,
     } = trace;
-    let path = req.uri().path().to_owned();
     if !path.starts_with("/api/") {
         return ApiError::RouteNotFound.into_response();
     }

@@ -116,6 +116,29 @@ pub struct RedisConfig {
     pub password_file: Option<PathBuf>,
     /// Prefix of every key tokenrelay writes.
     pub key_prefix: String,
+    /// Extra trust anchor (PEM) for `rediss://`, e.g. a private CA; the
+    /// public web roots when absent.
+    pub ca_file: Option<PathBuf>,
+    /// Longest wait for one Redis command (and for a new connection);
+    /// past it the connection is dropped and the next command dials
+    /// afresh (`references.timeout`, default 2 s).
+    pub timeout: Duration,
+}
+
+/// Default [`RedisConfig::timeout`].
+pub const DEFAULT_REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+
+impl Default for RedisConfig {
+    /// `redis://127.0.0.1:6379` with every other key at its default.
+    fn default() -> Self {
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            password_file: None,
+            key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+            ca_file: None,
+            timeout: DEFAULT_REDIS_TIMEOUT,
+        }
+    }
 }
 
 /// Default [`RedisConfig::key_prefix`].
@@ -255,6 +278,24 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The allow-list.
     pub destinations: Vec<DestinationRule>,
+    /// Which compatible surfaces (contract §12) are served.
+    pub surfaces: Surfaces,
+}
+
+/// The compatible surfaces switches (`[surfaces]`); both on by default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Surfaces {
+    /// VGS Card Management Platform network tokens (`/cards/…`).
+    pub vgs_cmp: bool,
+    /// J.P. Morgan `POST /cryptograms`.
+    pub jpmc: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSurfaces {
+    vgs_cmp: Option<bool>,
+    jpmc: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -284,6 +325,7 @@ struct RawConfig {
     upstream: Option<RawUpstream>,
     #[serde(default)]
     destinations: Vec<RawDestination>,
+    surfaces: Option<RawSurfaces>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -320,6 +362,8 @@ struct RawReferences {
     url: Option<String>,
     password_file: Option<PathBuf>,
     key_prefix: Option<String>,
+    ca_file: Option<PathBuf>,
+    timeout: Option<String>,
     max_entries: Option<u64>,
 }
 
@@ -784,6 +828,8 @@ impl RawConfig {
                             ("references.url", r.url.is_some()),
                             ("references.password_file", r.password_file.is_some()),
                             ("references.key_prefix", r.key_prefix.is_some()),
+                            ("references.ca_file", r.ca_file.is_some()),
+                            ("references.timeout", r.timeout.is_some()),
                         ] {
                             if given {
                                 return Err(ConfigError::new(
@@ -812,10 +858,27 @@ impl RawConfig {
                                 "must be 1-64 printable ASCII characters without spaces",
                             ));
                         }
+                        readable_file("references.ca_file", &r.ca_file)?;
+                        if r.ca_file.is_some() && !url.starts_with("rediss://") {
+                            return Err(ConfigError::new(
+                                "references.ca_file",
+                                "applies to rediss:// URLs only",
+                            ));
+                        }
+                        let timeout =
+                            duration("references.timeout", r.timeout, DEFAULT_REDIS_TIMEOUT)?;
+                        if timeout > Duration::from_secs(60) {
+                            return Err(ConfigError::new(
+                                "references.timeout",
+                                "must be at most 60s (a replica waits that long on a dead connection)",
+                            ));
+                        }
                         ReferenceBackend::Redis(RedisConfig {
                             url,
                             password_file: r.password_file,
                             key_prefix,
+                            ca_file: r.ca_file,
+                            timeout,
                         })
                     }
                     other => {
@@ -923,6 +986,13 @@ impl RawConfig {
             reference_max_entries,
             upstream,
             destinations,
+            surfaces: {
+                let raw = self.surfaces.unwrap_or_default();
+                Surfaces {
+                    vgs_cmp: raw.vgs_cmp.unwrap_or(true),
+                    jpmc: raw.jpmc.unwrap_or(true),
+                }
+            },
         })
     }
 }
@@ -994,12 +1064,36 @@ mod tests {
                 url: "redis://cache.internal:6379/2".into(),
                 password_file: None,
                 key_prefix: DEFAULT_REDIS_KEY_PREFIX.into(),
+                ca_file: None,
+                timeout: DEFAULT_REDIS_TIMEOUT,
             })
         );
         assert!(Config::parse(
             "[references]\nbackend = \"redis\"\nurl = \"rediss://tokenrelay@cache.internal\"\nkey_prefix = \"tr-eu:\""
         )
         .is_ok());
+        for (doc, key) in [
+            (
+                "url = \"redis://c\"\nca_file = \"Cargo.toml\"",
+                "references.ca_file",
+            ),
+            (
+                "url = \"rediss://c\"\nca_file = \"no/such.pem\"",
+                "references.ca_file",
+            ),
+            (
+                "url = \"redis://c\"\ntimeout = \"61s\"",
+                "references.timeout",
+            ),
+            (
+                "url = \"redis://c\"\ntimeout = \"0s\"",
+                "references.timeout",
+            ),
+        ] {
+            let e =
+                Config::parse(&format!("[references]\nbackend = \"redis\"\n{doc}")).unwrap_err();
+            assert_eq!(e.key, key, "{doc}");
+        }
         for (doc, key) in [
             ("[references]\nbackend = \"redis\"", "references.url"),
             (
@@ -1172,5 +1266,25 @@ mod tests {
         assert!(p.matches("api.acquirer.example"));
         assert!(!p.matches("acquirer.example"));
         assert!(!p.matches("evilacquirer.example"));
+    }
+
+    #[test]
+    fn surfaces_default_on_switch_off_and_refuse_strangers() {
+        let c = Config::parse("").unwrap();
+        assert_eq!(
+            c.surfaces,
+            Surfaces {
+                vgs_cmp: true,
+                jpmc: true
+            }
+        );
+        let c = Config::parse("[surfaces]\nvgs_cmp = false\n").unwrap();
+        assert!(!c.surfaces.vgs_cmp && c.surfaces.jpmc);
+        let c = Config::parse("[surfaces]\njpmc = false\n").unwrap();
+        assert!(c.surfaces.vgs_cmp && !c.surfaces.jpmc);
+        let e = Config::parse("[surfaces]\nstripe = true\n").unwrap_err();
+        assert!(e.to_string().contains("stripe"), "{e}");
+        let e = Config::parse("[surfaces]\njpmc = \"yes\"\n").unwrap_err();
+        assert!(e.to_string().contains("boolean"), "{e}");
     }
 }

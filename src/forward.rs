@@ -292,7 +292,7 @@ async fn execute(
                 state,
                 checked,
                 parsed,
-                &PciTokenValues::new(card, cvc.as_ref()),
+                &PciTokenValues::new(card, cvc.as_ref().map(crate::cvc::HeldCvc::secret)),
             )
             .await
         }
@@ -314,7 +314,11 @@ async fn execute(
                 Bound::Pci {
                     card,
                     cvc: Some(cvc),
-                } => state.cvcs.restore(card.id, cvc),
+                } => {
+                    if let Err(e) = state.cvcs.restore(card.id, cvc).await {
+                        return Executed::NotSent(Err(e.into()));
+                    }
+                }
                 Bound::Pci { cvc: None, .. } => {}
             }
             Executed::NotSent(Err(failure.error))
@@ -507,7 +511,7 @@ enum Bound {
     },
     Pci {
         card: Arc<PciToken>,
-        cvc: Option<Secret>,
+        cvc: Option<crate::cvc::HeldCvc>,
     },
 }
 
@@ -534,11 +538,12 @@ async fn consume(
                 .any(|f| f == Field::SecurityCode);
             let cvc = match (wants_cvc, checked.dry_run) {
                 (false, _) => None,
-                (true, true) if state.cvcs.is_held(id) => None,
+                (true, true) if state.cvcs.is_held(id).await? => None,
                 (true, false) => Some(
                     state
                         .cvcs
                         .take(id)
+                        .await?
                         .ok_or(ApiError::SecurityCodeUnavailable)?,
                 ),
                 (true, true) => return Err(ApiError::SecurityCodeUnavailable),
@@ -548,7 +553,7 @@ async fn consume(
     };
     let token = state
         .tokens
-        .get(token_id)
+        .get_current(token_id)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     if token.status != TokenStatus::Active {

@@ -104,23 +104,29 @@ impl AppState {
             true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
-        let references: Arc<dyn ReferenceStore> = match &config.references {
-            ReferenceBackend::Memory => Arc::new(references::memory::MemoryReferenceStore::new(
-                config.reference_max_entries,
-            )),
+        let cvcs = cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries);
+        let (references, cvcs): (Arc<dyn ReferenceStore>, _) = match &config.references {
+            ReferenceBackend::Memory => (
+                Arc::new(references::memory::MemoryReferenceStore::new(
+                    config.reference_max_entries,
+                )),
+                cvcs,
+            ),
             ReferenceBackend::Redis(redis) => {
                 let keys = match keys {
                     Some(k) => k,
                     None => vault::load_keys(&config.vault)?,
                 };
-                Arc::new(
+                let store = Arc::new(
                     references::redis::RedisReferenceStore::open(
                         redis,
                         keys,
                         config.reference_max_entries,
                     )
                     .await?,
-                )
+                );
+                // CVCs follow the references, so every replica sees them.
+                (store.clone(), cvc::CvcStore::shared(config.cvc_ttl, store))
             }
         };
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
@@ -132,7 +138,7 @@ impl AppState {
         } = front;
         Ok(Arc::new(AppState {
             listen_tls,
-            cvcs: cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries),
+            cvcs,
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
             config,
             tokens,

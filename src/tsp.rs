@@ -135,18 +135,121 @@ pub trait TokenServiceProvider: Send + Sync + 'static {
     ) -> Result<Minted, TspError>;
 }
 
-/// The schemes' rules on cryptogram requests, enforced before any provider
-/// is asked: dynamic CVV is Visa only; Amex needs an amount.
-pub fn check_scheme_rules(brand: Brand, params: &CryptogramParams) -> Result<(), TspError> {
-    if params.cryptogram_type == CryptogramType::DynamicCvv && brand != Brand::Visa {
-        return Err(TspError::InvalidRequest(
-            "cryptogram_type dynamic_cvv is supported for visa tokens only",
-        ));
+/// What a brand's token service asks a cryptogram request to carry (the
+/// table of seed 001, J.P. Morgan's "required fields and values for
+/// cryptograms by card brand"). The one copy of the brand table: the native
+/// API enforces the rows its request shape has (amount, dynamic CVV), the
+/// compatible surfaces map every row to their own field names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrandRules {
+    /// An amount is required (Amex).
+    pub amount: bool,
+    /// A transaction type is required (Visa).
+    pub transaction_type: bool,
+    /// Who initiated the transaction is required (Visa).
+    pub initiated_by: bool,
+    /// An unpredictable number is required (Mastercard).
+    pub random_number: bool,
+    /// A three-digit dynamic CVV can be minted (Visa only).
+    pub dynamic_cvv: bool,
+    /// Account funding transactions (AFT) are supported (Visa only).
+    pub account_funding: bool,
+}
+
+/// The brand table.
+pub fn brand_rules(brand: Brand) -> BrandRules {
+    let none = BrandRules {
+        amount: false,
+        transaction_type: false,
+        initiated_by: false,
+        random_number: false,
+        dynamic_cvv: false,
+        account_funding: false,
+    };
+    match brand {
+        Brand::Visa => BrandRules {
+            transaction_type: true,
+            initiated_by: true,
+            dynamic_cvv: true,
+            account_funding: true,
+            ..none
+        },
+        Brand::Mastercard => BrandRules {
+            random_number: true,
+            ..none
+        },
+        Brand::Amex => BrandRules {
+            amount: true,
+            ..none
+        },
+        Brand::Discover => none,
     }
-    if brand == Brand::Amex && params.amount.is_none() {
-        return Err(TspError::InvalidRequest(
-            "amount is required for amex cryptograms",
-        ));
+}
+
+/// The scheme's own name for a cryptogram `kind` minted for `brand` (the
+/// `tokenCryptogramType` row of the brand table), or `None` when the
+/// brand issues no such cryptogram: Visa TAVV / DTVV, Mastercard UCAF,
+/// American Express DCSC; Discover, outside the table, TAVV.
+pub fn scheme_cryptogram_name(brand: Brand, kind: CryptogramType) -> Option<&'static str> {
+    match (brand, kind) {
+        (Brand::Visa, CryptogramType::Tavv) => Some("TAVV"),
+        (Brand::Visa, CryptogramType::DynamicCvv) => Some("DTVV"),
+        (Brand::Mastercard, CryptogramType::Tavv) => Some("UCAF"),
+        (Brand::Amex, CryptogramType::Tavv) => Some("DCSC"),
+        (Brand::Discover, CryptogramType::Tavv) => Some("TAVV"),
+        (Brand::Mastercard | Brand::Amex | Brand::Discover, CryptogramType::DynamicCvv) => None,
+    }
+}
+
+/// A broken row of the brand table; each surface names its own field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SchemeRule {
+    /// Dynamic CVV asked of a brand that has none.
+    DynamicCvvVisaOnly,
+    /// Account funding asked of a brand that has none.
+    AccountFundingVisaOnly,
+    /// No amount for a brand that needs one.
+    AmountRequired,
+    /// No transaction type for a brand that needs one.
+    TransactionTypeRequired,
+    /// No initiator for a brand that needs one.
+    InitiatedByRequired,
+    /// No unpredictable number for a brand that needs one.
+    RandomNumberRequired,
+}
+
+impl SchemeRule {
+    /// Human text, in the native API's field names.
+    pub fn message(self) -> &'static str {
+        match self {
+            SchemeRule::DynamicCvvVisaOnly => {
+                "cryptogram_type dynamic_cvv is supported for visa tokens only"
+            }
+            SchemeRule::AccountFundingVisaOnly => {
+                "account funding transactions are supported for visa tokens only"
+            }
+            SchemeRule::AmountRequired => "amount is required for amex cryptograms",
+            SchemeRule::TransactionTypeRequired => {
+                "transaction_type is required for visa cryptograms"
+            }
+            SchemeRule::InitiatedByRequired => "initiated_by is required for visa cryptograms",
+            SchemeRule::RandomNumberRequired => {
+                "random_number is required for mastercard cryptograms"
+            }
+        }
+    }
+}
+
+/// The rows of the brand table every request shape carries, enforced
+/// before any provider is asked: dynamic CVV is Visa only; Amex needs an
+/// amount.
+pub fn check_scheme_rules(brand: Brand, params: &CryptogramParams) -> Result<(), SchemeRule> {
+    let rules = brand_rules(brand);
+    if params.cryptogram_type == CryptogramType::DynamicCvv && !rules.dynamic_cvv {
+        return Err(SchemeRule::DynamicCvvVisaOnly);
+    }
+    if rules.amount && params.amount.is_none() {
+        return Err(SchemeRule::AmountRequired);
     }
     Ok(())
 }
@@ -198,6 +301,25 @@ mod tests {
         assert!(check_scheme_rules(Brand::Amex, &params(CryptogramType::Tavv, None)).is_err());
         assert!(
             check_scheme_rules(Brand::Amex, &params(CryptogramType::Tavv, Some("10.00"))).is_ok()
+        );
+    }
+
+    #[test]
+    fn brand_table_rows() {
+        let visa = brand_rules(Brand::Visa);
+        assert!(visa.transaction_type && visa.initiated_by && visa.dynamic_cvv);
+        assert!(!visa.amount && !visa.random_number);
+        let mc = brand_rules(Brand::Mastercard);
+        assert!(mc.random_number && !mc.amount && !mc.transaction_type && !mc.dynamic_cvv);
+        let amex = brand_rules(Brand::Amex);
+        assert!(amex.amount && !amex.random_number && !amex.initiated_by);
+        assert_eq!(
+            scheme_cryptogram_name(Brand::Mastercard, CryptogramType::Tavv),
+            Some("UCAF")
+        );
+        assert_eq!(
+            scheme_cryptogram_name(Brand::Amex, CryptogramType::DynamicCvv),
+            None
         );
     }
 

@@ -195,11 +195,39 @@ pub enum TokenChange {
     ActivateDauth,
 }
 
+impl TokenStatus {
+    /// Whether the lifecycle lets a token go from `self` to `to`: `deleted`
+    /// is terminal; `active` and `inactive` swap; an `unprovisioned` token
+    /// may become active; anything not deleted may be deleted. Staying put
+    /// is allowed (a repeated suspend or delete changes nothing).
+    pub fn allows(self, to: TokenStatus) -> bool {
+        use TokenStatus::*;
+        self == to
+            || matches!(
+                (self, to),
+                (Active, Inactive) | (Inactive, Active) | (Unprovisioned, Active)
+            )
+            || (self != Deleted && to == Deleted)
+    }
+}
+
 impl TokenChange {
-    /// Applies the change to a token.
-    pub fn apply(self, t: &mut NetworkToken) {
+    /// Applies the change to a token as the store holds it now, enforcing
+    /// the lifecycle: a change [`TokenStatus::allows`] refuses, or any
+    /// change but a repeated delete to a deleted token, is
+    /// [`StoreError::Lifecycle`] and leaves the token as it is. `Ok(false)`:
+    /// allowed but nothing to change.
+    ///
+    /// Every store applies this to a fresh read inside its conditional
+    /// update, so the check cannot be fooled by a cached copy.
+    pub fn apply(self, t: &mut NetworkToken) -> Result<bool, StoreError> {
         match self {
+            TokenChange::Status(s) if !t.status.allows(s) => {
+                return Err(StoreError::Lifecycle(t.status))
+            }
+            TokenChange::Status(s) if s == t.status => return Ok(false),
             TokenChange::Status(s) => t.status = s,
+            _ if t.status == TokenStatus::Deleted => return Err(StoreError::Lifecycle(t.status)),
             TokenChange::Expiry { month, year } => {
                 t.expiry_month = month;
                 t.expiry_year = year;
@@ -207,7 +235,17 @@ impl TokenChange {
             TokenChange::ActivateDauth => t.dauth_activated = true,
         }
         t.updated_at = OffsetDateTime::now_utc();
+        Ok(true)
     }
+}
+
+/// How [`TokenStore::find_tokens`] looks tokens up.
+#[derive(Debug, Clone, Copy)]
+pub enum TokenLookup<'a> {
+    /// The tokens made for a PCI token (card).
+    Card(PciTokenId),
+    /// The token with this number (TPAN), found by its keyed fingerprint.
+    Number(&'a CardNumber),
 }
 
 /// A recorded answer to an idempotent request.
@@ -261,9 +299,13 @@ pub enum Inserted {
     IdempotencyExists(IdempotencyRecord),
 }
 
-/// A store failure: ours, never the client's.
+/// A store failure: ours, except [`StoreError::Lifecycle`].
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
+    /// The lifecycle does not allow the change from the token's current
+    /// status (the client's: e.g. resuming a deleted token). Nothing changed.
+    #[error("the change is not allowed for a token that is {}", .0.as_str())]
+    Lifecycle(TokenStatus),
     /// The backend could not be reached or failed.
     #[error("token store unavailable: {0}")]
     Unavailable(String),
@@ -314,8 +356,25 @@ pub trait TokenStore: Send + Sync + 'static {
         idempotency: Option<IdempotencyRecord>,
     ) -> Result<Inserted, StoreError>;
 
-    /// Reads a token, including deleted ones.
+    /// Reads a token, including deleted ones. May come from a cache that
+    /// lags other replicas' changes by up to `vault.cache_ttl`.
     async fn get(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError>;
+
+    /// Reads a token whose status (and every other field) is what the
+    /// durable store holds now, never a cached copy another replica's change
+    /// has outdated: what minting a cryptogram and forwarding check.
+    async fn get_current(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
+        self.get(id).await
+    }
+
+    /// The token's status and last change as the durable store holds them
+    /// now (a light read: nothing decrypted). A cache checks its copy with it.
+    async fn status_now(
+        &self,
+        id: TokenId,
+    ) -> Result<Option<(TokenStatus, OffsetDateTime)>, StoreError> {
+        Ok(self.get(id).await?.map(|t| (t.status, t.updated_at)))
+    }
 
     /// Sets the status and returns the updated token, or `None` if unknown.
     async fn set_status(
@@ -326,12 +385,20 @@ pub trait TokenStore: Send + Sync + 'static {
         self.update(id, TokenChange::Status(status)).await
     }
 
-    /// Applies a lifecycle change; returns the updated token, or `None`.
+    /// Applies a lifecycle change as one conditional update against the
+    /// stored row ([`TokenChange::apply`] on a fresh read, written only if
+    /// the row did not change meanwhile); returns the updated token, or
+    /// `None`. A change the lifecycle refuses is [`StoreError::Lifecycle`].
     async fn update(
         &self,
         id: TokenId,
         change: TokenChange,
     ) -> Result<Option<Arc<NetworkToken>>, StoreError>;
+
+    /// The network tokens a lookup finds (any status), oldest first: those
+    /// made for one card (the compatible surfaces' "card"), or the one with
+    /// a given token number.
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError>;
 
     /// Increments and returns the token's transaction counter (ATC).
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError>;

@@ -58,6 +58,7 @@ impl Redis {
             url: self.url.clone(),
             password_file: None,
             key_prefix: self.prefix.clone(),
+            ..RedisConfig::default()
         })
     }
 
@@ -273,6 +274,7 @@ async fn a_refused_redis_password_stops_start_without_echoing_it() {
         url: redis.url.clone(),
         password_file: Some(password_file),
         key_prefix: redis.prefix.clone(),
+        ..RedisConfig::default()
     });
     if std::env::var_os("TOKENRELAY_REDIS_PASSWORD").is_some() {
         println!("skipped: TOKENRELAY_REDIS_PASSWORD is set and wins over password_file");
@@ -303,6 +305,7 @@ async fn a_redis_outage_answers_503_and_fails_readiness() {
         url: relay.url(&redis.url),
         password_file: None,
         key_prefix: redis.prefix.clone(),
+        ..RedisConfig::default()
     });
     let s = TestServer::start(c).await;
     let token = s.provision(VISA).await;

@@ -110,6 +110,19 @@ pub fn authenticate<'a>(keys: &'a [ApiKey], presented: &[u8]) -> Option<&'a ApiK
     found
 }
 
+/// The credentials of an `Authorization: Bearer <key>` header value
+/// (RFC 6750 §2.1; the scheme name is case-insensitive). Only the
+/// compatible surfaces read it: on the native API `Authorization` belongs
+/// to the acquirer and passes through (contract §2).
+pub fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, rest) = value.split_at_checked(7)?;
+    if !scheme.eq_ignore_ascii_case(b"bearer ") {
+        return None;
+    }
+    let token = rest.trim_ascii();
+    (!token.is_empty()).then_some(token)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,6 +134,16 @@ mod tests {
         assert_eq!(KeyHash::parse(&s), Some(h));
         assert!(KeyHash::parse("sha256:zz").is_none());
         assert!(KeyHash::parse(&s.replace("sha256:", "md5:")).is_none());
+    }
+
+    #[test]
+    fn bearer_credentials() {
+        assert_eq!(bearer(b"Bearer abc"), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"bearer  abc "), Some(&b"abc"[..]));
+        assert_eq!(bearer(b"Basic abc"), None);
+        assert_eq!(bearer(b"Bearer "), None);
+        assert_eq!(bearer(b"Bearerabc"), None);
+        assert_eq!(bearer(b""), None);
     }
 
     #[test]

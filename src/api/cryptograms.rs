@@ -1,5 +1,9 @@
 //! Cryptograms (contract §5): inline at SAQ-D/ROC, or as a single-use
 //! reference that only the forward proxy can redeem.
+//!
+//! [`issue`] is the one path to a cryptogram (checks, counter, minting,
+//! reference); the native handler here and the compatible surfaces
+//! (`api::surfaces`) only translate requests into it and its answer back.
 
 use std::sync::Arc;
 
@@ -14,16 +18,141 @@ use super::idempotency::{self, Pending, Stored};
 use super::tokens::rfc3339;
 use super::{json, ApiError, Audit};
 use crate::config::ComplianceLevel;
-use crate::references::{Payload, Reference};
-use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType};
-use crate::vault::{Metadata, TokenId, TokenStatus};
+use crate::references::{Payload, Reference, ReferenceId};
+use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType, Minted};
+use crate::vault::{Metadata, NetworkToken, TokenId, TokenStatus};
 use crate::{AppState, Body};
 
 /// How the cryptogram is handed out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Mode {
+pub enum Mode {
+    /// The cryptogram and the TPAN themselves (SAQ-D / ROC only).
     Inline,
+    /// A single-use reference only the forward proxy can redeem.
     Reference,
+}
+
+impl Mode {
+    /// The mode a request gets at `level`: `requested`, or the level's
+    /// default; inline at SAQ-A is refused (contract §5).
+    pub fn resolve(requested: Option<Mode>, level: ComplianceLevel) -> Result<Mode, ApiError> {
+        match (requested, level.handles_card_data()) {
+            (None, false) | (Some(Mode::Reference), _) => Ok(Mode::Reference),
+            (None, true) | (Some(Mode::Inline), true) => Ok(Mode::Inline),
+            (Some(Mode::Inline), false) => Err(ApiError::InlineNotPermitted),
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Mode::Inline => "inline",
+            Mode::Reference => "reference",
+        }
+    }
+}
+
+/// A cryptogram as handed out: the values themselves, or a reference.
+pub enum Issued {
+    /// Inline: the minted values.
+    Inline(Minted),
+    /// By reference: the reference and what a merchant may see about it.
+    Reference {
+        /// The reference id (`cref_…`).
+        id: ReferenceId,
+        /// When it expires.
+        expires_at: OffsetDateTime,
+        /// What was minted.
+        cryptogram_type: CryptogramType,
+        /// The ECI that goes with it.
+        eci: &'static str,
+    },
+}
+
+impl Issued {
+    /// What was minted.
+    pub fn cryptogram_type(&self) -> CryptogramType {
+        match self {
+            Issued::Inline(m) => m.cryptogram_type,
+            Issued::Reference {
+                cryptogram_type, ..
+            } => *cryptogram_type,
+        }
+    }
+
+    /// The ECI.
+    pub fn eci(&self) -> &'static str {
+        match self {
+            Issued::Inline(m) => m.eci,
+            Issued::Reference { eci, .. } => eci,
+        }
+    }
+
+    /// The value that stands for the cryptogram: the TAVV or dynamic CVV
+    /// inline, else the reference id.
+    pub fn value(&self) -> &str {
+        match self {
+            Issued::Inline(m) => m
+                .cryptogram
+                .as_ref()
+                .or(m.dynamic_cvv.as_ref())
+                .map_or("", |c| c.expose()),
+            Issued::Reference { id, .. } => id.as_str(),
+        }
+    }
+}
+
+/// The one path to a cryptogram, for the native API and the compatible
+/// surfaces alike: the token must be active, `dauth` activated where asked,
+/// the brand table's common rows kept; then the counter moves, the token
+/// service mints, and in reference mode the reference is issued.
+pub async fn issue(
+    state: &AppState,
+    token: &NetworkToken,
+    params: &CryptogramParams,
+    mode: Mode,
+    metadata: Metadata,
+    audit: &mut Audit,
+) -> Result<Issued, ApiError> {
+    if token.status != TokenStatus::Active {
+        return Err(ApiError::TokenNotActive(token.status.as_str()));
+    }
+    if params.kind == CryptogramKind::Dauth && !token.dauth_activated {
+        return Err(ApiError::DauthNotActivated);
+    }
+    check_scheme_rules(token.scheme, params)?;
+
+    let counter = state.tokens.next_counter(token.id).await?;
+    let minted = state.tsp.cryptogram(token, counter, params)?;
+    audit.kind = Some(params.kind.as_str());
+    audit.mode = Some(mode.as_str());
+    match mode {
+        Mode::Inline => Ok(Issued::Inline(minted)),
+        Mode::Reference => {
+            let expires_at = OffsetDateTime::now_utc() + state.config.reference_ttl;
+            let (cryptogram_type, eci) = (minted.cryptogram_type, minted.eci);
+            let id = state
+                .references
+                .issue(Reference {
+                    token_id: token.id,
+                    expires_at,
+                    payload: Arc::new(Payload {
+                        cryptogram: minted.cryptogram,
+                        dynamic_cvv: minted.dynamic_cvv,
+                        cryptogram_type,
+                        eci,
+                        metadata,
+                    }),
+                })
+                .await?;
+            state.metrics.references_issued.inc();
+            Ok(Issued::Reference {
+                id,
+                expires_at,
+                cryptogram_type,
+                eci,
+            })
+        }
+    }
 }
 
 struct Parsed {
@@ -97,12 +226,10 @@ fn parse(obj: &Map<String, Value>, level: ComplianceLevel) -> Result<Parsed, Api
         Ok(None) => return Err(invalid("`type` is required (ecom or dauth)")),
         _ => return Err(invalid("`type` must be ecom or dauth")),
     };
-    let mode = match (json::opt_str(obj, "mode"), level.handles_card_data()) {
-        (Ok(None), false) => Mode::Reference,
-        (Ok(None), true) => Mode::Inline,
-        (Ok(Some("reference")), _) => Mode::Reference,
-        (Ok(Some("inline")), true) => Mode::Inline,
-        (Ok(Some("inline")), false) => return Err(ApiError::InlineNotPermitted),
+    let mode = match json::opt_str(obj, "mode") {
+        Ok(None) => Mode::resolve(None, level)?,
+        Ok(Some("reference")) => Mode::resolve(Some(Mode::Reference), level)?,
+        Ok(Some("inline")) => Mode::resolve(Some(Mode::Inline), level)?,
         _ => return Err(invalid("`mode` must be inline or reference")),
     };
     let cryptogram_type = match json::opt_str(obj, "cryptogram_type") {
@@ -172,28 +299,21 @@ async fn create_inner(
     let obj = json::object(body)?;
     let token = state
         .tokens
-        .get(token_id)
+        .get_current(token_id)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     let parsed = parse(&obj, state.config.compliance_level)?;
-    if token.status != TokenStatus::Active {
-        return Err(ApiError::TokenNotActive(token.status.as_str()));
-    }
-    if parsed.params.kind == CryptogramKind::Dauth && !token.dauth_activated {
-        return Err(ApiError::DauthNotActivated);
-    }
-    check_scheme_rules(token.scheme, &parsed.params)?;
-
-    let counter = state.tokens.next_counter(token_id).await?;
-    let minted = state.tsp.cryptogram(&token, counter, &parsed.params)?;
-    audit.kind = Some(parsed.params.kind.as_str());
-    audit.mode = Some(if parsed.mode == Mode::Inline {
-        "inline"
-    } else {
-        "reference"
-    });
-    let (status, body) = match parsed.mode {
-        Mode::Inline => {
+    let issued = issue(
+        state,
+        &token,
+        &parsed.params,
+        parsed.mode,
+        parsed.metadata.clone(),
+        audit,
+    )
+    .await?;
+    let (status, body) = match &issued {
+        Issued::Inline(minted) => {
             let view = InlineView {
                 cryptogram: minted.cryptogram.as_ref().map(|c| c.expose()),
                 dynamic_cvv: minted.dynamic_cvv.as_ref().map(|c| c.expose()),
@@ -206,32 +326,18 @@ async fn create_inner(
             };
             (StatusCode::OK, serde_json::to_vec(&view))
         }
-        Mode::Reference => {
-            let expires_at = OffsetDateTime::now_utc() + state.config.reference_ttl;
-            let cryptogram_type = minted.cryptogram_type.as_str();
-            let eci = minted.eci;
-            let payload = Arc::new(Payload {
-                cryptogram: minted.cryptogram,
-                dynamic_cvv: minted.dynamic_cvv,
-                cryptogram_type: minted.cryptogram_type,
-                eci,
-                metadata: parsed.metadata,
-            });
-            let id = state
-                .references
-                .issue(Reference {
-                    token_id,
-                    expires_at,
-                    payload: payload.clone(),
-                })
-                .await?;
-            state.metrics.references_issued.inc();
+        Issued::Reference {
+            id,
+            expires_at,
+            cryptogram_type,
+            eci,
+        } => {
             let view = ReferenceView {
                 cryptogram_reference: id.as_str(),
-                expires_at: rfc3339(expires_at),
-                cryptogram_type,
+                expires_at: rfc3339(*expires_at),
+                cryptogram_type: cryptogram_type.as_str(),
                 eci,
-                metadata: &payload.metadata,
+                metadata: &parsed.metadata,
             };
             (StatusCode::CREATED, serde_json::to_vec(&view))
         }

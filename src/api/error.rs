@@ -15,7 +15,7 @@ use http_body_util::{BodyExt, Full};
 
 use crate::api::auth::Scope;
 use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
-use crate::tsp::TspError;
+use crate::tsp::{SchemeRule, TspError};
 use crate::vault::StoreError;
 use crate::{Body, X_RELAY_ERROR};
 
@@ -78,6 +78,10 @@ pub enum ApiError {
     /// The cryptogram request breaks a rule.
     #[error("invalid cryptogram request: {0}")]
     InvalidCryptogramRequest(String),
+    /// The cryptogram request breaks a row of the brand table; the
+    /// compatible surfaces name their own field from it.
+    #[error("invalid cryptogram request: {}", .0.message())]
+    SchemeRule(SchemeRule),
     /// Reference store at its bound.
     #[error("reference store is full; retry later")]
     ReferenceStoreFull,
@@ -107,7 +111,11 @@ pub enum ApiError {
     #[error("cryptogram reference not found or expired")]
     ReferenceNotFound,
     /// Reference consumed before.
-    #[error("cryptogram reference already used")]
+    #[error(
+        "cryptogram reference already used: a forward took it. If that forward got no answer \
+         (a lost connection, or a tokenrelay replica that stopped mid-request), its outcome is \
+         unknown here: ask the acquirer before paying again with a new cryptogram"
+    )]
     ReferenceAlreadyUsed,
     /// Reference bound to another token.
     #[error("cryptogram reference belongs to another network token")]
@@ -167,7 +175,7 @@ impl ApiError {
             E::InlineNotPermitted => (StatusCode::FORBIDDEN, "inline_not_permitted"),
             E::DauthNotActivated => (StatusCode::UNPROCESSABLE_ENTITY, "dauth_not_activated"),
             E::TokenNotActive(_) => (StatusCode::FAILED_DEPENDENCY, "token_not_active"),
-            E::InvalidCryptogramRequest(_) => (
+            E::InvalidCryptogramRequest(_) | E::SchemeRule(_) => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "invalid_cryptogram_request",
             ),
@@ -200,20 +208,29 @@ impl ApiError {
         matches!(self, ApiError::Unavailable(_) | ApiError::Internal(_))
     }
 
-    /// The JSON error response.
-    pub fn into_response(self) -> Response<Body> {
+    /// Status, classifier and the message a client may read; a fault on
+    /// our side is logged here with its detail, which the message never
+    /// carries. Every error shape (native, and the compatible surfaces'
+    /// own) is written from this.
+    pub fn describe(&self) -> (StatusCode, &'static str, String) {
         let (status, classifier) = self.status_and_classifier();
         if self.is_ours() {
-            let detail = match &self {
+            let detail = match self {
                 ApiError::Unavailable(d) | ApiError::Internal(d) => d.as_str(),
                 _ => "",
             };
             tracing::error!(classifier, detail, "request failed on our side");
         }
+        (status, classifier, self.to_string())
+    }
+
+    /// The JSON error response.
+    pub fn into_response(self) -> Response<Body> {
+        let (status, classifier, message) = self.describe();
         let body = serde_json::json!({
             "code": status.as_u16(),
             "classifier": classifier,
-            "message": self.to_string(),
+            "message": message,
         });
         let bytes = serde_json::to_vec(&body).unwrap_or_default();
         let mut resp = Response::new(
@@ -237,6 +254,7 @@ impl From<StoreError> for ApiError {
         match e {
             StoreError::Unavailable(d) => ApiError::Unavailable(format!("token store: {d}")),
             StoreError::Corrupt(d) => ApiError::Internal(format!("token store: {d}")),
+            StoreError::Lifecycle(status) => ApiError::TokenNotActive(status.as_str()),
         }
     }
 }
@@ -247,6 +265,12 @@ impl From<TspError> for ApiError {
             TspError::InvalidRequest(m) => ApiError::InvalidCryptogramRequest(m.to_owned()),
             TspError::Unavailable(d) => ApiError::Unavailable(format!("token service: {d}")),
         }
+    }
+}
+
+impl From<SchemeRule> for ApiError {
+    fn from(rule: SchemeRule) -> Self {
+        ApiError::SchemeRule(rule)
     }
 }
 
@@ -324,6 +348,7 @@ mod tests {
         E::DauthNotActivated => E::DauthNotActivated => 422 "dauth_not_activated",
         E::TokenNotActive("deleted") => E::TokenNotActive(_) => 424 "token_not_active",
         E::InvalidCryptogramRequest("x".into()) => E::InvalidCryptogramRequest(_) => 422 "invalid_cryptogram_request",
+        E::SchemeRule(SchemeRule::AmountRequired) => E::SchemeRule(_) => 422 "invalid_cryptogram_request",
         E::ReferenceStoreFull => E::ReferenceStoreFull => 503 "reference_store_full",
         E::MissingHeader("x") => E::MissingHeader(_) => 400 "missing_header",
         E::InvalidDestination("x".into()) => E::InvalidDestination(_) => 400 "invalid_destination",

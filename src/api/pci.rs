@@ -3,7 +3,7 @@
 //! Creating one needs a compliance level that may handle card data. The
 //! same card (by keyed fingerprint) is stored once: creating it again
 //! answers 200 with the existing token (201 when new). The CVC, if given,
-//! goes to the in-memory [`crate::cvc::CvcStore`] only. The API view never
+//! goes to the [`crate::cvc::CvcStore`] only (memory, or sealed in Redis). The API view never
 //! holds the PAN or the CVC.
 
 use std::sync::Arc;
@@ -105,7 +105,7 @@ pub async fn store_card(
         })
         .await?;
     if let Some(cvc) = card.cvc {
-        if !state.cvcs.hold(token.id, cvc) {
+        if !state.cvcs.hold(token.id, cvc).await? {
             tracing::warn!(pci_token_id = %token.id, "CVC store full; security code not held");
         }
     }
@@ -199,6 +199,6 @@ pub async fn delete(state: &AppState, id: PciTokenId) -> Result<Response<Body>, 
     if !state.tokens.delete_pci(id).await? {
         return Err(ApiError::PciTokenNotFound);
     }
-    state.cvcs.forget(id);
+    state.cvcs.forget(id).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
 }

@@ -18,7 +18,7 @@ use super::{json, pci};
 use crate::card::validate_expiry;
 use crate::tsp::ProvisionRequest;
 use crate::vault::{
-    Inserted, Metadata, NetworkToken, NetworkTokenType, TokenChange, TokenId, TokenStatus,
+    Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, TokenChange, TokenId, TokenStatus,
 };
 use crate::{AppState, Body};
 
@@ -142,16 +142,7 @@ async fn provision_inner(
                 .get_pci(pci::parse_id(id)?)
                 .await?
                 .ok_or(ApiError::PciTokenNotFound)?;
-            let now = OffsetDateTime::now_utc();
-            validate_expiry(
-                i64::from(card.expiry_month),
-                i64::from(card.expiry_year),
-                (now.year(), u8::from(now.month())),
-            )
-            .map_err(|e| ApiError::InvalidCard {
-                field: e.field,
-                reason: e.reason,
-            })?;
+            check_card_expiry(&card)?;
             card
         }
         "session" => return Err(ApiError::SourceNotSupported(source_type.to_owned())),
@@ -161,32 +152,7 @@ async fn provision_inner(
             ))
         }
     };
-    let (pan, brand) = (&card.pan, card.scheme);
-    let now = OffsetDateTime::now_utc();
-    let provisioned = state.tsp.provision(&ProvisionRequest {
-        pan,
-        brand,
-        expiry_month: card.expiry_month,
-        expiry_year: card.expiry_year,
-    })?;
-    let token = NetworkToken {
-        id: TokenId::new(),
-        status: TokenStatus::Active,
-        network_token_type: provisioned.network_token_type,
-        scheme: brand,
-        card_last4: pan.last4().to_owned(),
-        expiry_month: provisioned.expiry_month,
-        expiry_year: provisioned.expiry_year,
-        pci_token_id: Some(card.id),
-        supports_device_binding: provisioned.supports_device_binding,
-        scheme_reference: provisioned.scheme_reference,
-        scheme_metadata: provisioned.scheme_metadata,
-        metadata,
-        dauth_activated,
-        created_at: now,
-        updated_at: now,
-        tpan: provisioned.tpan,
-    };
+    let token = new_token(state, &card, metadata, dauth_activated)?;
     let body = serde_json::to_vec(&TokenView::from(&token))
         .map_err(|e| ApiError::Internal(format!("serialising a token: {e}")))?;
     let id = token.id;
@@ -205,9 +171,60 @@ async fn provision_inner(
         (Inserted::Stored, _) => {}
     }
     audit.subject = Some(Subject::NetworkToken(id));
-    audit.scheme = Some(brand.as_str());
-    audit.card = Some(pan.to_string());
+    audit.scheme = Some(card.scheme.as_str());
+    audit.card = Some(card.pan.to_string());
     Ok(stored)
+}
+
+/// Refuses a stored card whose expiry has passed (422 `invalid_card`).
+pub fn check_card_expiry(card: &PciToken) -> Result<(), ApiError> {
+    let now = OffsetDateTime::now_utc();
+    validate_expiry(
+        i64::from(card.expiry_month),
+        i64::from(card.expiry_year),
+        (now.year(), u8::from(now.month())),
+    )
+    .map_err(|e| ApiError::InvalidCard {
+        field: e.field,
+        reason: e.reason,
+    })
+}
+
+/// A new active network token for `card`, from the token service; not yet
+/// stored. The one place a token is made, for the native API and the
+/// compatible surfaces alike.
+pub fn new_token(
+    state: &AppState,
+    card: &PciToken,
+    metadata: Metadata,
+    dauth_activated: bool,
+) -> Result<NetworkToken, ApiError> {
+    let (pan, brand) = (&card.pan, card.scheme);
+    let now = OffsetDateTime::now_utc();
+    let provisioned = state.tsp.provision(&ProvisionRequest {
+        pan,
+        brand,
+        expiry_month: card.expiry_month,
+        expiry_year: card.expiry_year,
+    })?;
+    Ok(NetworkToken {
+        id: TokenId::new(),
+        status: TokenStatus::Active,
+        network_token_type: provisioned.network_token_type,
+        scheme: brand,
+        card_last4: pan.last4().to_owned(),
+        expiry_month: provisioned.expiry_month,
+        expiry_year: provisioned.expiry_year,
+        pci_token_id: Some(card.id),
+        supports_device_binding: provisioned.supports_device_binding,
+        scheme_reference: provisioned.scheme_reference,
+        scheme_metadata: provisioned.scheme_metadata,
+        metadata,
+        dauth_activated,
+        created_at: now,
+        updated_at: now,
+        tpan: provisioned.tpan,
+    })
 }
 
 /// `GET /api/network/tokens/{id}`
@@ -219,13 +236,20 @@ pub async fn get(state: &AppState, id: TokenId) -> Result<Response<Body>, ApiErr
 /// `DELETE /api/network/tokens/{id}`: the token becomes `deleted` (kept as a
 /// tombstone so `GET` can say so) and its outstanding references die.
 pub async fn delete(state: &AppState, id: TokenId) -> Result<Response<Body>, ApiError> {
+    delete_token(state, id).await?;
+    Ok(empty_response(StatusCode::NO_CONTENT))
+}
+
+/// Marks a token `deleted` and kills its outstanding references; the one
+/// delete path, for the native API and the compatible surfaces alike.
+pub async fn delete_token(state: &AppState, id: TokenId) -> Result<(), ApiError> {
     state
         .tokens
         .set_status(id, TokenStatus::Deleted)
         .await?
         .ok_or(ApiError::TokenNotFound)?;
     state.references.revoke_token(id).await?;
-    Ok(empty_response(StatusCode::NO_CONTENT))
+    Ok(())
 }
 
 /// `POST /api/network/tokens/{id}/events` (admin scope): sandbox lifecycle

@@ -160,15 +160,6 @@ impl Spent {
             .filter(|(_, exp)| *exp > OffsetDateTime::now_utc())
     }
 
-    /// Removes the live tombstone of `id`, returning whether there was one.
-    fn remove(&self, id: &ReferenceId) -> bool {
-        let (mut shard, key) = self.shard(id);
-        shard
-            .tombstones
-            .remove(&key)
-            .is_some_and(|(_, exp)| exp > OffsetDateTime::now_utc())
-    }
-
     fn revoke_token(&self, token_id: TokenId) {
         for shard in self.shards.iter() {
             lock(shard).tombstones.retain(|_, (t, _)| *t != token_id);
@@ -295,16 +286,29 @@ impl ReferenceStore for MemoryReferenceStore {
         reference: Reference,
     ) -> Result<(), ReferenceStoreError> {
         // Only a live tombstone comes back: not an expired or revoked one,
-        // and not a reference that was never taken.
-        if self.spent.remove(id) {
+        // and not a reference that was never taken. The tombstone's removal
+        // and the insert happen under its shard's lock, which a revocation
+        // takes too before it registers its cache invalidation: either the
+        // revocation removed the tombstone first (nothing comes back), or
+        // the insert is done before the invalidation is registered, which
+        // then covers it. A restore racing a revoke never resurrects.
+        let (mut shard, key) = self.spent.shard(id);
+        let live = shard
+            .tombstones
+            .remove(&key)
+            .is_some_and(|(_, exp)| exp > OffsetDateTime::now_utc());
+        if live {
             // It was counted when issued; it is unused again.
             self.live.fetch_add(1, Ordering::AcqRel);
             self.cache.insert(id.clone(), Slot::unused(reference));
         }
+        drop(shard);
         Ok(())
     }
 
     async fn revoke_token(&self, token_id: TokenId) -> Result<(), ReferenceStoreError> {
+        // Tombstones first (each shard under its lock), then the cache: see
+        // `restore` for why this order makes the race with it safe.
         self.spent.revoke_token(token_id);
         self.cache
             .invalidate_entries_if(move |_, s| s.token_id == token_id)
@@ -382,6 +386,36 @@ mod tests {
                 wins += usize::from(task.await.unwrap());
             }
             assert_eq!(wins, 1);
+        });
+    }
+
+    #[test]
+    fn a_restore_racing_a_revoke_never_resurrects() {
+        let s = Arc::new(MemoryReferenceStore::new(10_000));
+        let rt = two_workers();
+        rt.block_on(async {
+            for _ in 0..2_000 {
+                let t = TokenId::new();
+                let id = s
+                    .issue(reference(t, Duration::from_secs(60)))
+                    .await
+                    .unwrap();
+                let taken = s.take(&id, t).await.unwrap();
+                let (a, b) = (s.clone(), s.clone());
+                let rid = id.clone();
+                let restore = tokio::spawn(async move { a.restore(&rid, taken).await });
+                let revoke = tokio::spawn(async move { b.revoke_token(t).await });
+                restore.await.unwrap().unwrap();
+                revoke.await.unwrap().unwrap();
+                // Whichever ran first, the reference is dead after both.
+                assert!(
+                    matches!(
+                        s.take(&id, t).await,
+                        Err(TakeFailure::Refused(TakeError::NotFound))
+                    ),
+                    "a revoked reference came back"
+                );
+            }
         });
     }
 

@@ -14,7 +14,17 @@
 //!   its cardinality, after dropping expired members, is what
 //!   `max_entries` bounds and what [`ReferenceStore::len`] reports.
 //! - `tok:<token id>` — a sorted set of a token's references (scored by
-//!   expiry, expiring with the latest one) so `revoke_token` finds them.
+//!   expiry, expiring with the latest one) so `revoke_token` finds them;
+//!   revocation deletes them in batches of 256, one short script each, so
+//!   a token with many references never blocks Redis.
+//! - `<kind>:<hex SHA-256 of the name>` — a sealed blob (`put_sealed`):
+//!   expiry, key id and the sealed bytes (expiry and key as associated
+//!   data), `PEXPIREAT` = expiry, taken once with `take_sealed`. Kind `cvc`
+//!   holds the CVC of a PCI token (named by its id) when the references are
+//!   in Redis, so a PCI forward through any replica finds it.
+//!
+//! Every command runs under `references.timeout`; one that gets no answer
+//! drops the connection, and the next dials afresh (see `Link`).
 //!
 //! Every state change is one Lua script, which Redis runs atomically: that
 //! is what makes `take` exactly-once across replicas. `take` marks the
@@ -36,8 +46,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ::redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use ::redis::{IntoConnectionInfo, RedisError, Script};
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{AsyncConnectionConfig, IntoConnectionInfo, RedisError, RedisResult, Script};
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -65,6 +75,9 @@ pub enum OpenError {
     /// The URL is unusable or Redis did not answer.
     #[error("references.url: {0}")]
     Connect(String),
+    /// The CA file could not be read.
+    #[error("references.ca_file: {0}")]
+    CaFile(std::io::Error),
 }
 
 /// `ISSUE` — KEYS: ref, live, token index. ARGV: now ms, expires ms,
@@ -123,18 +136,31 @@ redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now)
 return {code, redis.call('ZCARD', KEYS[2])}
 ";
 
-/// `REVOKE` — KEYS: token index, live. ARGV: now ms. Deletes every
-/// reference of the token, used or not (as the memory store does: a later
-/// take answers 404). → live count.
+/// `REVOKE` — KEYS: token index, live. ARGV: now ms, batch. Deletes up to
+/// `batch` references of the token, used or not (as the memory store does:
+/// a later take answers 404), so no one script walks an unbounded list and
+/// blocks Redis; the caller repeats until none is left. → {left in the
+/// token's index, live count}.
 const REVOKE: &str = r"
-local refs = redis.call('ZRANGE', KEYS[1], 0, -1)
+local refs = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[2]) - 1)
 for _, k in ipairs(refs) do
   redis.call('DEL', k)
   redis.call('ZREM', KEYS[2], k)
+  redis.call('ZREM', KEYS[1], k)
 end
-redis.call('DEL', KEYS[1])
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(ARGV[1]))
-return redis.call('ZCARD', KEYS[2])
+return {redis.call('ZCARD', KEYS[1]), redis.call('ZCARD', KEYS[2])}
+";
+
+/// References one `REVOKE` script deletes.
+const REVOKE_BATCH: u64 = 256;
+
+/// `TAKE_SEALED` — KEYS: blob. Returns the value and deletes it, in one
+/// step: of concurrent takers exactly one gets it.
+const TAKE_SEALED: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v then redis.call('DEL', KEYS[1]) end
+return v
 ";
 
 /// The payload as sealed: short field names, secrets borrowed.
@@ -157,9 +183,18 @@ struct SealedPayload {
     m: Metadata,
 }
 
+/// A blob [`RedisReferenceStore::take_sealed`] took: the opened bytes and
+/// the expiry they were stored with.
+pub struct SealedBlob {
+    /// The plaintext, wiped on drop.
+    pub plain: Zeroizing<Vec<u8>>,
+    /// When it stops being usable.
+    pub expires_at: OffsetDateTime,
+}
+
 /// The Redis-backed store.
 pub struct RedisReferenceStore {
-    conn: ConnectionManager,
+    link: Link,
     keys: Arc<Keyring>,
     prefix: String,
     live_key: String,
@@ -170,6 +205,112 @@ pub struct RedisReferenceStore {
     take: Script,
     restore: Script,
     revoke: Script,
+    take_sealed: Script,
+}
+
+/// The connection to Redis, replaced when it stops answering.
+///
+/// One multiplexed connection serves every request. A command that gets
+/// no answer within `timeout`, or fails on the connection itself, drops
+/// it; the next command dials afresh (one dial at a time, itself bounded by
+/// `timeout`). So a connection that died silently — a partition that left
+/// the socket open, a peer that vanished — costs the commands in flight one
+/// timeout each, and `/readyz` recovers by itself as soon as Redis answers
+/// a new connection. (redis-rs's `ConnectionManager` reconnects only on
+/// errors it sees; a black hole only ever times out.)
+struct Link {
+    client: ::redis::Client,
+    config: AsyncConnectionConfig,
+    timeout: Duration,
+    /// The connection in use and its generation, so a late failure of an
+    /// old connection never drops its replacement.
+    current: std::sync::Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    /// Held while dialling (across the await: a tokio mutex).
+    dialling: tokio::sync::Mutex<()>,
+}
+
+impl Link {
+    fn new(client: ::redis::Client, timeout: Duration) -> Link {
+        Link {
+            client,
+            config: AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(timeout))
+                .set_response_timeout(Some(timeout)),
+            timeout,
+            current: std::sync::Mutex::new(None),
+            generation: AtomicU64::new(0),
+            dialling: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    fn slot(&self) -> std::sync::MutexGuard<'_, Option<(u64, MultiplexedConnection)>> {
+        // Plain data: a poisoned lock still holds a usable value.
+        self.current.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn connection(&self) -> Result<(u64, MultiplexedConnection), ReferenceStoreError> {
+        if let Some(c) = self.slot().clone() {
+            return Ok(c);
+        }
+        let _dialling = self.dialling.lock().await;
+        if let Some(c) = self.slot().clone() {
+            return Ok(c);
+        }
+        let dial = self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config);
+        let conn = match tokio::time::timeout(self.timeout, dial).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => return Err(unavailable(e)),
+            Err(_) => {
+                return Err(ReferenceStoreError::Unavailable(format!(
+                    "redis: no connection within {:?}",
+                    self.timeout
+                )))
+            }
+        };
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed) + 1;
+        *self.slot() = Some((generation, conn.clone()));
+        Ok((generation, conn))
+    }
+
+    fn drop_connection(&self, generation: u64) {
+        let mut slot = self.slot();
+        if slot.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *slot = None;
+        }
+    }
+
+    /// Runs one command (or script) under the timeout.
+    async fn run<'a, T, F, Fut>(&self, command: F) -> Result<T, ReferenceStoreError>
+    where
+        F: FnOnce(MultiplexedConnection) -> Fut,
+        Fut: std::future::Future<Output = RedisResult<T>> + 'a,
+    {
+        let (generation, conn) = self.connection().await?;
+        match tokio::time::timeout(self.timeout, command(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                if e.is_timeout()
+                    || e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_unrecoverable_error()
+                {
+                    self.drop_connection(generation);
+                }
+                Err(unavailable(e))
+            }
+            Err(_) => {
+                self.drop_connection(generation);
+                Err(ReferenceStoreError::Unavailable(format!(
+                    "redis: no answer within {:?}; the connection is dropped",
+                    self.timeout
+                )))
+            }
+        }
+    }
 }
 
 impl std::fmt::Debug for RedisReferenceStore {
@@ -220,8 +361,9 @@ fn known_eci(s: &str) -> Option<&'static str> {
 
 impl RedisReferenceStore {
     /// Connects to `url` (checked by the config: no password in it), with
-    /// `password` if given. Keys start with `prefix`; at most `max_entries`
-    /// unused references are held across every replica sharing the prefix.
+    /// `password` if given and every other `[references]` key at its
+    /// default. Keys start with `prefix`; at most `max_entries` unused
+    /// references are held across every replica sharing the prefix.
     pub async fn connect(
         url: &str,
         password: Option<&str>,
@@ -229,7 +371,42 @@ impl RedisReferenceStore {
         max_entries: u64,
         prefix: &str,
     ) -> Result<RedisReferenceStore, OpenError> {
-        let mut info = url
+        let config = crate::config::RedisConfig {
+            url: url.to_owned(),
+            key_prefix: prefix.to_owned(),
+            ..Default::default()
+        };
+        Self::connect_with(&config, password, keys, max_entries).await
+    }
+
+    /// Opens the store the config describes: reads the password, connects.
+    pub async fn open(
+        config: &crate::config::RedisConfig,
+        keys: Arc<Keyring>,
+        max_entries: u64,
+    ) -> Result<RedisReferenceStore, OpenError> {
+        let password = password(config.password_file.as_deref())?;
+        Self::connect_with(
+            config,
+            password.as_ref().map(|p| p.as_str()),
+            keys,
+            max_entries,
+        )
+        .await
+    }
+
+    /// Connects as `config` says, with `password` if given, and checks
+    /// Redis answers.
+    pub async fn connect_with(
+        config: &crate::config::RedisConfig,
+        password: Option<&str>,
+        keys: Arc<Keyring>,
+        max_entries: u64,
+    ) -> Result<RedisReferenceStore, OpenError> {
+        let prefix = config.key_prefix.as_str();
+        let mut info = config
+            .url
+            .as_str()
             .into_connection_info()
             .map_err(|e| OpenError::Connect(format!("not a usable Redis URL ({e})")))?;
         if let Some(pw) = password {
@@ -242,18 +419,22 @@ impl RedisReferenceStore {
             // An error only means one is installed already.
             let _ = rustls::crypto::ring::default_provider().install_default();
         }
-        let client = ::redis::Client::open(info)
-            .map_err(|e| OpenError::Connect(format!("not a usable Redis URL ({e})")))?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(2)))
-            .set_response_timeout(Some(Duration::from_secs(2)))
-            .set_number_of_retries(3)
-            .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_with_config(client, config)
-            .await
-            .map_err(|e| OpenError::Connect(format!("Redis unreachable ({e})")))?;
+        let client = match &config.ca_file {
+            None => ::redis::Client::open(info),
+            Some(ca) => {
+                let pem = std::fs::read(ca).map_err(OpenError::CaFile)?;
+                ::redis::Client::build_with_tls(
+                    info,
+                    ::redis::TlsCertificates {
+                        client_tls: None,
+                        root_cert: Some(pem),
+                    },
+                )
+            }
+        }
+        .map_err(|e| OpenError::Connect(format!("not a usable Redis URL or CA ({e})")))?;
         let store = RedisReferenceStore {
-            conn,
+            link: Link::new(client, config.timeout),
             keys,
             prefix: prefix.to_owned(),
             live_key: format!("{prefix}live"),
@@ -263,33 +444,148 @@ impl RedisReferenceStore {
             take: Script::new(TAKE),
             restore: Script::new(RESTORE),
             revoke: Script::new(REVOKE),
+            take_sealed: Script::new(TAKE_SEALED),
         };
-        let live: u64 = ::redis::cmd("ZCOUNT")
+        let cmd = ::redis::cmd("ZCOUNT")
             .arg(&store.live_key)
             .arg(format!("({}", now_ms()))
             .arg("+inf")
-            .query_async(&mut store.conn.clone())
+            .clone();
+        let live: u64 = store
+            .link
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
             .await
-            .map_err(|e| OpenError::Connect(format!("Redis refused a command ({e})")))?;
+            .map_err(|e| OpenError::Connect(format!("Redis unreachable ({e})")))?;
         store.live.store(live, Ordering::Relaxed);
         Ok(store)
     }
 
-    /// Opens the store the config describes: reads the password, connects.
-    pub async fn open(
-        config: &crate::config::RedisConfig,
-        keys: Arc<Keyring>,
-        max_entries: u64,
-    ) -> Result<RedisReferenceStore, OpenError> {
-        let password = password(config.password_file.as_deref())?;
-        Self::connect(
-            &config.url,
-            password.as_ref().map(|p| p.as_str()),
-            keys,
-            max_entries,
-            &config.key_prefix,
-        )
-        .await
+    /// The key of a sealed blob of `kind` named `id` (hashed: the name
+    /// itself, e.g. a session id, may be a bearer credential).
+    fn blob_key(&self, kind: &str, id: &str) -> String {
+        let digest = ring::digest::digest(&ring::digest::SHA256, id.as_bytes());
+        format!("{}{kind}:{}", self.prefix, hex::encode(digest))
+    }
+
+    /// Associated data of a blob: its key and expiry, so neither can be
+    /// moved or stretched in Redis without the open failing.
+    fn blob_aad(key: &str, expires_ms: i64) -> Vec<u8> {
+        format!("{key}\n{expires_ms}").into_bytes()
+    }
+
+    /// Stores `plain` sealed under the keyring as a blob of `kind` named
+    /// `id`, until `expires_at` (Redis expires it then; every read checks
+    /// our clock too). With `replace`, an earlier blob of that name is
+    /// overwritten; without, an existing one wins and nothing is written.
+    /// `false`: not stored (it existed, or `expires_at` has passed).
+    ///
+    /// The sealed-blob primitive — sealed, TTL-bound, single use through
+    /// [`take_sealed`](Self::take_sealed) — holds the CVCs of PCI tokens
+    /// (`crate::cvc`, kind `cvc`) and is meant for any other short-lived
+    /// secret every replica must see once, such as browser sessions.
+    pub async fn put_sealed(
+        &self,
+        kind: &str,
+        id: &str,
+        plain: &[u8],
+        expires_at: OffsetDateTime,
+        replace: bool,
+    ) -> Result<bool, ReferenceStoreError> {
+        let expires_ms = unix_ms(expires_at);
+        if expires_ms <= now_ms() {
+            return Ok(false);
+        }
+        let key = self.blob_key(kind, id);
+        let (key_id, sealed) = self
+            .keys
+            .seal(&Self::blob_aad(&key, expires_ms), plain)
+            .map_err(|e| ReferenceStoreError::Unavailable(format!("sealing a {kind}: {e}")))?;
+        // expiry (8 bytes, big endian) | key id length (1 byte) | key id | sealed
+        let key_id = key_id.as_bytes();
+        let key_id_len = u8::try_from(key_id.len())
+            .map_err(|_| ReferenceStoreError::Unavailable("key id too long".into()))?;
+        let mut value = Vec::with_capacity(9 + key_id.len() + sealed.len());
+        value.extend_from_slice(&expires_ms.to_be_bytes());
+        value.push(key_id_len);
+        value.extend_from_slice(key_id);
+        value.extend_from_slice(&sealed);
+        let mut cmd = ::redis::cmd("SET");
+        cmd.arg(&key).arg(value).arg("PXAT").arg(expires_ms);
+        if !replace {
+            cmd.arg("NX");
+        }
+        let stored: Option<String> = self
+            .link
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(stored.is_some())
+    }
+
+    /// Takes the blob of `kind` named `id`: exactly one of any number of
+    /// concurrent takers, on any replica, gets it; it is gone afterwards.
+    /// `None` when absent or expired.
+    pub async fn take_sealed(
+        &self,
+        kind: &str,
+        id: &str,
+    ) -> Result<Option<SealedBlob>, ReferenceStoreError> {
+        let key = self.blob_key(kind, id);
+        let mut invocation = self.take_sealed.prepare_invoke();
+        invocation.key(&key);
+        let value: Option<Vec<u8>> = self
+            .link
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
+        let Some(value) = value.map(Zeroizing::new) else {
+            return Ok(None);
+        };
+        let malformed =
+            || ReferenceStoreError::Unavailable(format!("a stored {kind} is malformed"));
+        let (head, rest) = value.split_at_checked(9).ok_or_else(malformed)?;
+        let mut ms = [0u8; 8];
+        ms.copy_from_slice(&head[..8]);
+        let expires_ms = i64::from_be_bytes(ms);
+        let (key_id, sealed) = rest
+            .split_at_checked(usize::from(head[8]))
+            .ok_or_else(malformed)?;
+        if expires_ms <= now_ms() {
+            return Ok(None);
+        }
+        let key_id = std::str::from_utf8(key_id).map_err(|_| malformed())?;
+        let plain = self
+            .keys
+            .open(key_id, &Self::blob_aad(&key, expires_ms), sealed)
+            .map_err(|e| {
+                ReferenceStoreError::Unavailable(format!("opening a stored {kind}: {e}"))
+            })?;
+        Ok(Some(SealedBlob {
+            plain,
+            expires_at: Self::expires_at(expires_ms)?,
+        }))
+    }
+
+    /// Whether a live blob of `kind` named `id` is held (nothing taken).
+    pub async fn holds_sealed(&self, kind: &str, id: &str) -> Result<bool, ReferenceStoreError> {
+        let cmd = ::redis::cmd("GETRANGE")
+            .arg(self.blob_key(kind, id))
+            .arg(0)
+            .arg(7)
+            .clone();
+        let head: Vec<u8> = self
+            .link
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(<[u8; 8]>::try_from(head.as_slice()).is_ok_and(|ms| i64::from_be_bytes(ms) > now_ms()))
+    }
+
+    /// Deletes the blob of `kind` named `id`, if any.
+    pub async fn delete_sealed(&self, kind: &str, id: &str) -> Result<(), ReferenceStoreError> {
+        let cmd = ::redis::cmd("DEL").arg(self.blob_key(kind, id)).clone();
+        let _: u64 = self
+            .link
+            .run(|mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
+        Ok(())
     }
 
     fn ref_key(&self, id: &ReferenceId) -> String {
@@ -384,8 +680,8 @@ impl ReferenceStore for RedisReferenceStore {
         let id = ReferenceId::generate();
         let key = self.ref_key(&id);
         let (key_id, sealed) = self.seal(&key, reference.token_id, &reference.payload)?;
-        let (code, live): (i64, u64) = self
-            .issue
+        let mut invocation = self.issue.prepare_invoke();
+        invocation
             .key(&key)
             .key(&self.live_key)
             .key(self.token_key(reference.token_id))
@@ -394,10 +690,11 @@ impl ReferenceStore for RedisReferenceStore {
             .arg(self.max_entries)
             .arg(reference.token_id.to_string())
             .arg(key_id)
-            .arg(sealed)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .arg(sealed);
+        let (code, live): (i64, u64) = self
+            .link
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         self.count(live);
         match code {
             0 => Ok(id),
@@ -411,15 +708,16 @@ impl ReferenceStore for RedisReferenceStore {
 
     async fn take(&self, id: &ReferenceId, token_id: TokenId) -> Result<Reference, TakeFailure> {
         let key = self.ref_key(id);
-        let (code, live, key_id, sealed, expires): (i64, u64, String, Vec<u8>, i64) = self
-            .take
+        let mut invocation = self.take.prepare_invoke();
+        invocation
             .key(&key)
             .key(&self.live_key)
             .arg(now_ms())
-            .arg(token_id.to_string())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .arg(token_id.to_string());
+        let (code, live, key_id, sealed, expires): (i64, u64, String, Vec<u8>, i64) = self
+            .link
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         self.count(live);
         let sealed = Zeroizing::new(sealed);
         match code {
@@ -443,12 +741,15 @@ impl ReferenceStore for RedisReferenceStore {
             Option<String>,
             Option<Vec<u8>>,
         );
-        let (token, expires, used, key_id, sealed): Fields = ::redis::cmd("HMGET")
-            .arg(&key)
-            .arg(&["t", "e", "u", "k", "p"])
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let (token, expires, used, key_id, sealed): Fields = {
+            let cmd = ::redis::cmd("HMGET")
+                .arg(&key)
+                .arg(&["t", "e", "u", "k", "p"])
+                .clone();
+            self.link
+                .run(|mut c| async move { cmd.query_async(&mut c).await })
+                .await?
+        };
         let sealed = sealed.map(Zeroizing::new);
         let (Some(token), Some(expires)) = (token, expires) else {
             return Err(TakeError::NotFound.into());
@@ -479,32 +780,44 @@ impl ReferenceStore for RedisReferenceStore {
     ) -> Result<(), ReferenceStoreError> {
         let key = self.ref_key(id);
         let (key_id, sealed) = self.seal(&key, reference.token_id, &reference.payload)?;
-        let (_restored, live): (i64, u64) = self
-            .restore
+        let mut invocation = self.restore.prepare_invoke();
+        invocation
             .key(&key)
             .key(&self.live_key)
             .arg(now_ms())
             .arg(reference.token_id.to_string())
             .arg(key_id)
-            .arg(sealed)
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+            .arg(sealed);
+        let (_restored, live): (i64, u64) = self
+            .link
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await?;
         self.count(live);
         Ok(())
     }
 
     async fn revoke_token(&self, token_id: TokenId) -> Result<(), ReferenceStoreError> {
-        let live: u64 = self
-            .revoke
-            .key(self.token_key(token_id))
-            .key(&self.live_key)
-            .arg(now_ms())
-            .invoke_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
-        self.count(live);
-        Ok(())
+        // In batches, each one short script, until the token's index is
+        // empty. References issued meanwhile are caught by a later batch;
+        // one issued after the last (by a mint that read the token active
+        // before the change committed) is refused at the forward, which
+        // reads the status from the vault.
+        loop {
+            let mut invocation = self.revoke.prepare_invoke();
+            invocation
+                .key(self.token_key(token_id))
+                .key(&self.live_key)
+                .arg(now_ms())
+                .arg(REVOKE_BATCH);
+            let (left, live): (u64, u64) = self
+                .link
+                .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+                .await?;
+            self.count(live);
+            if left == 0 {
+                return Ok(());
+            }
+        }
     }
 
     fn len(&self) -> u64 {
@@ -512,10 +825,12 @@ impl ReferenceStore for RedisReferenceStore {
     }
 
     async fn ping(&self) -> Result<(), ReferenceStoreError> {
-        let _: String = ::redis::cmd("PING")
-            .query_async(&mut self.conn.clone())
-            .await
-            .map_err(unavailable)?;
+        let _: String = {
+            let cmd = ::redis::cmd("PING").clone();
+            self.link
+                .run(|mut c| async move { cmd.query_async(&mut c).await })
+                .await?
+        };
         Ok(())
     }
 }

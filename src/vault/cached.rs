@@ -10,10 +10,14 @@
 //! Consistency: every change made through this replica updates the cache in
 //! the same call, after the write commits, so this replica never reads its
 //! own writes stale. A change made by *another* replica (sharing PostgreSQL)
-//! is seen here after at most `vault.cache_ttl`. For suspension and deletion
-//! that window is closed anyway by reference revocation in the shared
-//! reference store; for an expiry update it is the price of the cache, and
-//! `cache_ttl = "0s"` turns the cache off.
+//! is seen by [`TokenStore::get`] here after at most `vault.cache_ttl` (a
+//! `GET` of the token may show the old status that long). Minting and
+//! forwarding read through [`TokenStore::get_current`] instead: the status
+//! and last-change time come from the database on every call (one indexed
+//! read, nothing decrypted) and the cached copy is used only if it matches
+//! them, so no replica mints or forwards for a token another replica has
+//! suspended or deleted, from the next request on. `cache_ttl = "0s"` turns
+//! the cache off.
 //!
 //! A read that raced a write must not put its older copy back: reads note
 //! a write epoch before going to the store and insert only if no write
@@ -28,7 +32,7 @@ use crate::card::CardNumber;
 
 use super::{
     IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, RotationCursor, RotationStep,
-    StoreError, TokenChange, TokenId, TokenStore,
+    StoreError, TokenChange, TokenId, TokenLookup, TokenStatus, TokenStore,
 };
 
 /// Most tokens kept.
@@ -99,6 +103,35 @@ impl TokenStore for CachedTokenStore {
         Ok(token)
     }
 
+    async fn get_current(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
+        // The status always comes from the store; the cached copy serves
+        // the rest (and saves the decryption) only while it still matches.
+        let before = *self.epoch();
+        let Some((status, updated_at)) = self.inner.status_now(id).await? else {
+            self.tokens.invalidate(&id);
+            return Ok(None);
+        };
+        if let Some(t) = self.tokens.get(&id) {
+            if t.status == status && t.updated_at == updated_at {
+                return Ok(Some(t));
+            }
+        }
+        let token = self.inner.get(id).await?;
+        let epoch = self.epoch();
+        match &token {
+            Some(t) if *epoch == before => self.tokens.insert(id, t.clone()),
+            _ => self.tokens.invalidate(&id),
+        }
+        Ok(token)
+    }
+
+    async fn status_now(
+        &self,
+        id: TokenId,
+    ) -> Result<Option<(TokenStatus, time::OffsetDateTime)>, StoreError> {
+        self.inner.status_now(id).await
+    }
+
     async fn update(
         &self,
         id: TokenId,
@@ -108,6 +141,12 @@ impl TokenStore for CachedTokenStore {
         // On an error the write may or may not have landed: forget the copy.
         self.written(id, result.as_ref().ok().and_then(Option::as_ref));
         result
+    }
+
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+        // A lookup by card or number is not on the forward path: always the
+        // store's current answer.
+        self.inner.find_tokens(by).await
     }
 
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
@@ -217,6 +256,12 @@ mod tests {
             c: TokenChange,
         ) -> Result<Option<Arc<NetworkToken>>, StoreError> {
             self.store.update(id, c).await
+        }
+        async fn find_tokens(
+            &self,
+            by: TokenLookup<'_>,
+        ) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+            self.store.find_tokens(by).await
         }
         async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {
             self.store.next_counter(id).await

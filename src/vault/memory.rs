@@ -16,7 +16,7 @@ use crate::card::CardNumber;
 use super::keyring::Keyring;
 use super::{
     IdempotencyRecord, Inserted, NetworkToken, PciToken, PciTokenId, RotationCursor, RotationStep,
-    StoreError, TokenChange, TokenId, TokenStore,
+    StoreError, TokenChange, TokenId, TokenLookup, TokenStore,
 };
 
 /// The in-memory store.
@@ -163,7 +163,9 @@ impl TokenStore for MemoryTokenStore {
             return Ok(None);
         };
         let mut next = NetworkToken::clone(current);
-        change.apply(&mut next);
+        if !change.apply(&mut next)? {
+            return Ok(Some(current.clone()));
+        }
         let next = Arc::new(next);
         inner.tokens.insert(id, next.clone());
         Ok(Some(next))
@@ -197,6 +199,24 @@ impl TokenStore for MemoryTokenStore {
 
     async fn delete_pci(&self, id: PciTokenId) -> Result<bool, StoreError> {
         Ok(self.write()?.pci.remove(&id).is_some())
+    }
+
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+        let inner = self
+            .inner
+            .read()
+            .map_err(|_| StoreError::Unavailable("lock poisoned".into()))?;
+        let mut found: Vec<Arc<NetworkToken>> = inner
+            .tokens
+            .values()
+            .filter(|t| match by {
+                TokenLookup::Card(card) => t.pci_token_id == Some(card),
+                TokenLookup::Number(n) => t.tpan == *n,
+            })
+            .cloned()
+            .collect();
+        found.sort_by_key(|t| (t.created_at, t.id));
+        Ok(found)
     }
 
     async fn next_counter(&self, id: TokenId) -> Result<u64, StoreError> {

@@ -7,7 +7,8 @@
 //! columns, `ON CONFLICT DO NOTHING`, `RETURNING`). Secrets are sealed by
 //! the [`Keyring`] before they reach a query and stored as base64 text, so
 //! no PAN or TPAN digit is ever in the database in the clear. Migrations are
-//! versioned in `schema_migrations` and run at start.
+//! versioned in `schema_migrations` and run at start, under a lock (see
+//! `migrate`) so replicas starting together do not race.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +24,8 @@ use time::OffsetDateTime;
 use super::keyring::Keyring;
 use super::{
     IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, PciTokenId,
-    RotationCursor, RotationStep, StoreError, TokenChange, TokenId, TokenStatus, TokenStore,
+    RotationCursor, RotationStep, StoreError, TokenChange, TokenId, TokenLookup, TokenStatus,
+    TokenStore,
 };
 use crate::card::{Brand, CardNumber};
 
@@ -65,6 +67,18 @@ const MIGRATIONS: &[(i64, &[&str])] = &[
             created_at TEXT NOT NULL
         )",
             "CREATE INDEX IF NOT EXISTS pci_tokens_key_id ON pci_tokens (key_id)",
+        ],
+    ),
+    (
+        3,
+        // Lookups for the compatible surfaces: a card's tokens, and a token
+        // by its number (keyed fingerprint, never the number). Rows from
+        // before are filled in by `backfill_lookups` at start.
+        &[
+            "ALTER TABLE network_tokens ADD COLUMN pci_token_id TEXT",
+            "ALTER TABLE network_tokens ADD COLUMN tpan_fingerprint TEXT",
+            "CREATE INDEX IF NOT EXISTS network_tokens_pci_token_id ON network_tokens (pci_token_id)",
+            "CREATE INDEX IF NOT EXISTS network_tokens_tpan_fingerprint ON network_tokens (tpan_fingerprint)",
         ],
     ),
 ];
@@ -120,9 +134,16 @@ struct PublicFields {
     created_at: OffsetDateTime,
 }
 
+/// Key of the PostgreSQL advisory lock migrations hold (`tokenrelay`
+/// in ASCII): advisory locks are per database, so every tokenrelay sharing
+/// the database — whatever its schema — migrates one at a time.
+const MIGRATION_LOCK: i64 = 0x746f_6b65_6e72_656c;
+
 /// The SQL token store.
 pub struct SqlTokenStore {
     pool: AnyPool,
+    /// SQLite (else PostgreSQL): picks the migration lock.
+    is_sqlite: bool,
     keys: Arc<Keyring>,
     /// Transaction counters reserved in the database and not yet handed
     /// out, per token (see [`ATC_BLOCK`]).
@@ -237,10 +258,12 @@ impl SqlTokenStore {
             .after_connect(move |conn, _| {
                 Box::pin(async move {
                     if is_sqlite {
+                        // busy_timeout first: replicas opening one new file
+                        // at once wait for each other's journal switch.
                         for pragma in [
+                            "PRAGMA busy_timeout = 5000",
                             "PRAGMA journal_mode = WAL",
                             "PRAGMA synchronous = FULL",
-                            "PRAGMA busy_timeout = 5000",
                         ] {
                             sqlx::query(pragma).execute(&mut *conn).await?;
                         }
@@ -253,10 +276,12 @@ impl SqlTokenStore {
             .map_err(unavailable)?;
         let store = Self {
             pool,
+            is_sqlite,
             keys,
             atc: Default::default(),
         };
         store.migrate().await?;
+        store.backfill_lookups().await?;
         Ok(store)
     }
 
@@ -267,41 +292,96 @@ impl SqlTokenStore {
         self.atc.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs pending migrations as one transaction that holds the database's
+    /// migration lock: on PostgreSQL a transaction-scoped advisory lock
+    /// ([`MIGRATION_LOCK`]), on SQLite the file's write lock (`BEGIN
+    /// IMMEDIATE`, waited for under `busy_timeout`). Any number of replicas
+    /// may start at once on an empty database: one migrates, the others
+    /// wait for it, then find nothing to do. Both engines' DDL is
+    /// transactional, so a migrator that dies leaves nothing half done.
     async fn migrate(&self) -> Result<(), StoreError> {
+        let mut tx = if self.is_sqlite {
+            self.pool.begin_with("BEGIN IMMEDIATE").await
+        } else {
+            self.pool.begin().await
+        }
+        .map_err(unavailable)?;
+        if !self.is_sqlite {
+            // Released at commit or rollback, or when the connection dies.
+            sqlx::query("SELECT 1 AS locked FROM pg_advisory_xact_lock($1)")
+                .bind(MIGRATION_LOCK)
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
+        }
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS schema_migrations (version BIGINT PRIMARY KEY, applied_at TEXT NOT NULL)",
         )
-        .execute(&self.pool)
+        .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
         for (version, statements) in MIGRATIONS {
             let done: Option<i64> =
                 sqlx::query("SELECT version FROM schema_migrations WHERE version = $1")
                     .bind(*version)
-                    .fetch_optional(&self.pool)
+                    .fetch_optional(&mut *tx)
                     .await
                     .map_err(unavailable)?
                     .map(|r| r.get::<i64, _>(0));
             if done.is_some() {
                 continue;
             }
-            let mut tx = self.pool.begin().await.map_err(unavailable)?;
             for stmt in *statements {
                 sqlx::query(stmt)
                     .execute(&mut *tx)
                     .await
                     .map_err(unavailable)?;
             }
-            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            sqlx::query("INSERT INTO schema_migrations (version, applied_at) VALUES ($1, $2)")
                 .bind(*version)
                 .bind(now_text())
                 .execute(&mut *tx)
                 .await
                 .map_err(unavailable)?;
-            tx.commit().await.map_err(unavailable)?;
             tracing::info!(version, "vault migration applied");
         }
+        tx.commit().await.map_err(unavailable)?;
         Ok(())
+    }
+
+    /// Fills the lookup columns of migration 3 for tokens stored before
+    /// it, in id order and in batches; a row that cannot be opened is left
+    /// as it is (key rotation reports it) and passed over.
+    async fn backfill_lookups(&self) -> Result<(), StoreError> {
+        let mut after = String::new();
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens
+                 WHERE tpan_fingerprint IS NULL AND id > $1 ORDER BY id LIMIT 500",
+            )
+            .bind(after.clone())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            after = last.try_get("id").map_err(unavailable)?;
+            for row in &rows {
+                let Ok(token) = self.row_to_token(row) else {
+                    continue;
+                };
+                sqlx::query(
+                    "UPDATE network_tokens SET pci_token_id = $1, tpan_fingerprint = $2 WHERE id = $3",
+                )
+                .bind(token.pci_token_id.map(|p| p.to_string()))
+                .bind(hex::encode(self.keys.fingerprint(token.tpan.expose())))
+                .bind(token.id.to_string())
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+            }
+        }
     }
 
     /// The `id`, parsed `public_json` and opened `secret` of a sealed row.
@@ -536,8 +616,8 @@ impl TokenStore for SqlTokenStore {
             }
         }
         sqlx::query(
-            "INSERT INTO network_tokens (id, status, public_json, key_id, secret, atc, updated_at)
-             VALUES ($1, $2, $3, $4, $5, 0, $6)",
+            "INSERT INTO network_tokens (id, status, public_json, key_id, secret, atc, updated_at, pci_token_id, tpan_fingerprint)
+             VALUES ($1, $2, $3, $4, $5, 0, $6, $7, $8)",
         )
         .bind(id)
         .bind(token.status.as_str())
@@ -545,6 +625,8 @@ impl TokenStore for SqlTokenStore {
         .bind(key_id)
         .bind(b64(&sealed))
         .bind(token.updated_at.format(&Rfc3339).unwrap_or_default())
+        .bind(token.pci_token_id.map(|p| p.to_string()))
+        .bind(hex::encode(self.keys.fingerprint(token.tpan.expose())))
         .execute(&mut *tx)
         .await
         .map_err(unavailable)?;
@@ -554,6 +636,49 @@ impl TokenStore for SqlTokenStore {
 
     async fn get(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
         self.get_token(id).await
+    }
+
+    async fn find_tokens(&self, by: TokenLookup<'_>) -> Result<Vec<Arc<NetworkToken>>, StoreError> {
+        let (column, value) = match by {
+            TokenLookup::Card(card) => ("pci_token_id", card.to_string()),
+            TokenLookup::Number(n) => (
+                "tpan_fingerprint",
+                hex::encode(self.keys.fingerprint(n.expose())),
+            ),
+        };
+        let rows = sqlx::query(&format!(
+            "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens WHERE {column} = $1"
+        ))
+        .bind(value)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        let mut found = rows
+            .iter()
+            .map(|r| self.row_to_token(r).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        found.sort_by_key(|t| (t.created_at, t.id));
+        Ok(found)
+    }
+
+    async fn status_now(
+        &self,
+        id: TokenId,
+    ) -> Result<Option<(TokenStatus, OffsetDateTime)>, StoreError> {
+        let row = sqlx::query("SELECT status, updated_at FROM network_tokens WHERE id = $1")
+            .bind(id.to_string())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let status: String = row.try_get(0).map_err(unavailable)?;
+        let updated_at: String = row.try_get(1).map_err(unavailable)?;
+        Ok(Some((
+            TokenStatus::parse(&status).ok_or_else(|| corrupt("bad status"))?,
+            OffsetDateTime::parse(&updated_at, &Rfc3339).map_err(|_| corrupt("bad updated_at"))?,
+        )))
     }
 
     async fn update(
@@ -576,10 +701,15 @@ impl TokenStore for SqlTokenStore {
             let old_public: String = row.try_get("public_json").map_err(unavailable)?;
             let old_status: String = row.try_get("status").map_err(unavailable)?;
             let mut token = self.row_to_token(&row)?;
-            change.apply(&mut token);
+            // The lifecycle is checked against this fresh read, and the write
+            // below lands only if the row is still what was read: a change
+            // racing in from another replica makes this loop read again.
+            if !change.apply(&mut token)? {
+                return Ok(Some(Arc::new(token)));
+            }
             let done = sqlx::query(
                 "UPDATE network_tokens SET status = $1, public_json = $2, updated_at = $3
-                 WHERE id = $4 AND public_json = $5 AND status = $6",
+                 WHERE id = $4 AND public_json = $5 AND status = $6 AND status <> 'deleted'",
             )
             .bind(token.status.as_str())
             .bind(public_json(&token)?)
