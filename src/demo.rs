@@ -84,6 +84,12 @@ pub struct Sandbox {
 impl Sandbox {
     /// Starts both on ephemeral loopback ports.
     pub async fn start() -> Result<Sandbox, DemoError> {
+        Self::start_with(|_| {}).await
+    }
+
+    /// As [`Sandbox::start`], with `adjust` applied to tokenrelay's config
+    /// last (e.g. a SQLite vault for a benchmark).
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Sandbox, DemoError> {
         let pki = generate_pki()?;
         let dir = std::env::temp_dir().join(format!("tokenrelay-demo-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir)?;
@@ -115,6 +121,7 @@ impl Sandbox {
             client_cert: None,
             client_key: None,
         }];
+        adjust(&mut config);
         let state = crate::AppState::build(config).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;
