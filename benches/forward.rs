@@ -90,7 +90,10 @@ impl Merchant {
 }
 
 fn forward(c: &mut Criterion) {
-    let (logs, _flush) = LogBuffer::spawn(std::io::sink());
+    let (logs, _flush) = LogBuffer::spawn(
+        std::io::sink(),
+        tokenrelay::telemetry::DEFAULT_LOG_BUFFER_BYTES,
+    );
     let _ = tracing_subscriber::fmt()
         .event_format(JsonLine)
         .with_env_filter("info")

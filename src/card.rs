@@ -2,8 +2,9 @@
 //! the secret-bearing newtypes that keep PANs, TPANs, cryptograms and CVCs
 //! out of logs.
 //!
-//! Nothing here prints a secret: [`CardNumber`] shows first6/last4 at most,
-//! [`Secret`] shows nothing. Both zeroize their memory on drop.
+//! Nothing here prints a secret: [`CardNumber`] shows first6/last4 at most
+//! (last4 only when that would leave fewer than [`MIN_HIDDEN_DIGITS`]
+//! hidden), [`Secret`] shows nothing. Both zeroize their memory on drop.
 
 use std::fmt;
 
@@ -12,8 +13,10 @@ use zeroize::Zeroize;
 
 /// A primary account number or a network token number (TPAN): digits only.
 ///
-/// `Debug` and `Display` print `first6…last4`; the digits are reachable only
-/// through [`CardNumber::expose`], which makes every use greppable.
+/// `Debug` and `Display` print `first6…last4` for numbers of 16 digits or
+/// more and `…last4` for shorter ones (see [`MIN_HIDDEN_DIGITS`]); the
+/// digits are reachable only through [`CardNumber::expose`], which makes
+/// every use greppable.
 #[derive(Clone, PartialEq, Eq)]
 pub struct CardNumber(String);
 
@@ -40,9 +43,20 @@ impl CardNumber {
     }
 }
 
+/// Fewest digits a masked number keeps hidden. PCI DSS (3.4.1) allows at
+/// most the BIN and the last four to be shown; for a 16-digit PAN that
+/// hides 6. For shorter PANs first6 + last4 would hide less (5 of an Amex's
+/// 15, 3 of a 13-digit Visa's), so those show the last four only. The rule:
+/// first6 + last4 only when at least this many digits stay hidden.
+pub const MIN_HIDDEN_DIGITS: usize = 6;
+
 impl fmt::Debug for CardNumber {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}…{}", self.first6(), self.last4())
+        if self.0.len() >= 6 + 4 + MIN_HIDDEN_DIGITS {
+            write!(f, "{}…{}", self.first6(), self.last4())
+        } else {
+            write!(f, "…{}", self.last4())
+        }
     }
 }
 
@@ -315,6 +329,16 @@ mod tests {
     fn secrets_do_not_print() {
         let n = CardNumber::parse("4111111111111111").unwrap();
         assert_eq!(format!("{n:?} {n}"), "411111…1111 411111…1111");
+        // Masking by length: first6 + last4 only where 6 digits stay hidden.
+        for (pan, shown) in [
+            ("4222222222222", "…2222"),
+            ("378282246310005", "…0005"),
+            ("6011111111111117", "601111…1117"),
+            ("4000000000000000006", "400000…0006"),
+            ("123456789012", "…9012"),
+        ] {
+            assert_eq!(CardNumber::parse(pan).unwrap().to_string(), shown, "{pan}");
+        }
         let s = Secret::new("AAAAAAAAAAAAAAAAAAAAAAAAAAA=".into());
         assert!(!format!("{s:?}").contains("AAAA"));
     }

@@ -258,6 +258,9 @@ pub struct Config {
     pub forward_record_max_bytes: usize,
     /// Most concurrent client connections.
     pub max_connections: usize,
+    /// Bound of the log lines waiting for stdout; past it lines are
+    /// dropped and counted (`crate::telemetry::LogBuffer`).
+    pub log_buffer_bytes: usize,
     /// Time a client has to send its request head, and from accept to its
     /// first request.
     pub header_read_timeout: Duration,
@@ -313,6 +316,7 @@ struct RawConfig {
     idempotency_ttl: Option<String>,
     forward_record_max_bytes: Option<u64>,
     max_connections: Option<u64>,
+    log_buffer_bytes: Option<u64>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
     shutdown_grace: Option<String>,
@@ -743,6 +747,15 @@ impl RawConfig {
                 "must be between 1 and 16777216",
             ));
         }
+        let log_buffer_bytes = self
+            .log_buffer_bytes
+            .unwrap_or(crate::telemetry::DEFAULT_LOG_BUFFER_BYTES as u64);
+        if !(64 << 10..=256 << 20).contains(&log_buffer_bytes) {
+            return Err(ConfigError::new(
+                "log_buffer_bytes",
+                "must be between 65536 and 268435456",
+            ));
+        }
         let max_rendered_bytes = self.max_rendered_bytes.unwrap_or(4 * max_body_bytes);
         if max_rendered_bytes < max_body_bytes || max_rendered_bytes > (256 << 20) {
             return Err(ConfigError::new(
@@ -977,6 +990,7 @@ impl RawConfig {
             idempotency_ttl: IDEMPOTENCY_TTL.parse(self.idempotency_ttl)?,
             forward_record_max_bytes: forward_record_max_bytes as usize,
             max_connections: max_connections as usize,
+            log_buffer_bytes: log_buffer_bytes as usize,
             header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
             idle_timeout: IDLE_TIMEOUT.parse(self.idle_timeout)?,
             shutdown_grace: SHUTDOWN_GRACE.parse(self.shutdown_grace)?,

@@ -667,6 +667,13 @@ async fn send(
                     ApiError::DestinationUnreachable(format!("{}: connection failed", dest.host)),
                     true,
                 ),
+                None if upstream::tls_refused(&e) => fail(
+                    ApiError::DestinationUnreachable(format!(
+                        "{}: TLS refused (client certificate missing or not accepted)",
+                        dest.host
+                    )),
+                    true,
+                ),
                 None => fail(
                     ApiError::DestinationFailed(format!(
                         "{}: the connection failed after the request was sent; it may have reached the acquirer",

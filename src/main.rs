@@ -186,8 +186,9 @@ fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Re
 
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let _log_guard = tokenrelay::telemetry::init_logging();
-    runtime()?.block_on(async move {
+    let log_guard = tokenrelay::telemetry::init_logging_with(config.log_buffer_bytes);
+    let runtime = runtime()?;
+    let result = runtime.block_on(async move {
         let state = tokenrelay::AppState::build(config).await?;
         let listener = tokio::net::TcpListener::bind(state.config.listen)
             .await
@@ -212,7 +213,12 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
         tokenrelay::run(state, listener, admin, rx).await?;
         tracing::info!("stopped");
         anyhow::Ok(())
-    })
+    });
+    // Dropping the runtime cancels what the drain cut off; their access
+    // lines are written then, before the log is flushed.
+    drop(runtime);
+    drop(log_guard);
+    result
 }
 
 async fn shutdown_signal() {

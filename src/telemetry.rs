@@ -18,20 +18,27 @@ pub use json_line::JsonLine;
 
 /// How long the writer thread gathers lines before one `write` of them all.
 const LOG_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(5);
-/// Buffered bytes past which the logging thread writes the batch itself
-/// (backpressure instead of unbounded memory or dropped lines).
-const LOG_BUFFER_HIGH_WATER: usize = 256 * 1024;
+/// Default bound of the lines waiting for stdout (`log_buffer_bytes`).
+pub const DEFAULT_LOG_BUFFER_BYTES: usize = 4 << 20;
+/// How long a stopping process waits for a stalled stdout to take the
+/// last lines before it gives up on them.
+const LOG_CLOSE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Target of the access lines, the ones the buffer protects.
+const ACCESS_TARGET: &str = "tokenrelay::access";
 
-/// Installs the JSON log subscriber (`RUST_LOG` filters, default `info`).
-///
-/// Lines go to stdout through a [`LogBuffer`]: request threads append to
-/// a shared buffer and a writer thread writes what gathered every
-/// [`LOG_FLUSH_INTERVAL`] in one syscall. Nothing is dropped. Keep the
-/// returned guard alive: dropping it writes what is left.
+/// Installs the JSON log subscriber (`RUST_LOG` filters, default `info`)
+/// with the default buffer bound.
 pub fn init_logging() -> LogGuard {
+    init_logging_with(DEFAULT_LOG_BUFFER_BYTES)
+}
+
+/// Installs the JSON log subscriber over a [`LogBuffer`] of at most
+/// `buffer_bytes` waiting bytes. Keep the returned guard alive: dropping
+/// it writes what is left.
+pub fn init_logging_with(buffer_bytes: usize) -> LogGuard {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let (buffer, guard) = LogBuffer::spawn(std::io::stdout());
+    let (buffer, guard) = LogBuffer::spawn(std::io::stdout(), buffer_bytes);
     let _ = tracing_subscriber::fmt()
         .event_format(JsonLine)
         .with_env_filter(filter)
@@ -40,18 +47,46 @@ pub fn init_logging() -> LogGuard {
     guard
 }
 
-/// A log sink that batches lines for a writer thread.
+/// Labels of the dropped-log-lines counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LogDropLabels {
+    /// `access` or `other`.
+    pub kind: &'static str,
+}
+
+/// Lines the log buffer dropped, process-wide (one stdout per process),
+/// exported by every [`Metrics`] as `tokenrelay_log_lines_dropped_total`.
+pub fn log_drops() -> &'static Family<LogDropLabels, Counter> {
+    static DROPS: std::sync::OnceLock<Family<LogDropLabels, Counter>> = std::sync::OnceLock::new();
+    DROPS.get_or_init(|| {
+        let f = Family::<LogDropLabels, Counter>::default();
+        for kind in ["access", "other"] {
+            let _ = f.get_or_create(&LogDropLabels { kind });
+        }
+        f
+    })
+}
+
+/// A bounded log sink that batches lines for a writer thread and never
+/// blocks the thread that logs.
 ///
-/// Why not a channel per line (as `tracing-appender` does): every line
-/// then wakes the writer thread and is written with its own syscall, and
-/// the line's buffer is freed on another thread than allocated it. Under
-/// load that was a visible share of the forward path (futex wake-ups,
-/// malloc arena locks). Here a line is one `memcpy` under a mutex; the
-/// writer is woken once per batch, and only when the batch starts.
+/// A line is one `memcpy` under a mutex; the writer thread is woken once
+/// per batch and writes it with one syscall, holding no lock the request
+/// threads need. When stdout stalls (a full pipe nobody reads), lines
+/// gather up to the bound and then are **dropped, counted, and reported**:
+/// `tokenrelay_log_lines_dropped_total{kind}` in `/metrics`, and a `WARN`
+/// line (`target` `tokenrelay::log`, with the counts) as soon as stdout
+/// takes lines again.
 ///
-/// Order is kept: whoever writes a batch out holds the output lock
-/// *before* taking the batch, so batches reach the output in the order
-/// they were taken.
+/// What is dropped first: access lines are the audit trail, so other lines
+/// (debug, warnings, start-up) may fill only half the bound; past it they
+/// are dropped while access lines are still taken up to the whole bound.
+/// An access line is dropped only when the whole bound is full of lines
+/// stdout has not taken — then the counter with `kind="access"` says how
+/// many payment records the log is missing (the metric and the acquirer's
+/// own records are what is left to reconcile with).
+///
+/// Order is kept: batches are taken and written by the one writer thread.
 pub struct LogBuffer {
     shared: std::sync::Arc<LogShared>,
 }
@@ -62,7 +97,11 @@ struct LogShared {
     pending: std::sync::Mutex<LogPending>,
     /// Wakes the writer thread when a batch starts or at shutdown.
     wake: std::sync::Condvar,
-    /// The output; its lock orders batches.
+    /// Signals the guard that the writer thread has written everything.
+    done: std::sync::Condvar,
+    /// The bound on pending bytes.
+    limit: usize,
+    /// The output: the writer thread's, or the caller's when there is none.
     out: std::sync::Mutex<Box<dyn std::io::Write + Send>>,
 }
 
@@ -70,6 +109,12 @@ struct LogShared {
 struct LogPending {
     buf: Vec<u8>,
     closing: bool,
+    finished: bool,
+    /// No writer thread: each caller writes its own line.
+    no_writer: bool,
+    /// Drops not yet reported in a warning line.
+    unreported_access: u64,
+    unreported_other: u64,
 }
 
 /// Stops the writer thread and writes what is left when dropped.
@@ -79,11 +124,14 @@ pub struct LogGuard {
 }
 
 impl LogBuffer {
-    /// A buffer over `out` and its writer thread.
-    pub fn spawn(out: impl std::io::Write + Send + 'static) -> (LogBuffer, LogGuard) {
+    /// A buffer of at most `limit` waiting bytes over `out`, and its
+    /// writer thread.
+    pub fn spawn(out: impl std::io::Write + Send + 'static, limit: usize) -> (LogBuffer, LogGuard) {
         let shared = std::sync::Arc::new(LogShared {
             pending: std::sync::Mutex::new(LogPending::default()),
             wake: std::sync::Condvar::new(),
+            done: std::sync::Condvar::new(),
+            limit,
             out: std::sync::Mutex::new(Box::new(out)),
         });
         let writer = shared.clone();
@@ -93,7 +141,7 @@ impl LogBuffer {
             .ok();
         if thread.is_none() {
             // No writer thread: every line is written by its caller.
-            shared.lock_pending().closing = true;
+            shared.lock_pending().no_writer = true;
         }
         let guard = LogGuard {
             shared: shared.clone(),
@@ -109,14 +157,34 @@ impl LogShared {
         self.pending.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Writes whatever is pending, in order.
-    fn write_out(&self) {
-        let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
-        let batch = std::mem::take(&mut self.lock_pending().buf);
-        if !batch.is_empty() {
-            // Nowhere to report a failed log write; the line is gone either way.
-            let _ = out.write_all(&batch);
+    /// Takes a line, or drops and counts it when over its share.
+    fn push(&self, line: &[u8], access: bool) {
+        let mut pending = self.lock_pending();
+        if pending.no_writer {
+            drop(pending);
+            let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+            let _ = out.write_all(line);
             let _ = out.flush();
+            return;
+        }
+        let share = if access { self.limit } else { self.limit / 2 };
+        if pending.buf.len() + line.len() > share {
+            let kind = if access {
+                pending.unreported_access += 1;
+                "access"
+            } else {
+                pending.unreported_other += 1;
+                "other"
+            };
+            drop(pending);
+            log_drops().get_or_create(&LogDropLabels { kind }).inc();
+            return;
+        }
+        let was_empty = pending.buf.is_empty();
+        pending.buf.extend_from_slice(line);
+        drop(pending);
+        if was_empty {
+            self.wake.notify_one();
         }
     }
 
@@ -132,33 +200,70 @@ impl LogShared {
             if !closing {
                 std::thread::sleep(LOG_FLUSH_INTERVAL);
             }
-            self.write_out();
+            let (mut batch, access, other) = {
+                let mut p = self.lock_pending();
+                let counts = (
+                    std::mem::take(&mut p.unreported_access),
+                    std::mem::take(&mut p.unreported_other),
+                );
+                // Keep the allocation for the next batch when it is small.
+                let cap = p.buf.capacity().min(1 << 16);
+                (
+                    std::mem::replace(&mut p.buf, Vec::with_capacity(cap)),
+                    counts.0,
+                    counts.1,
+                )
+            };
+            if access + other > 0 {
+                batch.extend_from_slice(&dropped_line(access, other));
+            }
+            if !batch.is_empty() {
+                let mut out = self.out.lock().unwrap_or_else(|p| p.into_inner());
+                // Nowhere to report a failed log write; the line is gone either way.
+                let _ = out.write_all(&batch);
+                let _ = out.flush();
+            }
             if closing {
-                return;
+                let mut p = self.lock_pending();
+                if p.buf.is_empty() {
+                    // From here on each caller writes its own line.
+                    p.finished = true;
+                    p.no_writer = true;
+                    drop(p);
+                    self.done.notify_all();
+                    return;
+                }
             }
         }
     }
 }
 
+/// The warning line written when lines were dropped, in [`JsonLine`]'s shape.
+fn dropped_line(access: u64, other: u64) -> Vec<u8> {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"WARN\",\"fields\":{{\"message\":\"log lines dropped: stdout did not keep up\",\"dropped_access\":{access},\"dropped_other\":{other}}},\"target\":\"tokenrelay::log\"}}\n",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
+        t.microsecond()
+    )
+    .into_bytes()
+}
+
 /// One event's writer: borrows the buffer, so making one costs nothing.
 pub struct LogWriter<'a> {
     shared: &'a LogShared,
+    access: bool,
 }
 
 impl std::io::Write for LogWriter<'_> {
     /// `tracing-subscriber` hands over each formatted line in one call.
     fn write(&mut self, line: &[u8]) -> std::io::Result<usize> {
-        let mut pending = self.shared.lock_pending();
-        let was_empty = pending.buf.is_empty();
-        pending.buf.extend_from_slice(line);
-        let full = pending.buf.len() >= LOG_BUFFER_HIGH_WATER;
-        let no_writer = pending.closing;
-        drop(pending);
-        if full || no_writer {
-            self.shared.write_out();
-        } else if was_empty {
-            self.shared.wake.notify_one();
-        }
+        self.shared.push(line, self.access);
         Ok(line.len())
     }
 
@@ -173,19 +278,42 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for LogBuffer {
     fn make_writer(&'a self) -> Self::Writer {
         LogWriter {
             shared: &self.shared,
+            access: false,
+        }
+    }
+
+    fn make_writer_for(&'a self, meta: &tracing::Metadata<'_>) -> Self::Writer {
+        LogWriter {
+            shared: &self.shared,
+            access: meta.target() == ACCESS_TARGET,
         }
     }
 }
 
 impl Drop for LogGuard {
     fn drop(&mut self) {
-        self.shared.lock_pending().closing = true;
+        let Some(thread) = self.thread.take() else {
+            // No writer thread: every line was written by its caller.
+            return;
+        };
+        let mut pending = self.shared.lock_pending();
+        pending.closing = true;
         self.shared.wake.notify_one();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        // A stalled stdout must not hold the exit forever: wait a bounded
+        // time for the writer, then leave it (and its lines) behind.
+        let deadline = std::time::Instant::now() + LOG_CLOSE_WAIT;
+        while !pending.finished {
+            let now = std::time::Instant::now();
+            if now >= deadline {
+                return;
+            }
+            pending = match self.shared.done.wait_timeout(pending, deadline - now) {
+                Ok((g, _)) => g,
+                Err(p) => p.into_inner().0,
+            };
         }
-        // Lines logged after the thread stopped are written by their caller.
-        self.shared.write_out();
+        drop(pending);
+        let _ = thread.join();
     }
 }
 
@@ -237,6 +365,8 @@ pub struct Metrics {
     pub reference_cache_size: Gauge,
     /// TLS handshake failures by destination host.
     pub tls_failures: Family<HostLabels, Counter>,
+    /// Log lines dropped by the log buffer (process-wide, [`log_drops`]).
+    pub log_lines_dropped: Family<LogDropLabels, Counter>,
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -316,7 +446,14 @@ impl Metrics {
             "TLS handshake failures by destination host",
             tls_failures.clone(),
         );
+        let log_lines_dropped = log_drops().clone();
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because stdout did not keep up, by kind (access or other)",
+            log_lines_dropped.clone(),
+        );
         Self {
+            log_lines_dropped,
             registry,
             requests,
             unfinished,
@@ -394,7 +531,7 @@ mod tests {
     #[test]
     fn every_line_arrives_whole_and_in_order_per_thread() {
         let out = Captured::default();
-        let (buffer, guard) = LogBuffer::spawn(out.clone());
+        let (buffer, guard) = LogBuffer::spawn(out.clone(), 64 << 20);
         let buffer = Arc::new(buffer);
         let threads: Vec<_> = (0..4)
             .map(|t| {
@@ -426,10 +563,89 @@ mod tests {
         assert_eq!(next, [5_000; 4], "lines were lost");
     }
 
+    /// An output that blocks every write until the gate opens.
+    #[derive(Clone, Default)]
+    struct Stalled {
+        gate: Arc<(Mutex<(bool, bool)>, std::sync::Condvar)>,
+        out: Captured,
+    }
+
+    impl Stalled {
+        fn wait_until_blocked(&self) {
+            let (lock, cv) = &*self.gate;
+            let mut g = lock.lock().unwrap();
+            while !g.1 {
+                g = cv.wait(g).unwrap();
+            }
+        }
+        fn open(&self) {
+            let (lock, cv) = &*self.gate;
+            lock.lock().unwrap().0 = true;
+            cv.notify_all();
+        }
+    }
+
+    impl Write for Stalled {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            let (lock, cv) = &*self.gate;
+            let mut g = lock.lock().unwrap();
+            g.1 = true;
+            cv.notify_all();
+            while !g.0 {
+                g = cv.wait(g).unwrap();
+            }
+            drop(g);
+            self.out.write(b)
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_stalled_output_drops_other_lines_first_and_says_so() {
+        let out = Stalled::default();
+        let (buffer, guard) = LogBuffer::spawn(out.clone(), 1000);
+        let line = |tag: &str| format!("{tag:>19}\n");
+        buffer.shared.push(b"first\n", false);
+        out.wait_until_blocked();
+        // The writer is stuck in `write`; nothing here may wait for it.
+        for i in 0..60 {
+            buffer
+                .shared
+                .push(line(&format!("other{i}")).as_bytes(), false);
+        }
+        for i in 0..40 {
+            buffer
+                .shared
+                .push(line(&format!("access{i}")).as_bytes(), true);
+        }
+        out.open();
+        drop(guard);
+        let text = String::from_utf8(out.out.0.lock().unwrap().clone()).unwrap();
+        let count = |p: &str| {
+            text.lines()
+                .filter(|l| l.trim_start().starts_with(p))
+                .count()
+        };
+        // Other lines may use half the bound (25 of 20 bytes), access
+        // lines the rest.
+        assert_eq!((count("other"), count("access")), (25, 25), "{text}");
+        let warning: serde_json::Value = serde_json::from_str(
+            text.lines()
+                .find(|l| l.contains("log lines dropped"))
+                .expect("warning line"),
+        )
+        .unwrap();
+        assert_eq!(warning["fields"]["dropped_other"], 35);
+        assert_eq!(warning["fields"]["dropped_access"], 15);
+        assert_eq!(warning["level"], "WARN");
+    }
+
     #[test]
     fn a_quiet_line_is_written_without_waiting_for_more() {
         let out = Captured::default();
-        let (buffer, _guard) = LogBuffer::spawn(out.clone());
+        let (buffer, _guard) = LogBuffer::spawn(out.clone(), 64 << 20);
         buffer.make_writer().write_all(b"one\n").unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while out.0.lock().unwrap().is_empty() {

@@ -156,8 +156,9 @@ impl TokenStatus {
 pub type PciTokenId = Uuid;
 
 /// A card kept for FPAN fallback (contract §4a). The CVC is never here: it
-/// lives in memory only (`crate::cvc`).
-#[derive(Debug, Clone)]
+/// lives in memory only (`crate::cvc`). `Debug` shows the card masked and
+/// never the cardholder's name.
+#[derive(Clone)]
 pub struct PciToken {
     /// Its id.
     pub id: PciTokenId,
@@ -177,6 +178,24 @@ pub struct PciToken {
     pub fingerprint: [u8; 32],
     /// Creation time.
     pub created_at: OffsetDateTime,
+}
+
+impl std::fmt::Debug for PciToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PciToken")
+            .field("id", &self.id)
+            .field("pan", &self.pan)
+            .field("scheme", &self.scheme)
+            .field("expiry_month", &self.expiry_month)
+            .field("expiry_year", &self.expiry_year)
+            .field(
+                "cardholder_name",
+                &self.cardholder_name.as_ref().map(|_| "<redacted>"),
+            )
+            .field("metadata", &self.metadata)
+            .field("created_at", &self.created_at)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A change to a network token (sandbox lifecycle events).

@@ -651,3 +651,194 @@ async fn the_acquirers_request_id_passes_and_ours_is_x_relay_request_id() {
     assert_error(resp, 409, "reference_already_used").await;
     s.stop().await;
 }
+
+/// A TLS acquirer that requires a client certificate signed by its own
+/// client CA; answers 200 and records the request.
+struct MtlsAcquirer {
+    port: u16,
+    received: Arc<Mutex<Vec<String>>>,
+    dir: tempfile::TempDir,
+}
+
+async fn mtls_acquirer() -> MtlsAcquirer {
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let leaf = |san: Option<SanType>| {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = san.into_iter().collect();
+        (p.signed_by(&key, &ca, &ca_key).unwrap(), key)
+    };
+    let (server, server_key) = leaf(Some(SanType::IpAddress("127.0.0.1".parse().unwrap())));
+    let (client, client_key) = leaf(Some(SanType::DnsName("merchant".try_into().unwrap())));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), ca.pem()).unwrap();
+    std::fs::write(dir.path().join("client.pem"), client.pem()).unwrap();
+    std::fs::write(dir.path().join("client.key"), client_key.serialize_pem()).unwrap();
+
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der().clone()).unwrap();
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut sc = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(
+            vec![server.der().clone()],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(server_key.serialize_der().into()),
+        )
+        .unwrap();
+    sc.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(sc));
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let received = Arc::new(Mutex::new(Vec::new()));
+    let rec = received.clone();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            let rec = rec.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let rec = rec.clone();
+                        async move {
+                            rec.lock().unwrap().push(req.uri().path().to_owned());
+                            Ok::<_, std::convert::Infallible>(full(200, r#"{"approved":true}"#))
+                        }
+                    });
+                let _ = hyper_util::server::conn::auto::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
+                .serve_connection(hyper_util::rt::TokioIo::new(tls), svc)
+                .await;
+            });
+        }
+    });
+    MtlsAcquirer {
+        port,
+        received,
+        dir,
+    }
+}
+
+impl MtlsAcquirer {
+    fn rule(&self, with_cert: bool) -> tokenrelay::config::DestinationRule {
+        let p = |f: &str| self.dir.path().join(f);
+        tokenrelay::config::DestinationRule {
+            host: tokenrelay::config::HostPattern::Exact("127.0.0.1".into()),
+            port: self.port,
+            scheme: tokenrelay::config::DestScheme::Https,
+            allow_private: true,
+            ca_file: Some(p("ca.pem")),
+            client_cert: with_cert.then(|| p("client.pem")),
+            client_key: with_cert.then(|| p("client.key")),
+        }
+    }
+}
+
+#[tokio::test]
+async fn mutual_tls_with_the_configured_pair_and_without_it() {
+    let acq = mtls_acquirer().await;
+    let url = format!("https://127.0.0.1:{}/pay", acq.port);
+    for with_cert in [true, false] {
+        let mut c = config(ComplianceLevel::SaqD);
+        c.destinations = vec![acq.rule(with_cert)];
+        let s = TestServer::start(c).await;
+        let (id, r) = token_and_reference(&s, json!({})).await;
+        let before = acq.received.lock().unwrap().len();
+        let resp = s
+            .forward(&id, &r, &url)
+            .body("n=<< number >>")
+            .send()
+            .await
+            .unwrap();
+        if with_cert {
+            assert_eq!(resp.status(), 200);
+            assert_eq!(resp.text().await.unwrap(), r#"{"approved":true}"#);
+            assert_eq!(acq.received.lock().unwrap().len(), before + 1);
+            let resp = s.forward(&id, &r, &url).send().await.unwrap();
+            assert_error(resp, 409, "reference_already_used").await;
+        } else {
+            let e = assert_error(resp, 502, "destination_unreachable").await;
+            assert!(e["message"].as_str().unwrap().contains("127.0.0.1"), "{e}");
+            assert_eq!(
+                acq.received.lock().unwrap().len(),
+                before,
+                "the acquirer served it"
+            );
+            // Restored: the same reference is usable again (a spent one
+            // would be 409 before any connection), and it still is not served.
+            let resp = s
+                .forward(&id, &r, &url)
+                .body("n=<< number >>")
+                .send()
+                .await
+                .unwrap();
+            assert_error(resp, 502, "destination_unreachable").await;
+            assert_eq!(acq.received.lock().unwrap().len(), before);
+        }
+        s.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn addresses_embedding_private_ipv4_are_refused_before_anything_is_spent() {
+    let acq = Acquirer::start().await;
+    let mut c = config(ComplianceLevel::SaqD);
+    let mut rules = vec![acq.rule()];
+    for host in [
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::1",
+        "::7f00:1",
+        "::ffff:0:7f00:1",
+        "2001::1",
+        "fec0::1",
+        "64:ff9b::7f00:1",
+    ] {
+        rules.push(tokenrelay::config::DestinationRule {
+            host: tokenrelay::config::HostPattern::Exact(host.into()),
+            port: 443,
+            scheme: tokenrelay::config::DestScheme::Https,
+            allow_private: false,
+            ca_file: None,
+            client_cert: None,
+            client_key: None,
+        });
+    }
+    c.destinations = rules;
+    let s = TestServer::start(c).await;
+    let (id, r) = token_and_reference(&s, json!({})).await;
+    for host in [
+        "2002:7f00:1::1",
+        "2002:a9fe:a9fe::1",
+        "::7f00:1",
+        "::ffff:0:7f00:1",
+        "2001::1",
+        "fec0::1",
+        "64:ff9b::7f00:1",
+    ] {
+        let resp = s
+            .forward(&id, &r, &format!("https://[{host}]/pay"))
+            .body("n=<< number >>")
+            .send()
+            .await
+            .unwrap();
+        assert_error(resp, 403, "destination_not_allowed").await;
+    }
+    assert_eq!(acq.count(), 0);
+    assert_unspent(&s, &acq, &id, &r).await;
+    s.stop().await;
+}

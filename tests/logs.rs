@@ -192,3 +192,26 @@ async fn one_line_per_request_with_its_id_and_what_it_did() {
     assert_eq!(f["destination_host"], "127.0.0.1");
     assert_eq!(f["relay_error"], relay_error);
 }
+
+#[tokio::test]
+async fn short_card_numbers_are_logged_as_last4_only() {
+    let (capture, _guard) = Capture::start();
+    let acq = Acquirer::start().await;
+    let s = server_for(&acq, ComplianceLevel::SaqD).await;
+    for pan in ["4222222222222", AMEX, VISA] {
+        s.provision(pan).await;
+    }
+    s.stop().await;
+    let cards: Vec<String> = capture
+        .text()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|l| l["fields"]["route"] == "provision_token")
+        .map(|l| l["fields"]["card"].as_str().unwrap().to_owned())
+        .collect();
+    // 13 and 15 digits: first6 + last4 would show 10 of 13 and 10 of 15.
+    assert_eq!(cards, ["…2222", "…0005", "411111…1111"]);
+    let text = capture.text();
+    assert!(!text.contains("422222"), "{text}");
+    assert!(!text.contains("378282"), "{text}");
+}

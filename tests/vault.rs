@@ -911,7 +911,9 @@ async fn rotation_passes_over_a_row_it_cannot_open(db: &Db) {
     assert_eq!(rotated, readable.len());
     assert_eq!(named.len(), 1, "{named:?}");
     assert!(
-        named[0].starts_with(&format!("network_tokens row {unreadable_id} (key \"k0\")")),
+        named[0].starts_with(&format!(
+            "network_tokens row {unreadable_id} (key \"k0/v2\")"
+        )),
         "{named:?}"
     );
     let k2_only = db.store(&k2).await;
@@ -1263,7 +1265,7 @@ async fn rotate_key_command_reencrypts_and_serve_reads() {
     let stderr = String::from_utf8_lossy(&failed.stderr);
     assert!(!failed.status.success(), "{stderr}");
     assert!(
-        stderr.contains(&format!("network_tokens row {stray_id} (key \"k0\")"))
+        stderr.contains(&format!("network_tokens row {stray_id} (key \"k0/v2\")"))
             && stderr.contains("keep those keys"),
         "{stderr}"
     );

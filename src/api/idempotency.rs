@@ -8,8 +8,10 @@
 //! for the first and replay its answer. A failed request records nothing,
 //! so a retry after an error runs again.
 //!
-//! Records live in memory for `idempotency_ttl` (default 24 h); at most
-//! [`MAX_RECORDS`] are kept, well above what a sidecar sees in a day.
+//! Records live in memory for `idempotency_ttl` (default 24 h), bounded in
+//! bytes ([`MAX_CACHE_BYTES`]: an inline cryptogram's record carries a TPAN
+//! and a cryptogram, and a sidecar's pod has little memory). A record
+//! evicted from memory is still replayed from the vault's durable copy.
 //!
 //! A forward's answer streams, so it cannot wait in a cell: [`forward`]
 //! records it in the same vault table, claimed before the send and
@@ -67,6 +69,19 @@ where
 
 /// Upper bound on records held.
 pub const MAX_RECORDS: u64 = 1_000_000;
+/// Upper bound on the bytes of the records held in memory (keys, bodies
+/// and a per-entry overhead).
+pub const MAX_CACHE_BYTES: u64 = 32 << 20;
+/// What an entry costs beyond its key and body (moka's node, the slot).
+const ENTRY_OVERHEAD: usize = 256;
+
+/// An entry's weight in bytes: an empty slot weighs its key, a filled one
+/// its body too (re-weighed when it is filled, see [`Idempotency::run`]).
+#[allow(clippy::ptr_arg)] // moka's weigher signature
+fn weight(key: &String, slot: &Arc<Slot>) -> u32 {
+    let body = slot.get().map_or(0, |(_, s)| s.body.len());
+    u32::try_from(key.len() + body + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
+}
 /// Longest accepted idempotency key.
 pub const MAX_KEY_LEN: usize = 255;
 
@@ -158,7 +173,8 @@ impl Idempotency {
     pub fn new(ttl: Duration) -> Self {
         Self {
             cache: Cache::builder()
-                .max_capacity(MAX_RECORDS)
+                .max_capacity(MAX_CACHE_BYTES.min(MAX_RECORDS * ENTRY_OVERHEAD as u64))
+                .weigher(weight)
                 .time_to_live(ttl)
                 .build(),
             flights: forward::Flights::default(),
@@ -203,6 +219,8 @@ impl Idempotency {
         let slot = self
             .cache
             .get_with(record_key.clone(), || Arc::new(Slot::new()));
+        let was_empty = !slot.initialized();
+        let cache_key = was_empty.then(|| record_key.clone());
         // Concurrent requests with one key queue here; the first to succeed
         // records its answer, and the others compare against it.
         let (recorded, stored) = slot
@@ -217,9 +235,52 @@ impl Idempotency {
                 f(Some(pending)).await.map(|s| (fingerprint, s))
             })
             .await?;
+        if let Some(k) = cache_key {
+            // Filled now: insert again so the byte bound weighs the body.
+            self.cache.insert(k, slot.clone());
+        }
         if *recorded != fingerprint {
             return Err(ApiError::IdempotencyKeyReused);
         }
         Ok(bytes_response(stored.status, stored.body.clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_cache_is_bounded_in_bytes_and_weighs_the_bodies() {
+        let idem = Idempotency::new(Duration::from_secs(3600));
+        let store = crate::vault::memory::MemoryTokenStore::new();
+        let body = Bytes::from(vec![b'x'; 256 << 10]);
+        // 50 MiB of answers, over the bound.
+        for i in 0..200 {
+            let mut headers = HeaderMap::new();
+            headers.insert(X_IDEMPOTENCY_KEY, i.to_string().parse().unwrap());
+            let body = body.clone();
+            idem.run(
+                &store,
+                Duration::from_secs(3600),
+                &headers,
+                ("k", "r"),
+                &Method::POST,
+                "/p",
+                b"{}",
+                |_| async move {
+                    Ok(Stored {
+                        status: StatusCode::CREATED,
+                        body,
+                    })
+                },
+            )
+            .await
+            .unwrap();
+        }
+        idem.cache.run_pending_tasks();
+        let held = idem.cache.weighted_size();
+        assert!(held <= MAX_CACHE_BYTES, "{held}");
+        assert!(held > MAX_CACHE_BYTES / 2, "bodies are weighed: {held}");
     }
 }

@@ -181,6 +181,16 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), Destination
 
 /// Whether an address is publicly routable (not private, loopback,
 /// link-local, multicast, unspecified, CGNAT, reserved or documentation).
+///
+/// IPv6 forms that carry an IPv4 address are judged by that address or
+/// refused outright: IPv4-mapped (`::ffff:0:0/96`) and 6to4 (`2002::/16`)
+/// by the embedded address; IPv4-compatible (`::/96`, deprecated),
+/// IPv4-translated (`::ffff:0:0:0/96`), NAT64 (`64:ff9b::/96`,
+/// `64:ff9b:1::/48`) and Teredo (`2001::/32`, whose client address is
+/// obfuscated) always, since a relay or translator could reach any IPv4
+/// address through them. Site-local (`fec0::/10`, deprecated but still
+/// routed inside some networks), unique local, link-local, discard-only
+/// (`100::/64`), benchmarking (`2001:2::/48`) and documentation are refused.
 pub fn is_public(ip: IpAddr) -> bool {
     match ip {
         IpAddr::V4(v4) => is_public_v4(v4),
@@ -189,13 +199,25 @@ pub fn is_public(ip: IpAddr) -> bool {
                 return is_public_v4(v4);
             }
             let s = v6.segments();
-            !(v6.is_loopback()
-                || v6.is_unspecified()
+            if s[0] == 0x2002 {
+                // 6to4: the IPv4 address is bits 16..48.
+                let [a, b] = s[1].to_be_bytes();
+                let [c, d] = s[2].to_be_bytes();
+                return is_public_v4(Ipv4Addr::new(a, b, c, d));
+            }
+            let ipv4_compatible = s[..6] == [0; 6];
+            let ipv4_translated = s[..4] == [0; 4] && s[4] == 0xffff && s[5] == 0;
+            !(ipv4_compatible // includes :: and ::1
+                || ipv4_translated
                 || v6.is_multicast()
                 || (s[0] & 0xfe00) == 0xfc00 // unique local
                 || (s[0] & 0xffc0) == 0xfe80 // link-local
+                || (s[0] & 0xffc0) == 0xfec0 // site-local
                 || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
-                || (s[0] == 0x0064 && s[1] == 0xff9b)) // NAT64 reaching v4 ranges
+                || (s[0] == 0x2001 && s[1] == 0) // Teredo
+                || (s[0] == 0x2001 && s[1] == 0x0002 && s[2] == 0) // benchmarking
+                || (s[0] == 0x0100 && s[1..4] == [0; 3]) // discard-only
+                || (s[0] == 0x0064 && s[1] == 0xff9b)) // NAT64, well-known and local-use
         }
     }
 }
@@ -357,26 +379,55 @@ mod tests {
         assert!(na("https://evil.example/"));
     }
 
+    /// The classifier, one row per form: address, public?, why.
     #[test]
     fn public_and_private_ranges() {
-        for private in [
-            "127.0.0.1",
-            "10.1.2.3",
-            "172.16.0.1",
-            "192.168.1.1",
-            "169.254.169.254",
-            "100.64.0.1",
-            "0.0.0.0",
-            "224.0.0.1",
-            "::1",
-            "fe80::1",
-            "fd00::1",
-            "::ffff:127.0.0.1",
-        ] {
-            assert!(!is_public(private.parse().unwrap()), "{private}");
-        }
-        for public in ["8.8.8.8", "1.1.1.1", "2606:4700::1111"] {
-            assert!(is_public(public.parse().unwrap()), "{public}");
+        let table: &[(&str, bool, &str)] = &[
+            ("127.0.0.1", false, "loopback"),
+            ("10.1.2.3", false, "private"),
+            ("172.16.0.1", false, "private"),
+            ("192.168.1.1", false, "private"),
+            ("169.254.169.254", false, "link-local (cloud metadata)"),
+            ("100.64.0.1", false, "CGNAT"),
+            ("0.0.0.0", false, "unspecified"),
+            ("224.0.0.1", false, "multicast"),
+            ("8.8.8.8", true, "public v4"),
+            ("1.1.1.1", true, "public v4"),
+            ("::1", false, "v6 loopback"),
+            ("::", false, "v6 unspecified"),
+            ("fe80::1", false, "v6 link-local"),
+            ("fd00::1", false, "unique local"),
+            ("fec0::1", false, "site-local"),
+            ("feff::1", false, "site-local, top of fec0::/10"),
+            ("ff02::1", false, "v6 multicast"),
+            ("2001:db8::1", false, "documentation"),
+            ("::ffff:127.0.0.1", false, "IPv4-mapped loopback"),
+            ("::ffff:8.8.8.8", true, "IPv4-mapped public"),
+            ("::7f00:1", false, "IPv4-compatible loopback"),
+            ("::a9fe:a9fe", false, "IPv4-compatible link-local"),
+            (
+                "::808:808",
+                false,
+                "IPv4-compatible, deprecated even when public",
+            ),
+            ("::ffff:0:7f00:1", false, "IPv4-translated loopback"),
+            ("::ffff:0:808:808", false, "IPv4-translated"),
+            ("2002:7f00:1::1", false, "6to4 of 127.0.0.1"),
+            ("2002:a9fe:a9fe::1", false, "6to4 of 169.254.169.254"),
+            ("2002:c0a8:101::1", false, "6to4 of 192.168.1.1"),
+            ("2002:808:808::1", true, "6to4 of a public address"),
+            ("2001::1", false, "Teredo"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", false, "Teredo"),
+            ("64:ff9b::7f00:1", false, "NAT64 well-known"),
+            ("64:ff9b::808:808", false, "NAT64 well-known, any"),
+            ("64:ff9b:1::1", false, "NAT64 local-use"),
+            ("100::1", false, "discard-only"),
+            ("2001:2::1", false, "benchmarking"),
+            ("2606:4700::1111", true, "public v6"),
+            ("2001:4860:4860::8888", true, "public v6 in 2001::/16"),
+        ];
+        for (addr, public, why) in table {
+            assert_eq!(is_public(addr.parse().unwrap()), *public, "{addr} ({why})");
         }
     }
 }

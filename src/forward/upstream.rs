@@ -328,3 +328,49 @@ pub fn connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a
     }
     None
 }
+
+/// Whether the acquirer's TLS layer refused the connection (a fatal alert
+/// about our certificate, or a handshake failure). With TLS 1.3 a server
+/// checks the client certificate only after the client has finished its
+/// side of the handshake, so the refusal arrives after the request was
+/// written to the socket — but the server never accepted the connection,
+/// so no application ever read the request: as good as not sent.
+pub fn tls_refused(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(r) = err.downcast_ref::<rustls::Error>() {
+            return is_refusal(r);
+        }
+        // `io::Error::source` skips the error it wraps; look inside. Over
+        // HTTP/2 the h2 crate keeps only the kind and the message of an
+        // I/O error, so the rustls error is recognised by its text.
+        if let Some(inner) = err.downcast_ref::<io::Error>().and_then(|io| io.get_ref()) {
+            if let Some(r) = inner.downcast_ref::<rustls::Error>() {
+                return is_refusal(r);
+            }
+            let text = inner.to_string();
+            return REFUSALS
+                .iter()
+                .any(|a| text == rustls::Error::AlertReceived(*a).to_string());
+        }
+        cur = err.source();
+    }
+    false
+}
+
+/// The alerts by which a server's TLS layer refuses the client.
+const REFUSALS: [rustls::AlertDescription; 9] = [
+    rustls::AlertDescription::CertificateRequired,
+    rustls::AlertDescription::BadCertificate,
+    rustls::AlertDescription::UnsupportedCertificate,
+    rustls::AlertDescription::CertificateRevoked,
+    rustls::AlertDescription::CertificateExpired,
+    rustls::AlertDescription::CertificateUnknown,
+    rustls::AlertDescription::UnknownCA,
+    rustls::AlertDescription::AccessDenied,
+    rustls::AlertDescription::HandshakeFailure,
+];
+
+fn is_refusal(r: &rustls::Error) -> bool {
+    matches!(r, rustls::Error::AlertReceived(a) if REFUSALS.contains(a))
+}

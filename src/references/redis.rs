@@ -58,7 +58,7 @@ use super::{
 };
 use crate::card::{Brand, Secret};
 use crate::tsp::{CryptogramKind, CryptogramType};
-use crate::vault::keyring::Keyring;
+use crate::vault::keyring::{Keyring, Purpose};
 use crate::vault::{Metadata, TokenId};
 
 /// Environment variable with the Redis password; wins over
@@ -498,7 +498,7 @@ impl RedisReferenceStore {
         let key = self.blob_key(kind, id);
         let (key_id, sealed) = self
             .keys
-            .seal(&Self::blob_aad(&key, expires_ms), plain)
+            .seal_for(Purpose::Reference, &Self::blob_aad(&key, expires_ms), plain)
             .map_err(|e| ReferenceStoreError::Unavailable(format!("sealing a {kind}: {e}")))?;
         // expiry (8 bytes, big endian) | key id length (1 byte) | key id | sealed
         let key_id = key_id.as_bytes();
@@ -554,7 +554,12 @@ impl RedisReferenceStore {
         let key_id = std::str::from_utf8(key_id).map_err(|_| malformed())?;
         let plain = self
             .keys
-            .open(key_id, &Self::blob_aad(&key, expires_ms), sealed)
+            .open_for(
+                Purpose::Reference,
+                key_id,
+                &Self::blob_aad(&key, expires_ms),
+                sealed,
+            )
             .map_err(|e| {
                 ReferenceStoreError::Unavailable(format!("opening a stored {kind}: {e}"))
             })?;
@@ -619,7 +624,11 @@ impl RedisReferenceStore {
             .map_err(|e| ReferenceStoreError::Unavailable(format!("serialising: {e}")))?,
         );
         self.keys
-            .seal(Self::aad(key, token_id).as_bytes(), &plain)
+            .seal_for(
+                Purpose::Reference,
+                Self::aad(key, token_id).as_bytes(),
+                &plain,
+            )
             .map_err(|e| ReferenceStoreError::Unavailable(format!("sealing a reference: {e}")))
     }
 
@@ -632,7 +641,12 @@ impl RedisReferenceStore {
     ) -> Result<Payload, ReferenceStoreError> {
         let plain = self
             .keys
-            .open(key_id, Self::aad(key, token_id).as_bytes(), sealed)
+            .open_for(
+                Purpose::Reference,
+                key_id,
+                Self::aad(key, token_id).as_bytes(),
+                sealed,
+            )
             .map_err(|e| {
                 // Every replica must load the same master keys, and an old
                 // key may only go once reference_ttl has passed since the

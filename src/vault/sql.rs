@@ -21,7 +21,7 @@ use sqlx::{AnyPool, Row};
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::keyring::Keyring;
+use super::keyring::{Keyring, Purpose};
 use super::{
     IdempotencyRecord, Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, PciTokenId,
     RotationCursor, RotationStep, StoreError, TokenChange, TokenId, TokenLookup, TokenStatus,
@@ -459,7 +459,12 @@ impl SqlTokenStore {
         let created_at: i64 = row.try_get("created_at").map_err(unavailable)?;
         let body = self
             .keys
-            .open(&key_id, &idem_aad(&key), &unb64(&body)?)
+            .open_for(
+                Purpose::Idempotency,
+                &key_id,
+                &idem_aad(&key),
+                &unb64(&body)?,
+            )
             .map_err(|e| StoreError::Corrupt(e.to_string()))?;
         Ok(IdempotencyRecord {
             fingerprint: unhex32(&fingerprint)?,
@@ -474,7 +479,7 @@ impl SqlTokenStore {
     fn sealed_idempotency(&self, r: &IdempotencyRecord) -> Result<(String, String), StoreError> {
         let (key_id, body) = self
             .keys
-            .seal(&idem_aad(&r.key), &r.body)
+            .seal_for(Purpose::Idempotency, &idem_aad(&r.key), &r.body)
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         Ok((key_id, b64(&body)))
     }
