@@ -5,6 +5,7 @@
 //! | `GET /healthz` | 200 while the process serves |
 //! | `GET /readyz` | 200 when the stores (vault, references) answer, else 503 |
 //! | `GET /metrics` | Prometheus text exposition |
+//! | `GET /openapi.json` | this listener's OpenAPI 3.1 document |
 //!
 //! It carries no API and no secrets; keep it on a pod-local address.
 
@@ -34,11 +35,14 @@ fn text(status: StatusCode, content_type: &'static str, body: String) -> Respons
 /// Serves one admin request.
 pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
-        return text(
+        let mut resp = text(
             StatusCode::METHOD_NOT_ALLOWED,
             "text/plain",
             "method not allowed\n".into(),
         );
+        resp.headers_mut()
+            .insert(http::header::ALLOW, HeaderValue::from_static("GET"));
+        return resp;
     }
     match req.uri().path() {
         "/healthz" => text(StatusCode::OK, "text/plain", "ok\n".into()),
@@ -69,6 +73,9 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
                 state.metrics.encode(),
             )
+        }
+        crate::api::OPENAPI_PATH => {
+            crate::api::bytes_response(StatusCode::OK, crate::openapi::admin_document())
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

@@ -13,6 +13,9 @@
 //! | `GET /api/pci/tokens/{id}` | tokens | [`pci::get`] |
 //! | `DELETE /api/pci/tokens/{id}` | tokens | [`pci::delete`] |
 //! | `<ANY> /api/pci/tokens/{id}/forward` | forward | [`crate::forward::handle`] |
+//! | `POST /api/sessions` | tokens | [`sessions::create`] |
+//! | `POST /api/network/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
+//! | `POST /api/pci/tokens/{id}/forward/{route}` | forward | [`crate::forward::route::handle`] |
 //!
 //! The compatible surfaces (contract §12: `/cards/…` in VGS CMP's shape,
 //! `POST /cryptograms` in J.P. Morgan's) are a separate route family,
@@ -44,6 +47,7 @@ pub mod error;
 pub mod idempotency;
 pub mod json;
 pub mod pci;
+pub mod sessions;
 pub mod surfaces;
 pub mod tokens;
 
@@ -55,6 +59,9 @@ use auth::Scope;
 pub const X_API_KEY: &str = "x-api-key";
 /// Header carrying an idempotency key.
 pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
+
+/// The OpenAPI document's path, on both listeners (no key needed).
+pub const OPENAPI_PATH: &str = "/openapi.json";
 
 /// Which route a request matched; also the label used in logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,11 +86,40 @@ pub enum Route {
     DeletePciToken,
     /// `* /api/pci/tokens/{id}/forward`
     ForwardPci,
+    /// `POST /api/sessions`
+    CreateSession,
+    /// `POST /api/network/tokens/{id}/forward/{route}`
+    ForwardRoute,
+    /// `POST /api/pci/tokens/{id}/forward/{route}`
+    ForwardPciRoute,
     /// A compatible-surface operation (contract §12).
     Surface(surfaces::Operation),
 }
 
 impl Route {
+    /// Every route, for the test that holds the OpenAPI document to the
+    /// router; [`Route::label`]'s exhaustive `match` is the reminder to add
+    /// a new one here.
+    pub const ALL: [Route; 17] = [
+        Route::CreateSession,
+        Route::ForwardRoute,
+        Route::ForwardPciRoute,
+        Route::Surface(surfaces::Operation::VgsProvision),
+        Route::Surface(surfaces::Operation::VgsDelete),
+        Route::Surface(surfaces::Operation::VgsCryptogram),
+        Route::Surface(surfaces::Operation::JpmcCryptogram),
+        Route::ProvisionToken,
+        Route::GetToken,
+        Route::DeleteToken,
+        Route::CreateCryptogram,
+        Route::Forward,
+        Route::TokenEvent,
+        Route::CreatePciToken,
+        Route::GetPciToken,
+        Route::DeletePciToken,
+        Route::ForwardPci,
+    ];
+
     /// Stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
@@ -97,6 +133,9 @@ impl Route {
             Route::GetPciToken => "get_pci_token",
             Route::DeletePciToken => "delete_pci_token",
             Route::ForwardPci => "forward_pci",
+            Route::CreateSession => "create_session",
+            Route::ForwardRoute => "forward_route",
+            Route::ForwardPciRoute => "forward_pci_route",
             Route::Surface(op) => op.label(),
         }
     }
@@ -108,11 +147,15 @@ impl Route {
             | Route::DeleteToken
             | Route::CreateCryptogram
             | Route::Forward
-            | Route::TokenEvent => Family::Network,
+            | Route::ForwardRoute
+            | Route::TokenEvent
+            // No `{id}` segment: the family is never asked for.
+            | Route::CreateSession => Family::Network,
             Route::CreatePciToken
             | Route::GetPciToken
             | Route::DeletePciToken
-            | Route::ForwardPci => Family::Pci,
+            | Route::ForwardPci
+            | Route::ForwardPciRoute => Family::Pci,
             Route::Surface(op) => op.family(),
         }
     }
@@ -124,9 +167,12 @@ impl Route {
             | Route::DeleteToken
             | Route::CreatePciToken
             | Route::GetPciToken
-            | Route::DeletePciToken => Scope::Tokens,
+            | Route::DeletePciToken
+            | Route::CreateSession => Scope::Tokens,
             Route::CreateCryptogram => Scope::Cryptograms,
-            Route::Forward | Route::ForwardPci => Scope::Forward,
+            Route::Forward | Route::ForwardPci | Route::ForwardRoute | Route::ForwardPciRoute => {
+                Scope::Forward
+            }
             Route::TokenEvent => Scope::Admin,
             Route::Surface(op) => op.scope(),
         }
@@ -135,6 +181,12 @@ impl Route {
 
 /// Matches method and path; `Ok((route, id segment))`.
 pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ApiError> {
+    if path == "/api/sessions" {
+        return match *method {
+            Method::POST => Ok((Route::CreateSession, None)),
+            _ => Err(ApiError::MethodNotAllowed("POST")),
+        };
+    }
     let (family, rest) = if let Some(rest) = path.strip_prefix("/api/network/tokens") {
         (Family::Network, rest)
     } else if let Some(rest) = path.strip_prefix("/api/pci/tokens") {
@@ -143,9 +195,22 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
         return Err(ApiError::RouteNotFound);
     };
     let mut parts = rest.split('/');
-    // `rest` is "" or "/{id}[/{action}]"; the first split part is empty.
+    // `rest` is "" or "/{id}[/{action}[/{route}]]"; the first split part is empty.
     let (lead, id, action, extra) = (parts.next(), parts.next(), parts.next(), parts.next());
-    if lead != Some("") || extra.is_some() {
+    if lead != Some("") || parts.next().is_some() {
+        return Err(ApiError::RouteNotFound);
+    }
+    if let (Some(id), Some("forward"), Some(name)) = (id, action, extra) {
+        if id.is_empty() || name.is_empty() {
+            return Err(ApiError::RouteNotFound);
+        }
+        let route = match family {
+            Family::Network => Route::ForwardRoute,
+            Family::Pci => Route::ForwardPciRoute,
+        };
+        return Ok((route, Some(id)));
+    }
+    if extra.is_some() {
         return Err(ApiError::RouteNotFound);
     }
     let id = match id {
@@ -164,7 +229,10 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
         (Family::Pci, true, None, &Method::GET) => Route::GetPciToken,
         (Family::Pci, true, None, &Method::DELETE) => Route::DeletePciToken,
         (Family::Pci, true, Some("forward"), _) => Route::ForwardPci,
-        (_, _, None | Some("cryptograms" | "events"), _) => return Err(ApiError::MethodNotAllowed),
+        (_, true, Some("cryptograms" | "events"), _) | (_, false, None, _) => {
+            return Err(ApiError::MethodNotAllowed("POST"))
+        }
+        (_, true, None, _) => return Err(ApiError::MethodNotAllowed("GET, DELETE")),
         _ => return Err(ApiError::RouteNotFound),
     };
     Ok((route, id))
@@ -241,6 +309,10 @@ pub struct Audit {
     pub change: Option<&'static str>,
     /// A forward's destination host.
     pub destination_host: Option<String>,
+    /// The card-capture session a request opened or spent (not a secret).
+    pub session: Option<crate::session::SessionId>,
+    /// A route forward's route name (from the config).
+    pub forward_route: Option<String>,
     /// A forward's request was handed to the upstream connection: from
     /// here on the acquirer may have it, whatever happens to the client.
     pub sent_upstream: bool,
@@ -267,6 +339,13 @@ pub async fn handle(
     trace: &mut Trace,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
+    if path == OPENAPI_PATH {
+        return if req.method() == Method::GET {
+            bytes_response(StatusCode::OK, crate::openapi::main_document())
+        } else {
+            ApiError::MethodNotAllowed("GET").into_response()
+        };
+    }
     if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
         return surfaces::handle(&state, surface, req, trace).await;
     }
@@ -312,9 +391,15 @@ pub async fn handle(
             (Route::Forward | Route::ForwardPci, Some(subject)) => {
                 crate::forward::handle(&state, key, subject, req, a).await
             }
+            (Route::ForwardRoute | Route::ForwardPciRoute, Some(subject)) => {
+                // The route name is the last path segment (see `route`).
+                let name = path.rsplit('/').next().unwrap_or_default();
+                crate::forward::route::handle(&state, key, subject, name, req, a).await
+            }
             (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
             (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,
             (Route::DeletePciToken, Some(Subject::PciToken(id))) => pci::delete(&state, id).await,
+            (Route::CreateSession, None) => sessions::create(&state, req, a).await,
             _ => Err(ApiError::Internal(format!(
                 "route {} matched with a mismatched id",
                 route.label()
@@ -386,6 +471,41 @@ mod tests {
     use super::*;
 
     #[test]
+    fn all_lists_every_route_once() {
+        // Exhaustive, no `_`: a new route fails to compile here until it
+        // is given a place, and then fails the assertion until it is in ALL.
+        fn index(r: Route) -> usize {
+            match r {
+                Route::ProvisionToken => 0,
+                Route::GetToken => 1,
+                Route::DeleteToken => 2,
+                Route::CreateCryptogram => 3,
+                Route::Forward => 4,
+                Route::TokenEvent => 5,
+                Route::CreatePciToken => 6,
+                Route::GetPciToken => 7,
+                Route::DeletePciToken => 8,
+                Route::ForwardPci => 9,
+                Route::ForwardRoute => 14,
+                Route::ForwardPciRoute => 15,
+                Route::CreateSession => 16,
+                Route::Surface(op) => match op {
+                    surfaces::Operation::VgsProvision => 10,
+                    surfaces::Operation::VgsDelete => 11,
+                    surfaces::Operation::VgsCryptogram => 12,
+                    surfaces::Operation::JpmcCryptogram => 13,
+                },
+            }
+        }
+        let mut seen = [false; Route::ALL.len()];
+        for r in Route::ALL {
+            assert!(!seen[index(r)], "{} twice in Route::ALL", r.label());
+            seen[index(r)] = true;
+        }
+        assert!(seen.iter().all(|s| *s));
+    }
+
+    #[test]
     fn routes() {
         let id = "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11";
         assert_eq!(
@@ -404,15 +524,51 @@ mod tests {
         );
         assert!(matches!(
             route(&Method::GET, "/api/network/tokens"),
-            Err(ApiError::MethodNotAllowed)
+            Err(ApiError::MethodNotAllowed("POST"))
         ));
         assert!(matches!(
             route(&Method::GET, &format!("/api/network/tokens/{id}/nope")),
+            Err(ApiError::RouteNotFound)
+        ));
+        assert_eq!(
+            route(&Method::POST, "/api/sessions").unwrap(),
+            (Route::CreateSession, None)
+        );
+        assert!(matches!(
+            route(&Method::GET, "/api/sessions"),
+            Err(ApiError::MethodNotAllowed(_))
+        ));
+        assert!(matches!(
+            route(&Method::POST, "/api/sessions/x"),
             Err(ApiError::RouteNotFound)
         ));
         assert!(matches!(
             route(&Method::GET, "/api/network/tokensx"),
             Err(ApiError::RouteNotFound)
         ));
+        assert_eq!(
+            route(
+                &Method::POST,
+                &format!("/api/network/tokens/{id}/forward/adyen-payments")
+            )
+            .unwrap(),
+            (Route::ForwardRoute, Some(id))
+        );
+        assert_eq!(
+            route(&Method::POST, &format!("/api/pci/tokens/{id}/forward/x"))
+                .unwrap()
+                .0,
+            Route::ForwardPciRoute
+        );
+        for bad in [
+            format!("/api/network/tokens/{id}/forward/"),
+            format!("/api/network/tokens/{id}/forward/a/b"),
+            format!("/api/network/tokens/{id}/cryptograms/a"),
+        ] {
+            assert!(
+                matches!(route(&Method::POST, &bad), Err(ApiError::RouteNotFound)),
+                "{bad}"
+            );
+        }
     }
 }

@@ -203,6 +203,32 @@ pub struct DestinationRule {
     pub client_key: Option<PathBuf>,
 }
 
+/// Which forward endpoint may use a route (`routes[].subjects`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteSubject {
+    /// `POST /api/network/tokens/{id}/forward/{route}`
+    NetworkToken,
+    /// `POST /api/pci/tokens/{id}/forward/{route}`
+    PciToken,
+}
+
+/// One `[[routes]]` entry (contract §10). Its destination is checked
+/// against the allow-list and its template compiled when the forwarder is
+/// built (`forward::route::Routes`), which `serve` and `check-config` both do.
+#[derive(Debug, Clone)]
+pub struct RouteConfig {
+    /// `[a-z0-9-]+`, the `{route}` path segment.
+    pub name: String,
+    /// The fixed destination URL.
+    pub destination: String,
+    /// The outbound method.
+    pub method: http::Method,
+    /// The template file, resolved against the config file's folder.
+    pub template: PathBuf,
+    /// Which forward endpoints may use it.
+    pub subjects: Vec<RouteSubject>,
+}
+
 /// Upstream (acquirer) connection settings.
 #[derive(Debug, Clone)]
 pub struct UpstreamConfig {
@@ -246,6 +272,8 @@ pub struct Config {
     pub max_rendered_bytes: usize,
     /// How long a CVC is held in memory for one forward.
     pub cvc_ttl: Duration,
+    /// Lifetime of a card-capture session (contract §11).
+    pub session_ttl: Duration,
     /// Placeholder delimiters.
     pub placeholder_syntax: PlaceholderSyntax,
     /// Mask injected values echoed back by the acquirer.
@@ -281,6 +309,10 @@ pub struct Config {
     pub upstream: UpstreamConfig,
     /// The allow-list.
     pub destinations: Vec<DestinationRule>,
+    /// Operator-defined forwards (`[[routes]]`).
+    pub routes: Vec<RouteConfig>,
+    /// Refuse free-form forwards: card data leaves only through routes.
+    pub routes_only: bool,
     /// Which compatible surfaces (contract §12) are served.
     pub surfaces: Surfaces,
 }
@@ -309,6 +341,7 @@ struct RawConfig {
     compliance_level: Option<ComplianceLevel>,
     reference_ttl: Option<String>,
     cvc_ttl: Option<String>,
+    session_ttl: Option<String>,
     max_body_bytes: Option<u64>,
     max_rendered_bytes: Option<u64>,
     placeholder_syntax: Option<PlaceholderSyntax>,
@@ -330,6 +363,19 @@ struct RawConfig {
     #[serde(default)]
     destinations: Vec<RawDestination>,
     surfaces: Option<RawSurfaces>,
+    routes_only: Option<bool>,
+    #[serde(default)]
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    name: String,
+    destination: String,
+    method: Option<String>,
+    template: PathBuf,
+    subjects: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -399,16 +445,25 @@ impl Config {
         let text = std::fs::read_to_string(path).map_err(|e| {
             ConfigError::new("(file)", format!("cannot read {}: {e}", path.display()))
         })?;
-        Config::parse(&text)
+        // Route templates are named relative to the config file.
+        let base = path.parent().unwrap_or(Path::new(""));
+        Config::parse_in(&text, base)
     }
 
-    /// Parses and validates a TOML document.
+    /// Parses and validates a TOML document; relative route template paths
+    /// are taken from the current directory.
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse_in(text, Path::new(""))
+    }
+
+    /// Parses and validates a TOML document whose relative route template
+    /// paths start at `base` (the config file's folder).
+    pub fn parse_in(text: &str, base: &Path) -> Result<Config, ConfigError> {
         let raw: RawConfig = toml::from_str(text).map_err(|e| {
             // toml's message names the unknown or mistyped key; keep it.
             ConfigError::new("(document)", e.message().to_owned())
         })?;
-        raw.validate()
+        raw.validate(base)
     }
 
     /// A configuration with every default, no API keys or destinations,
@@ -458,6 +513,15 @@ pub const REFERENCE_TTL: DurationKey = DurationKey {
 /// `cvc_ttl`: a CVC is held for one forward, never longer than an hour.
 pub const CVC_TTL: DurationKey = DurationKey {
     key: "cvc_ttl",
+    default: secs(15 * 60),
+    min: secs(1),
+    max: secs(3600),
+};
+/// `session_ttl`: a checkout page open longer than an hour should ask for
+/// a new session; a long-lived key pair is what a single-use session exists
+/// to avoid.
+pub const SESSION_TTL: DurationKey = DurationKey {
+    key: "session_ttl",
     default: secs(15 * 60),
     min: secs(1),
     max: secs(3600),
@@ -525,6 +589,7 @@ pub const VAULT_CACHE_TTL: DurationKey = DurationKey {
 pub const DURATION_KEYS: &[DurationKey] = &[
     REFERENCE_TTL,
     CVC_TTL,
+    SESSION_TTL,
     IDEMPOTENCY_TTL,
     HEADER_READ_TIMEOUT,
     IDLE_TIMEOUT,
@@ -662,6 +727,82 @@ fn redis_url(key: &str, url: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
+/// Validates `[[routes]]`: names, methods, subjects; template paths resolved
+/// against `base`. The destination and the template itself are checked
+/// where they are used (`forward::route`).
+fn routes(raw: Vec<RawRoute>, base: &Path) -> Result<Vec<RouteConfig>, ConfigError> {
+    let mut seen = HashSet::new();
+    let mut routes = Vec::with_capacity(raw.len());
+    for (i, r) in raw.into_iter().enumerate() {
+        let key = |field: &str| format!("routes[{i}].{field}");
+        if r.name.is_empty()
+            || r.name.len() > 64
+            || !r
+                .name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        {
+            return Err(ConfigError::new(
+                key("name"),
+                format!("{:?} must be 1-64 characters of a-z 0-9 -", r.name),
+            ));
+        }
+        if !seen.insert(r.name.clone()) {
+            return Err(ConfigError::new(
+                key("name"),
+                format!("route {:?} is defined twice", r.name),
+            ));
+        }
+        let method = match r.method.as_deref() {
+            None => http::Method::POST,
+            Some(m) => {
+                let m = m.to_ascii_uppercase();
+                match m.as_str() {
+                    "GET" | "POST" | "PUT" | "PATCH" | "DELETE" => {}
+                    _ => {
+                        return Err(ConfigError::new(
+                            key("method"),
+                            format!("{m:?} is not one of GET, POST, PUT, PATCH, DELETE"),
+                        ))
+                    }
+                }
+                http::Method::from_bytes(m.as_bytes())
+                    .map_err(|_| ConfigError::new(key("method"), "not an HTTP method"))?
+            }
+        };
+        if r.subjects.is_empty() {
+            return Err(ConfigError::new(
+                key("subjects"),
+                "name at least one of \"network_token\", \"pci_token\"",
+            ));
+        }
+        let mut subjects = Vec::with_capacity(r.subjects.len());
+        for s in &r.subjects {
+            let subject = match s.as_str() {
+                "network_token" => RouteSubject::NetworkToken,
+                "pci_token" => RouteSubject::PciToken,
+                other => {
+                    return Err(ConfigError::new(
+                        key("subjects"),
+                        format!("unknown subject {other:?} (network_token, pci_token)"),
+                    ))
+                }
+            };
+            if !subjects.contains(&subject) {
+                subjects.push(subject);
+            }
+        }
+        routes.push(RouteConfig {
+            name: r.name,
+            destination: r.destination,
+            method,
+            template: base.join(r.template),
+            subjects,
+        });
+    }
+    Ok(routes)
+}
+
 /// `[vault]`: backend, key source, cache.
 fn vault(v: RawVault) -> Result<VaultConfig, ConfigError> {
     let backend = match v.backend.as_deref().unwrap_or("sqlite") {
@@ -728,7 +869,7 @@ fn vault(v: RawVault) -> Result<VaultConfig, ConfigError> {
 }
 
 impl RawConfig {
-    fn validate(self) -> Result<Config, ConfigError> {
+    fn validate(self, base: &Path) -> Result<Config, ConfigError> {
         let listen = socket_addr("listen", self.listen, "127.0.0.1:8080")?;
         let admin_listen = socket_addr("admin_listen", self.admin_listen, "127.0.0.1:9090")?;
         let compliance_level = self.compliance_level.unwrap_or(ComplianceLevel::SaqA);
@@ -983,6 +1124,7 @@ impl RawConfig {
             max_body_bytes: max_body_bytes as usize,
             max_rendered_bytes: max_rendered_bytes as usize,
             cvc_ttl: CVC_TTL.parse(self.cvc_ttl)?,
+            session_ttl: SESSION_TTL.parse(self.session_ttl)?,
             placeholder_syntax: self.placeholder_syntax.unwrap_or(PlaceholderSyntax::Angle),
             redact_responses: self
                 .redact_responses
@@ -1000,6 +1142,8 @@ impl RawConfig {
             reference_max_entries,
             upstream,
             destinations,
+            routes: routes(self.routes, base)?,
+            routes_only: self.routes_only.unwrap_or(false),
             surfaces: {
                 let raw = self.surfaces.unwrap_or_default();
                 Surfaces {
@@ -1022,6 +1166,7 @@ mod tests {
         assert_eq!(c.admin_listen.to_string(), "127.0.0.1:9090");
         assert_eq!(c.compliance_level, ComplianceLevel::SaqA);
         assert_eq!(c.reference_ttl, Duration::from_secs(900));
+        assert_eq!(c.session_ttl, Duration::from_secs(900));
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert!(c.redact_responses);
         assert_eq!(c.forward_record_max_bytes, 64 << 10);
@@ -1038,6 +1183,8 @@ mod tests {
     fn bad_values_name_their_key() {
         for (doc, key) in [
             ("reference_ttl = \"soon\"", "reference_ttl"),
+            ("session_ttl = \"2h\"", "session_ttl"),
+            ("session_ttl = \"0s\"", "session_ttl"),
             ("listen = \"localhost\"", "listen"),
             (
                 "[upstream]\nconnect_timeout = \"0s\"",
@@ -1272,6 +1419,35 @@ mod tests {
         )
         .unwrap();
         assert!(!format!("{ok:?}").contains("hunter2"));
+    }
+
+    #[test]
+    fn routes_are_checked_and_their_templates_found_beside_the_config() {
+        let ok = "[[routes]]\nname = \"adyen-payments\"\ndestination = \"https://a.example/p\"\ntemplate = \"routes/a.json.j2\"\nsubjects = [\"network_token\", \"pci_token\"]";
+        let c = Config::parse_in(ok, Path::new("/etc/tokenrelay")).unwrap();
+        let r = &c.routes[0];
+        assert_eq!(r.method, http::Method::POST);
+        assert_eq!(r.template, Path::new("/etc/tokenrelay/routes/a.json.j2"));
+        assert_eq!(
+            r.subjects,
+            [RouteSubject::NetworkToken, RouteSubject::PciToken]
+        );
+        assert!(!c.routes_only);
+        assert!(Config::parse("routes_only = true").unwrap().routes_only);
+        for (doc, key) in [
+            (ok.replace("adyen-payments", "Adyen"), "routes[0].name"),
+            (ok.replace("adyen-payments", "a/b"), "routes[0].name"),
+            (format!("{ok}\nmethod = \"CONNECT\""), "routes[0].method"),
+            (
+                ok.replace("\"network_token\", \"pci_token\"", ""),
+                "routes[0].subjects",
+            ),
+            (ok.replace("pci_token", "card"), "routes[0].subjects"),
+            (format!("{ok}\n{ok}"), "routes[1].name"),
+        ] {
+            let e = Config::parse(&doc).unwrap_err();
+            assert_eq!(e.key, key, "{doc}: {e}");
+        }
     }
 
     #[test]

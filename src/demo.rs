@@ -6,6 +6,9 @@
 //! provision a Visa token, take a cryptogram reference, forward a JSON
 //! authorisation with placeholders, and a replayed forward. Every step is
 //! printed with secrets masked.
+//!
+//! `tokenrelay demo --browser` ([`browser`]) does the same at SAQ-A with the
+//! card typed into the example checkout page and encrypted in the browser.
 
 use bytes::Bytes;
 use http::{Method, Request};
@@ -20,6 +23,8 @@ use crate::api::auth::{ApiKey, KeyHash, Scope};
 use crate::config::{ComplianceLevel, Config, DestScheme, DestinationRule, HostPattern};
 use crate::sandbox_acquirer::{generate_pki, SandboxAcquirer};
 use crate::tsp::sandbox::DEFAULT_SANDBOX_KEY;
+
+pub mod browser;
 
 /// Why the demo or the sandbox failed.
 pub type DemoError = Box<dyn std::error::Error + Send + Sync>;
@@ -82,14 +87,26 @@ pub struct Sandbox {
 }
 
 impl Sandbox {
-    /// Starts both on ephemeral loopback ports.
+    /// Starts both on ephemeral loopback ports (tokenrelay at SAQ-D).
     pub async fn start() -> Result<Sandbox, DemoError> {
-        Self::start_with(|_| {}).await
+        Self::start_at(ComplianceLevel::SaqD).await
     }
 
-    /// As [`Sandbox::start`], with `adjust` applied to tokenrelay's config
-    /// last (e.g. a SQLite vault for a benchmark).
+    /// Starts both, tokenrelay at compliance `level`.
+    pub async fn start_at(level: ComplianceLevel) -> Result<Sandbox, DemoError> {
+        Self::start_inner(level, |_| {}).await
+    }
+
+    /// As [`Sandbox::start`] (SAQ-D), with `adjust` applied to tokenrelay's
+    /// config last (e.g. a SQLite vault for a benchmark).
     pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Sandbox, DemoError> {
+        Self::start_inner(ComplianceLevel::SaqD, adjust).await
+    }
+
+    async fn start_inner(
+        level: ComplianceLevel,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Sandbox, DemoError> {
         let pki = generate_pki()?;
         let dir = std::env::temp_dir().join(format!("tokenrelay-demo-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir)?;
@@ -101,7 +118,8 @@ impl Sandbox {
 
         let key = format!("demo-{}", uuid::Uuid::new_v4().simple());
         let mut config = Config::defaults();
-        config.compliance_level = ComplianceLevel::SaqD;
+        config.compliance_level = level;
+        config.redact_responses = level == ComplianceLevel::SaqA;
         config.api_keys = vec![ApiKey {
             name: "demo".into(),
             hash: KeyHash::of(key.as_bytes()),

@@ -57,6 +57,7 @@ pub mod destination;
 pub mod headers;
 pub mod record;
 pub mod redact;
+pub mod route;
 pub mod upstream;
 
 use destination::{Destination, DestinationError, Resolver};
@@ -80,6 +81,8 @@ pub struct Forwarder {
     delims: (&'static str, &'static str),
     connect_timeout: Duration,
     response_timeout: Duration,
+    /// The operator's `[[routes]]`, compiled.
+    pub routes: route::Routes,
 }
 
 impl Forwarder {
@@ -95,7 +98,9 @@ impl Forwarder {
             PlaceholderSyntax::Angle => (Syntax::Angle, ("<<", ">>")),
             PlaceholderSyntax::Braces => (Syntax::Braces, ("{{", "}}")),
         };
+        let routes = route::Routes::build(config, &rules, delims)?;
         Ok(Self {
+            routes,
             rules,
             resolver,
             client,
@@ -170,6 +175,9 @@ struct Parsed {
     query: Option<Part>,
     headers: Vec<(HeaderName, Part)>,
     body: Part,
+    /// A route forward: the body is the route's template over the
+    /// merchant's input (`body`), not `body` itself.
+    route: Option<route::Rendering>,
 }
 
 impl Parsed {
@@ -180,10 +188,33 @@ impl Parsed {
             .chain(std::iter::once(&self.body))
     }
 
+    /// Every token field the outbound request names.
+    fn fields(&self) -> impl Iterator<Item = Field> + '_ {
+        self.parts()
+            .flat_map(Part::fields)
+            .chain(self.route.iter().flat_map(route::Rendering::fields))
+    }
+
+    /// The outbound body with `values`.
+    fn body(&self, values: &dyn Values) -> Result<Bytes, ApiError> {
+        match &self.route {
+            None => Ok(self.body.render(values)),
+            Some(r) => r.render(values),
+        }
+    }
+
+    /// The outbound body with every value masked (dry run).
+    fn masked_body(&self) -> Result<Bytes, ApiError> {
+        match &self.route {
+            None => Ok(self.body.render(&Masked)),
+            Some(r) => r.render_masked(),
+        }
+    }
+
     /// The secret values this request injects: what redaction masks.
     fn redactor(&self, values: &dyn Values) -> Redactor {
         let mut secrets = Vec::new();
-        for field in self.parts().flat_map(Part::fields) {
+        for field in self.fields() {
             if matches!(
                 field,
                 Field::Number
@@ -201,6 +232,20 @@ impl Parsed {
     }
 }
 
+/// The methods a forward relays.
+const FORWARD_METHODS: [Method; 7] = [
+    Method::GET,
+    Method::HEAD,
+    Method::POST,
+    Method::PUT,
+    Method::PATCH,
+    Method::DELETE,
+    Method::OPTIONS,
+];
+
+/// What a forward's 405 lists in `Allow`: [`FORWARD_METHODS`].
+const FORWARD_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
+
 /// `<ANY> /api/network/tokens/{id}/forward`
 pub async fn handle(
     state: &Arc<AppState>,
@@ -210,26 +255,64 @@ pub async fn handle(
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
     let started = Instant::now();
+    if state.config.routes_only {
+        return Err(ApiError::FreeFormForwardDisabled);
+    }
     let fwd = &state.forwarder;
-    // CONNECT would open a tunnel and TRACE/TRACK echo the request (with
-    // its rendered values) back: none is a payment.
-    if req.method() == Method::CONNECT
-        || req.method() == Method::TRACE
-        || req.method().as_str() == "TRACK"
-    {
-        return Err(ApiError::MethodNotAllowed);
+    // The methods an acquirer API takes, and nothing else: CONNECT would
+    // open a tunnel, TRACE/TRACK echo the request (with its rendered values)
+    // back, and an extension method is no payment either.
+    if !FORWARD_METHODS.contains(req.method()) {
+        return Err(ApiError::MethodNotAllowed(FORWARD_ALLOW));
     }
     let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
-    let checked = check_headers(fwd, req.headers(), subject.needs_reference()).await?;
+    let checked = check_headers(fwd, req.headers(), subject.needs_reference(), None).await?;
     audit.destination_host = Some(checked.destination.host.clone());
-    let parsed = read_and_parse(state, &checked, req, subject.namespace()).await?;
-    let result = match client_key {
-        // A dry run consumes and sends nothing: there is nothing to record.
-        Some(client_key) if !checked.dry_run => {
-            let reference = checked.reference.as_ref().map(ReferenceId::as_str);
-            let fingerprint =
-                record::fingerprint(subject, Origin::Reference(reference), &checked, &parsed);
-            let record_key = idempotency::record_key((&key.name, RECORD_SCOPE), &client_key);
+    let parsed = read_and_parse(state, &checked, req, subject.namespace(), true).await?;
+    let reference = checked.reference.as_ref().map(ReferenceId::as_str);
+    let keyed = keyed_by(
+        key,
+        client_key.as_deref(),
+        subject,
+        Origin::Reference(reference),
+        &checked,
+        &parsed,
+    );
+    finish(state, keyed, subject, checked, parsed, audit, started).await
+}
+
+/// The record key and fingerprint a forward runs under: `None` without an
+/// `x-idempotency-key`, and for a dry run (it consumes and sends nothing,
+/// so there is nothing to record).
+fn keyed_by(
+    key: &ApiKey,
+    client_key: Option<&str>,
+    subject: Subject,
+    origin: Origin<'_>,
+    checked: &Checked,
+    parsed: &Parsed,
+) -> Option<(String, [u8; 32])> {
+    let client_key = client_key.filter(|_| !checked.dry_run)?;
+    Some((
+        idempotency::record_key((&key.name, RECORD_SCOPE), client_key),
+        record::fingerprint(subject, origin, checked, parsed),
+    ))
+}
+
+/// Steps 4 to 6, shared by free-form and route forwards ([`execute`]),
+/// under the idempotency record `keyed` names when there is one (see
+/// [`record::keyed`]).
+async fn finish(
+    state: &Arc<AppState>,
+    keyed: Option<(String, [u8; 32])>,
+    subject: Subject,
+    checked: Checked,
+    parsed: Parsed,
+    audit: &mut Audit,
+    started: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let result = match keyed {
+        Some((record_key, fingerprint)) => {
             let sent = &mut audit.sent_upstream;
             record::keyed(
                 state,
@@ -242,7 +325,7 @@ pub async fn handle(
             )
             .await
         }
-        _ => execute(state, subject, &checked, &parsed, &mut audit.sent_upstream)
+        None => execute(state, subject, &checked, &parsed, &mut audit.sent_upstream)
             .await
             .into_result(),
     };
@@ -329,25 +412,38 @@ async fn execute(
 
 /// Step 2: headers present; destination well-formed, allowed, resolved and
 /// its addresses checked.
+/// A route passes its `fixed` destination (then `x-destination-url` must
+/// be absent).
 async fn check_headers(
     fwd: &Forwarder,
     headers: &HeaderMap,
     needs_reference: bool,
+    fixed: Option<&Destination>,
 ) -> Result<Checked, ApiError> {
     let reference = match headers.get(&X_CRYPTOGRAM_REFERENCE) {
         Some(r) => Some(r),
         None if needs_reference => return Err(ApiError::MissingHeader("x-cryptogram-reference")),
         None => None,
     };
-    let url = headers
-        .get(&X_DESTINATION_URL)
-        .ok_or(ApiError::MissingHeader("x-destination-url"))?
-        .to_str()
-        .map_err(|_| ApiError::InvalidDestination("URL must be ASCII".into()))?;
-    let destination = destination::parse(url, &fwd.rules, fwd.delims).map_err(|e| match e {
-        DestinationError::Invalid(m) => ApiError::InvalidDestination(m),
-        DestinationError::NotAllowed(m) => ApiError::DestinationNotAllowed(m),
-    })?;
+    let destination = match fixed {
+        Some(_) if headers.contains_key(&X_DESTINATION_URL) => {
+            return Err(ApiError::InvalidDestination(
+                "a route's destination is fixed; send no x-destination-url".into(),
+            ))
+        }
+        Some(d) => d.clone(),
+        None => {
+            let url = headers
+                .get(&X_DESTINATION_URL)
+                .ok_or(ApiError::MissingHeader("x-destination-url"))?
+                .to_str()
+                .map_err(|_| ApiError::InvalidDestination("URL must be ASCII".into()))?;
+            destination::parse(url, &fwd.rules, fwd.delims).map_err(|e| match e {
+                DestinationError::Invalid(m) => ApiError::InvalidDestination(m),
+                DestinationError::NotAllowed(m) => ApiError::DestinationNotAllowed(m),
+            })?
+        }
+    };
     let addrs = fwd
         .resolver
         .resolve(&destination.host, destination.port)
@@ -395,12 +491,14 @@ fn dry_run_flag(headers: &HeaderMap) -> Result<bool, ApiError> {
     Ok(flag)
 }
 
-/// Step 3: body under the limit, every placeholder parsed.
+/// Step 3: body under the limit, every placeholder parsed (in the body
+/// only when `body_template`: a route's body is the merchant's input).
 async fn read_and_parse(
     state: &AppState,
     checked: &Checked,
     req: Request<Incoming>,
     ns: Namespace,
+    body_template: bool,
 ) -> Result<Parsed, ApiError> {
     let fwd = &state.forwarder;
     check_content_length(&req, state.config.max_body_bytes)?;
@@ -413,7 +511,14 @@ async fn read_and_parse(
             .get(header::CONTENT_TYPE)
             .map(HeaderValue::as_bytes),
     );
-    let body = Part::parse(body, fwd, ns, ctx, &"body")?;
+    let body = if body_template {
+        Part::parse(body, fwd, ns, ctx, &"body")?
+    } else {
+        Part {
+            input: body,
+            template: None,
+        }
+    };
     let dest = &checked.destination;
     let path = Part::parse(
         Bytes::from(dest.path.clone()),
@@ -491,6 +596,7 @@ async fn read_and_parse(
         query,
         headers,
         body,
+        route: None,
     };
     let limit = state.config.max_rendered_bytes;
     let bound = parsed
@@ -532,10 +638,7 @@ async fn consume(
                 .get_pci(id)
                 .await?
                 .ok_or(ApiError::PciTokenNotFound)?;
-            let wants_cvc = parsed
-                .parts()
-                .flat_map(Part::fields)
-                .any(|f| f == Field::SecurityCode);
+            let wants_cvc = parsed.fields().any(|f| f == Field::SecurityCode);
             let cvc = match (wants_cvc, checked.dry_run) {
                 (false, _) => None,
                 (true, true) if state.cvcs.is_held(id).await? => None,
@@ -609,7 +712,7 @@ async fn send(
     let path = parsed.path.render(values);
     let query = parsed.query.as_ref().map(|q| q.render(values));
     let uri = outbound_uri(dest, &path, query.as_deref()).map_err(|e| fail(e, true))?;
-    let body = parsed.body.render(values);
+    let body = parsed.body(values).map_err(|e| fail(e, true))?;
     // The parse-time bound covers the vault's limits; this catches a value
     // beyond them (e.g. a token service's metadata) before anything is sent.
     if body.len() > state.config.max_rendered_bytes {
@@ -798,7 +901,7 @@ fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiErr
             "method": parsed.method.as_str(),
             "url": uri.to_string(),
             "headers": headers,
-            "body": String::from_utf8_lossy(&parsed.body.render(&masked)),
+            "body": String::from_utf8_lossy(&parsed.masked_body()?),
         }),
     )
 }

@@ -17,6 +17,9 @@
 //!   tokens and cryptograms behind `TokenServiceProvider`;
 //! - [`admin`] serves health and metrics; [`telemetry`] owns logs and
 //!   metrics; [`config`] turns TOML into a validated [`config::Config`];
+//! - [`openapi`] holds the OpenAPI 3.1 documents of both listeners;
+//! - [`session`] keeps card-capture sessions (browser-encrypted cards,
+//!   JWE) beside the references;
 //! - [`card`] and [`crypto`] hold the card rules, secret types and crypto
 //!   helpers.
 //!
@@ -41,9 +44,11 @@ pub mod crypto;
 pub mod cvc;
 pub mod demo;
 pub mod forward;
+pub mod openapi;
 pub mod references;
 pub mod sandbox_acquirer;
 pub mod server;
+pub mod session;
 pub mod telemetry;
 pub mod template;
 pub mod tsp;
@@ -73,6 +78,8 @@ pub struct AppState {
     pub tokens: Arc<dyn TokenStore>,
     /// Cryptogram references.
     pub references: Arc<dyn ReferenceStore>,
+    /// Card-capture sessions, in the same backend as the references.
+    pub sessions: session::Sessions,
     /// Token service provider.
     pub tsp: Arc<dyn TokenServiceProvider>,
     /// Idempotency records.
@@ -105,12 +112,19 @@ impl AppState {
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
         let cvcs = cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries);
-        let (references, cvcs): (Arc<dyn ReferenceStore>, _) = match &config.references {
+        let (references, cvcs, session_store): (
+            Arc<dyn ReferenceStore>,
+            _,
+            Arc<dyn session::SessionStore>,
+        ) = match &config.references {
             ReferenceBackend::Memory => (
                 Arc::new(references::memory::MemoryReferenceStore::new(
                     config.reference_max_entries,
                 )),
                 cvcs,
+                Arc::new(session::memory::MemorySessionStore::new(
+                    config.reference_max_entries,
+                )),
             ),
             ReferenceBackend::Redis(redis) => {
                 let keys = match keys {
@@ -120,13 +134,20 @@ impl AppState {
                 let store = Arc::new(
                     references::redis::RedisReferenceStore::open(
                         redis,
-                        keys,
+                        keys.clone(),
                         config.reference_max_entries,
                     )
                     .await?,
                 );
-                // CVCs follow the references, so every replica sees them.
-                (store.clone(), cvc::CvcStore::shared(config.cvc_ttl, store))
+                // Sessions and CVCs follow the references, so every
+                // replica sees them.
+                let sessions =
+                    session::redis::RedisSessionStore::new(store.clone(), keys, &redis.key_prefix);
+                (
+                    store.clone(),
+                    cvc::CvcStore::shared(config.cvc_ttl, store),
+                    Arc::new(sessions),
+                )
             }
         };
         let tsp: Arc<dyn TokenServiceProvider> = Arc::new(tsp::sandbox::SandboxTsp::new(
@@ -140,6 +161,7 @@ impl AppState {
             listen_tls,
             cvcs,
             idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
+            sessions: session::Sessions::new(session_store, config.session_ttl),
             config,
             tokens,
             references,

@@ -53,7 +53,16 @@ enum Command {
     },
     /// Run the whole flow locally: sandbox acquirer, provision, reference,
     /// forward; prints each step with secrets masked.
-    Demo,
+    Demo {
+        /// Serve the example checkout page instead (tokenrelay at SAQ-A, a
+        /// merchant-backend stand-in): type a test card in a browser.
+        #[arg(long)]
+        browser: bool,
+        /// With --browser: the stand-in's address (loopback only; port 0
+        /// picks a free one, printed).
+        #[arg(long, default_value = "127.0.0.1:8000", requires = "browser")]
+        listen: std::net::SocketAddr,
+    },
     /// Run the sandbox acquirer alone (TLS with a generated certificate).
     SandboxAcquirer {
         /// Address to listen on.
@@ -72,7 +81,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve { config } => serve(config),
         Command::CheckConfig { config } => check_config(config),
         Command::HashKey => hash_key(),
-        Command::Demo => demo(),
+        Command::Demo { browser, listen } => demo(browser.then_some(listen)),
         Command::RotateKey { config, batch } => rotate_key(config, batch),
         Command::SandboxAcquirer { listen, ca_out } => sandbox_acquirer(listen, ca_out),
     };
@@ -148,10 +157,13 @@ fn rotate_key(path: PathBuf, batch: usize) -> anyhow::Result<()> {
     })
 }
 
-fn demo() -> anyhow::Result<()> {
-    runtime()?
-        .block_on(tokenrelay::demo::run())
-        .map_err(|e| anyhow::anyhow!("demo failed: {e}"))
+fn demo(browser: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let rt = runtime()?;
+    match browser {
+        None => rt.block_on(tokenrelay::demo::run()),
+        Some(listen) => rt.block_on(tokenrelay::demo::browser::run(listen)),
+    }
+    .map_err(|e| anyhow::anyhow!("demo failed: {e}"))
 }
 
 fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Result<()> {

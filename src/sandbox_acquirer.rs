@@ -22,6 +22,18 @@
 //!   the card number (FPAN) approves — the case FPAN fallback exists for;
 //! - otherwise `approved` with a six-digit authorisation code.
 //!
+//! The same rules answer the formats of the fixture routes
+//! (`fixtures/routes/`), each at its API's path and in its API's shape:
+//! `POST /v71/payments` (Adyen Checkout v71, `paymentMethod.type =
+//! networkToken`, TAVV in `mpiData.tokenAuthenticationVerificationValue`),
+//! `POST /payments` (Checkout.com, `source.type = network_token`),
+//! `POST /api/transact.php` (NMI Payment API, form-encoded, `ccnumber`,
+//! `cavv`) and `POST /jsp/merchant/xml/paymentService.jsp` (Worldpay XML
+//! 1.4, `EMVCO_TOKEN-SSL`). Amounts in minor units are read with their
+//! exponent (2 unless the XML says otherwise), so the cryptogram check binds
+//! the same decimal amount the cryptogram was minted for. Each answer echoes
+//! the merchant's reference.
+//!
 //! The acquirer keeps the last request it received, masked, for the demo.
 
 use std::collections::HashSet;
@@ -179,65 +191,324 @@ pub fn mask(mut v: Value) -> Value {
     v
 }
 
-async fn handle(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
-    if req.method() != http::Method::POST || req.uri().path() != "/v1/authorizations" {
-        return reply(
-            StatusCode::NOT_FOUND,
-            json!({"error": "POST /v1/authorizations"}),
-        );
+/// One authorisation request, whatever format it came in.
+struct Authorisation {
+    /// The card or token number.
+    number: String,
+    /// The TAVV, for a network-token payment.
+    cryptogram: Option<String>,
+    /// The amount as a decimal string (`"10.00"`), as the cryptogram binds it.
+    amount: String,
+    /// The merchant's own reference, echoed in the answer.
+    reference: Option<String>,
+}
+
+/// The acquirer's decision.
+enum Decision {
+    Approved(String),
+    Declined(&'static str),
+}
+
+/// A request body in a format the acquirer does not accept.
+struct BadRequest(&'static str);
+
+/// The formats the acquirer speaks, by path: its own, and those of the
+/// fixture routes under `fixtures/routes/`.
+#[derive(Clone, Copy)]
+enum Format {
+    /// `POST /v1/authorizations`: the sandbox's own JSON.
+    Sandbox,
+    /// `POST /v71/payments`: Adyen Checkout API v71, `networkToken` method.
+    Adyen,
+    /// `POST /payments`: Checkout.com, `network_token` source.
+    Checkout,
+    /// `POST /api/transact.php`: NMI Payment API, form-encoded.
+    Nmi,
+    /// `POST /jsp/merchant/xml/paymentService.jsp`: Worldpay XML 1.4.
+    WorldpayXml,
+}
+
+impl Format {
+    fn for_path(path: &str) -> Option<Format> {
+        Some(match path {
+            "/v1/authorizations" => Format::Sandbox,
+            "/v71/payments" => Format::Adyen,
+            "/payments" => Format::Checkout,
+            "/api/transact.php" => Format::Nmi,
+            "/jsp/merchant/xml/paymentService.jsp" => Format::WorldpayXml,
+            _ => return None,
+        })
     }
-    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "unreadable body"})),
-    };
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
-        return reply(
-            StatusCode::BAD_REQUEST,
-            json!({"error": "body must be JSON"}),
-        );
-    };
-    if let Ok(mut last) = s.last.lock() {
-        *last = Some(mask(v.clone()));
+}
+
+/// `"1000"` minor units with exponent 2 → `"10.00"`.
+fn decimal(minor: &str, exponent: usize) -> Option<String> {
+    if minor.is_empty() || !minor.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
     }
-    let amount = match &v["amount"] {
-        Value::String(a) => a.clone(),
-        Value::Number(n) => n.to_string(),
-        _ => {
-            return reply(
-                StatusCode::BAD_REQUEST,
-                json!({"error": "amount is required"}),
-            )
+    let padded = format!("{minor:0>width$}", width = exponent + 1);
+    let (units, fraction) = padded.split_at(padded.len() - exponent);
+    let units = match units.trim_start_matches('0') {
+        "" => "0",
+        u => u,
+    };
+    Some(if exponent == 0 {
+        units.to_owned()
+    } else {
+        format!("{units}.{fraction}")
+    })
+}
+
+fn json_amount(v: &Value) -> Option<String> {
+    match v {
+        Value::Number(n) => n.as_u64().map(|n| n.to_string()),
+        Value::String(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn parse(format: Format, body: &[u8]) -> Result<Authorisation, BadRequest> {
+    let json =
+        || serde_json::from_slice::<Value>(body).map_err(|_| BadRequest("body must be JSON"));
+    let text = |v: &Value| v.as_str().map(str::to_owned);
+    match format {
+        Format::Sandbox => {
+            let v = json()?;
+            Ok(Authorisation {
+                number: text(&v["card"]["number"]).unwrap_or_default(),
+                cryptogram: text(&v["card"]["cryptogram"]),
+                amount: json_amount(&v["amount"]).ok_or(BadRequest("amount is required"))?,
+                reference: None,
+            })
         }
-    };
-    let number = v["card"]["number"].as_str().unwrap_or("");
-    if !luhn_valid(number) {
-        return decline("invalid_card");
+        Format::Adyen => {
+            let v = json()?;
+            // A network token carries its TAVV; a card ("scheme") none.
+            let cryptogram = match v["paymentMethod"]["type"].as_str() {
+                Some("networkToken") => text(&v["mpiData"]["tokenAuthenticationVerificationValue"]),
+                Some("scheme") => None,
+                _ => {
+                    return Err(BadRequest(
+                        "paymentMethod.type must be networkToken or scheme",
+                    ))
+                }
+            };
+            let minor =
+                json_amount(&v["amount"]["value"]).ok_or(BadRequest("amount.value is required"))?;
+            Ok(Authorisation {
+                number: text(&v["paymentMethod"]["number"]).unwrap_or_default(),
+                cryptogram,
+                amount: decimal(&minor, 2).ok_or(BadRequest("amount.value must be minor units"))?,
+                reference: text(&v["reference"]),
+            })
+        }
+        Format::Checkout => {
+            let v = json()?;
+            if v["source"]["type"] != "network_token" {
+                return Err(BadRequest("source.type must be network_token"));
+            }
+            let minor = json_amount(&v["amount"]).ok_or(BadRequest("amount is required"))?;
+            Ok(Authorisation {
+                number: text(&v["source"]["token"]).unwrap_or_default(),
+                cryptogram: text(&v["source"]["cryptogram"]),
+                amount: decimal(&minor, 2).ok_or(BadRequest("amount must be minor units"))?,
+                reference: text(&v["reference"]),
+            })
+        }
+        Format::Nmi => {
+            let mut a = Authorisation {
+                number: String::new(),
+                cryptogram: None,
+                amount: String::new(),
+                reference: None,
+            };
+            for (k, v) in form_urlencoded::parse(body) {
+                match &*k {
+                    "ccnumber" => a.number = v.into_owned(),
+                    "cavv" => a.cryptogram = Some(v.into_owned()),
+                    "amount" => a.amount = v.into_owned(),
+                    "orderid" => a.reference = Some(v.into_owned()),
+                    _ => {}
+                }
+            }
+            if a.amount.is_empty() {
+                return Err(BadRequest("amount is required"));
+            }
+            Ok(a)
+        }
+        Format::WorldpayXml => {
+            let text =
+                std::str::from_utf8(body).map_err(|_| BadRequest("body must be UTF-8 XML"))?;
+            let opts = roxmltree::ParsingOptions {
+                allow_dtd: true,
+                ..roxmltree::ParsingOptions::default()
+            };
+            let doc = roxmltree::Document::parse_with_options(text, opts)
+                .map_err(|_| BadRequest("body must be XML"))?;
+            let find = |name: &str| doc.descendants().find(|n| n.has_tag_name(name));
+            let token = find("EMVCO_TOKEN-SSL").ok_or(BadRequest("EMVCO_TOKEN-SSL is required"))?;
+            let child = |name: &str| {
+                token
+                    .descendants()
+                    .find(|n| n.has_tag_name(name))
+                    .and_then(|n| n.text())
+                    .map(str::to_owned)
+            };
+            let amount = find("amount").ok_or(BadRequest("amount is required"))?;
+            let exponent = amount
+                .attribute("exponent")
+                .and_then(|e| e.parse().ok())
+                .unwrap_or(2);
+            let minor = amount.attribute("value").unwrap_or("");
+            Ok(Authorisation {
+                number: child("tokenNumber").unwrap_or_default(),
+                cryptogram: child("cryptogram"),
+                amount: decimal(minor, exponent)
+                    .ok_or(BadRequest("amount value must be minor units"))?,
+                reference: find("order")
+                    .and_then(|o| o.attribute("orderCode"))
+                    .map(str::to_owned),
+            })
+        }
     }
-    let cryptogram = v["card"]["cryptogram"].as_str();
-    if let Some(cryptogram) = cryptogram {
+}
+
+fn decide(s: &Shared, a: &Authorisation) -> Decision {
+    if !luhn_valid(&a.number) {
+        return Decision::Declined("invalid_card");
+    }
+    if let Some(cryptogram) = &a.cryptogram {
         if s.tsp
-            .verify_tavv(number, Some(&amount), cryptogram)
+            .verify_tavv(&a.number, Some(&a.amount), cryptogram)
             .is_none()
         {
-            return decline("invalid_cryptogram");
+            return Decision::Declined("invalid_cryptogram");
         }
         let fresh = s
             .seen
             .lock()
-            .map(|mut seen| seen.insert(cryptogram.to_owned()))
+            .map(|mut seen| seen.insert(cryptogram.clone()))
             .unwrap_or(false);
         if !fresh {
-            return decline("cryptogram_replayed");
+            return Decision::Declined("cryptogram_replayed");
         }
     }
-    if amount == "51.00" {
-        return decline("insufficient_funds");
+    if a.amount == "51.00" {
+        return Decision::Declined("insufficient_funds");
     }
-    if amount == "62.00" && cryptogram.is_some() {
-        return decline("token_declined");
+    if a.amount == "62.00" && a.cryptogram.is_some() {
+        return Decision::Declined("token_declined");
     }
-    reply(
-        StatusCode::OK,
-        json!({"status": "approved", "authorization_code": random_digits(6)}),
-    )
+    Decision::Approved(random_digits(6))
+}
+
+fn typed(status: StatusCode, content_type: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    r
+}
+
+/// The answer in the format's own shape.
+fn answer(format: Format, a: &Authorisation, d: &Decision) -> Response<Full<Bytes>> {
+    let reference = a.reference.as_deref().unwrap_or("");
+    match (format, d) {
+        (Format::Sandbox, Decision::Approved(code)) => reply(
+            StatusCode::OK,
+            json!({"status": "approved", "authorization_code": code}),
+        ),
+        (Format::Sandbox, Decision::Declined(reason)) => decline(reason),
+        (Format::Adyen, Decision::Approved(code)) => reply(
+            StatusCode::OK,
+            json!({"resultCode": "Authorised", "authCode": code, "merchantReference": reference,
+                   "pspReference": random_digits(16)}),
+        ),
+        (Format::Adyen, Decision::Declined(reason)) => reply(
+            StatusCode::OK,
+            json!({"resultCode": "Refused", "refusalReason": reason, "merchantReference": reference}),
+        ),
+        (Format::Checkout, Decision::Approved(code)) => reply(
+            StatusCode::CREATED,
+            json!({"approved": true, "status": "Authorized", "auth_code": code, "reference": reference}),
+        ),
+        (Format::Checkout, Decision::Declined(reason)) => reply(
+            StatusCode::CREATED,
+            json!({"approved": false, "status": "Declined", "response_summary": reason, "reference": reference}),
+        ),
+        (Format::Nmi, d) => {
+            let (response, text, code) = match d {
+                Decision::Approved(code) => ("1", "SUCCESS", code.as_str()),
+                Decision::Declined(reason) => ("2", *reason, ""),
+            };
+            let body = form_urlencoded::Serializer::new(String::new())
+                .append_pair("response", response)
+                .append_pair("responsetext", text)
+                .append_pair("authcode", code)
+                .append_pair("orderid", reference)
+                .finish();
+            typed(StatusCode::OK, "application/x-www-form-urlencoded", body)
+        }
+        (Format::WorldpayXml, d) => {
+            let event = match d {
+                Decision::Approved(_) => "AUTHORISED".to_owned(),
+                Decision::Declined(reason) => format!("REFUSED\" reason=\"{reason}"),
+            };
+            let mut order = Vec::new();
+            crate::template::xml_escape(reference.as_bytes(), &mut order);
+            let body = format!(
+                "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n<paymentService version=\"1.4\"><reply><orderStatus orderCode=\"{}\"><payment><lastEvent status=\"{event}\"/></payment></orderStatus></reply></paymentService>",
+                String::from_utf8_lossy(&order)
+            );
+            typed(StatusCode::OK, "text/xml", body)
+        }
+    }
+}
+
+async fn handle(s: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    let format = match Format::for_path(req.uri().path()) {
+        Some(f) if req.method() == http::Method::POST => f,
+        _ => {
+            return reply(
+                StatusCode::NOT_FOUND,
+                json!({"error": "POST /v1/authorizations (or a fixture route's path)"}),
+            )
+        }
+    };
+    let body = match Limited::new(req.into_body(), 64 * 1024).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(_) => return reply(StatusCode::BAD_REQUEST, json!({"error": "unreadable body"})),
+    };
+    let a = match parse(format, &body) {
+        Ok(a) => a,
+        Err(BadRequest(m)) => return reply(StatusCode::BAD_REQUEST, json!({"error": m})),
+    };
+    if let Ok(mut last) = s.last.lock() {
+        *last = Some(match format {
+            Format::Sandbox => serde_json::from_slice(&body)
+                .map(mask)
+                .unwrap_or(Value::Null),
+            _ => mask(json!({"amount": a.amount, "reference": a.reference,
+                             "card": {"number": a.number, "cryptogram": a.cryptogram}})),
+        });
+    }
+    let d = decide(s, &a);
+    answer(format, &a, &d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal;
+
+    #[test]
+    fn minor_units_to_decimal() {
+        assert_eq!(decimal("1000", 2).as_deref(), Some("10.00"));
+        assert_eq!(decimal("5", 2).as_deref(), Some("0.05"));
+        assert_eq!(decimal("6200", 2).as_deref(), Some("62.00"));
+        assert_eq!(decimal("7", 0).as_deref(), Some("7"));
+        assert_eq!(decimal("", 2), None);
+        assert_eq!(decimal("1.5", 2), None);
+    }
 }

@@ -326,6 +326,15 @@ pub struct RequestLabels {
     pub status: &'static str,
 }
 
+/// Labels of the route-forward counter.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    /// The route's name from `[[routes]]` (bounded by the config).
+    pub route: String,
+    /// Status class: `2xx`, `4xx`, ….
+    pub status: &'static str,
+}
+
 /// Labels of the unfinished-request counter.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UnfinishedLabels {
@@ -365,8 +374,21 @@ pub struct Metrics {
     pub reference_cache_size: Gauge,
     /// TLS handshake failures by destination host.
     pub tls_failures: Family<HostLabels, Counter>,
+    /// Route forwards by route name and status class.
+    pub route_forwards: Family<RouteLabels, Counter>,
     /// Log lines dropped by the log buffer (process-wide, [`log_drops`]).
     pub log_lines_dropped: Family<LogDropLabels, Counter>,
+}
+
+/// `2xx`, `4xx`, … of a status code.
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
 }
 
 fn latency_buckets() -> impl Iterator<Item = f64> {
@@ -446,6 +468,12 @@ impl Metrics {
             "TLS handshake failures by destination host",
             tls_failures.clone(),
         );
+        let route_forwards = Family::<RouteLabels, Counter>::default();
+        registry.register(
+            "route_forwards",
+            "Route forwards by route name and status class",
+            route_forwards.clone(),
+        );
         let log_lines_dropped = log_drops().clone();
         registry.register(
             "log_lines_dropped",
@@ -453,6 +481,7 @@ impl Metrics {
             log_lines_dropped.clone(),
         );
         Self {
+            route_forwards,
             log_lines_dropped,
             registry,
             requests,
@@ -470,15 +499,19 @@ impl Metrics {
 
     /// Counts a finished request.
     pub fn count_request(&self, route: &'static str, status: u16) {
-        let status = match status {
-            100..=199 => "1xx",
-            200..=299 => "2xx",
-            300..=399 => "3xx",
-            400..=499 => "4xx",
-            _ => "5xx",
-        };
+        let status = status_class(status);
         self.requests
             .get_or_create(&RequestLabels { route, status })
+            .inc();
+    }
+
+    /// Counts a finished route forward.
+    pub fn count_route_forward(&self, route: &str, status: u16) {
+        self.route_forwards
+            .get_or_create(&RouteLabels {
+                route: route.to_owned(),
+                status: status_class(status),
+            })
             .inc();
     }
 

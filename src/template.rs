@@ -1014,7 +1014,8 @@ fn render_hole(hole: &Hole, values: &dyn Values, out: &mut Out<'_>) {
 }
 
 /// Apply a format filter to `text` in place; `unwrap` changes nothing here.
-fn apply_filter(filter: Filter, text: &mut String) {
+/// (Also the route templates' `mm`, `yy`, … filters.)
+pub fn apply_filter(filter: Filter, text: &mut String) {
     let all_digits = !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
     match filter {
         Filter::Unwrap => {}
@@ -1116,7 +1117,7 @@ fn is_unreserved(b: u8) -> bool {
 }
 
 /// Percent-encode every byte outside the RFC 3986 unreserved set.
-fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
+pub fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
     for (i, &b) in bytes.iter().enumerate() {
         if is_unreserved(b) {
@@ -1134,7 +1135,7 @@ fn percent_encode(bytes: &[u8], out: &mut Vec<u8>) {
 /// Escape the five XML special characters and drop what XML 1.0 forbids
 /// (C0 controls other than tab, LF and CR; U+FFFE and U+FFFF, which are
 /// `EF BF BE` / `EF BF BF` in UTF-8).
-fn xml_escape(bytes: &[u8], out: &mut Vec<u8>) {
+pub fn xml_escape(bytes: &[u8], out: &mut Vec<u8>) {
     let mut start = 0;
     let mut i = 0;
     while let Some(&b) = bytes.get(i) {

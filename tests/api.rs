@@ -221,25 +221,73 @@ async fn unknown_api_route_is_not_found_after_auth() {
 #[tokio::test]
 async fn wrong_method_on_a_route_is_method_not_allowed() {
     let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
-    for (method, path) in [
-        (Method::GET, "/api/network/tokens"),
+    // RFC 9110 §15.5.6: a 405 names the methods the route takes.
+    for (method, path, allow) in [
+        (Method::GET, "/api/network/tokens", "POST"),
         (
             Method::PUT,
             "/api/network/tokens/6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11",
+            "GET, DELETE",
         ),
         (
             Method::GET,
             "/api/network/tokens/6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11/cryptograms",
+            "POST",
         ),
-        (Method::PATCH, "/api/pci/tokens"),
+        (Method::PATCH, "/api/pci/tokens", "POST"),
+        (
+            Method::POST,
+            "/api/pci/tokens/6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11",
+            "GET, DELETE",
+        ),
+        (Method::POST, "/openapi.json", "GET"),
     ] {
         let r = s.req(method, path).send().await.unwrap();
+        assert_eq!(r.headers()["allow"], allow, "{path}");
         assert_error(r, 405, "method_not_allowed").await;
     }
+    s.stop().await;
 }
 
 #[tokio::test]
-async fn session_source_is_not_supported_yet() {
+async fn the_openapi_document_is_served_without_a_key() {
+    let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
+    let r = reqwest::get(s.url("/openapi.json")).await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.headers()["content-type"], "application/json");
+    let doc: Value = r.json().await.unwrap();
+    assert_eq!(doc["openapi"], "3.1.0");
+    assert!(doc["paths"]["/api/network/tokens/{id}/forward"]["post"].is_object());
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn an_event_refuses_expiry_fields_it_does_not_use() {
+    let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
+    let t = s.provision("4111111111111111").await;
+    let id = t["id"].as_str().unwrap();
+    let r = s
+        .req(Method::POST, &format!("/api/network/tokens/{id}/events"))
+        .json(&json!({"event": "activate_dauth", "expiry_month": 20}))
+        .send()
+        .await
+        .unwrap();
+    assert_error(r, 400, "invalid_request").await;
+    let after: Value = s
+        .req(Method::GET, &format!("/api/network/tokens/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(after["updated_at"], t["updated_at"], "nothing was applied");
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn session_source_needs_an_id_and_data() {
+    // The session source itself is tested in tests/sessions.rs.
     let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
     let r = s
         .req(Method::POST, TOKENS)
@@ -247,7 +295,7 @@ async fn session_source_is_not_supported_yet() {
         .send()
         .await
         .unwrap();
-    assert_error(r, 422, "source_not_supported").await;
+    assert_error(r, 400, "invalid_request").await;
 }
 
 // ---------------------------------------------------------------------------

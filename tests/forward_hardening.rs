@@ -443,7 +443,7 @@ async fn connect_trace_and_track_are_refused_before_anything_is_spent() {
     let acq = Acquirer::start().await;
     let s = server_for(&acq, ComplianceLevel::SaqD).await;
     let (id, r) = token_and_reference(&s, json!({})).await;
-    for m in ["TRACE", "TRACK"] {
+    for m in ["TRACE", "TRACK", "QUERY", "PROPFIND"] {
         let resp = s
             .forward(&id, &r, &acq.url("/pay"))
             .header("content-type", "application/json")
@@ -452,6 +452,10 @@ async fn connect_trace_and_track_are_refused_before_anything_is_spent() {
         let mut resp = resp;
         *resp.method_mut() = Method::from_bytes(m.as_bytes()).unwrap();
         let resp = s.http.execute(resp).await.unwrap();
+        assert_eq!(
+            resp.headers()["allow"],
+            "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS"
+        );
         assert_error(resp, 405, "method_not_allowed").await;
     }
     // CONNECT, written by hand (clients send it to proxies in authority

@@ -194,6 +194,160 @@ async fn one_line_per_request_with_its_id_and_what_it_did() {
 }
 
 #[tokio::test]
+async fn no_card_or_ciphertext_in_any_log_line_of_a_session_provisioning() {
+    use tokenrelay::session::jwe;
+    let (capture, _guard) = Capture::start();
+    let s = TestServer::start(config(ComplianceLevel::SaqA)).await;
+    let (pan, cvc, name) = (AMEX, "4321", "Grace Hopper");
+    let plain = json!({"number": pan, "expiry_month": 12, "expiry_year": 2031, "cvc": cvc, "cardholder_name": name});
+    let open = || async {
+        let v: Value = s
+            .req(Method::POST, "/api/sessions")
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let key = jwe::public_key_from_jwk(&v["public_key"]).unwrap();
+        let id = v["id"].as_str().unwrap().to_owned();
+        (id, key)
+    };
+    let provision = |path: &'static str, id: String, data: String| {
+        s.req(Method::POST, path)
+            .json(&json!({"source": {"type": "session", "id": id, "data": data}}))
+            .send()
+    };
+    let mut ciphertexts = Vec::new();
+    // A network token and a PCI token, each from its own session.
+    let (id, key) = open().await;
+    let data = jwe::encrypt(&key, &id, plain.to_string().as_bytes());
+    ciphertexts.push(data.clone());
+    let ok = provision("/api/network/tokens", id.clone(), data.clone())
+        .await
+        .unwrap();
+    assert_eq!(ok.status(), 201);
+    // The same session again: 409.
+    assert_eq!(
+        provision("/api/network/tokens", id.clone(), data)
+            .await
+            .unwrap()
+            .status(),
+        409
+    );
+    let (id2, key2) = open().await;
+    let data2 = jwe::encrypt(&key2, &id2, plain.to_string().as_bytes());
+    ciphertexts.push(data2.clone());
+    assert_eq!(
+        provision("/api/pci/tokens", id2, data2)
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    // A tampered ciphertext and a bad card inside.
+    let (id3, key3) = open().await;
+    let mut data3 = jwe::encrypt(&key3, &id3, plain.to_string().as_bytes());
+    data3.replace_range(data3.len() - 3.., "AAA");
+    ciphertexts.push(data3.clone());
+    assert_eq!(
+        provision("/api/network/tokens", id3, data3)
+            .await
+            .unwrap()
+            .status(),
+        422
+    );
+    let (id4, key4) = open().await;
+    let bad =
+        json!({"number": "378282246310006", "expiry_month": 12, "expiry_year": 2031, "cvc": cvc});
+    let data4 = jwe::encrypt(&key4, &id4, bad.to_string().as_bytes());
+    ciphertexts.push(data4.clone());
+    assert_eq!(
+        provision("/api/network/tokens", id4, data4)
+            .await
+            .unwrap()
+            .status(),
+        422
+    );
+    s.stop().await;
+
+    let logs = capture.text();
+    assert!(
+        logs.contains("create_session"),
+        "the capture saw the sessions"
+    );
+    // The access line names the session a provisioning spent (an id, not a
+    // secret) and the card only masked.
+    assert!(logs.contains(&format!("\"session\":\"{id}\"")), "{logs}");
+    assert!(
+        // A 15-digit card is masked to its last four only.
+        logs.contains(&format!("\"…{}\"", &pan[11..])),
+        "masked card"
+    );
+    for (what, secret) in [
+        ("PAN", pan),
+        ("bad PAN", "378282246310006"),
+        ("name", name),
+        ("API key", KEY),
+    ] {
+        assert!(!logs.contains(secret), "{what} found in logs");
+    }
+    assert!(!logs.contains(&format!("\"{cvc}\"")), "CVC found in logs");
+    for data in &ciphertexts {
+        for part in data.split('.').filter(|p| p.len() > 8) {
+            assert!(!logs.contains(part), "a JWE part found in logs");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_route_forward_line_names_the_route_and_no_secret() {
+    let (capture, _guard) = Capture::start();
+    let acq = Acquirer::start().await;
+    let mut c = config(ComplianceLevel::SaqD);
+    c.destinations = vec![acq.rule()];
+    c.routes = vec![tokenrelay::config::RouteConfig {
+        name: "checkout-payments".into(),
+        destination: acq.url("/payments"),
+        method: http::Method::POST,
+        template: std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("fixtures/routes/checkout-payments.json.j2"),
+        subjects: vec![tokenrelay::config::RouteSubject::NetworkToken],
+    }];
+    let s = TestServer::start(c).await;
+    let t = s.provision(VISA).await;
+    let id = t["id"].as_str().unwrap().to_owned();
+    let tpan = s.inline_cryptogram(&id).await["number"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = s.reference(&id).await;
+    let resp = s
+        .req(
+            Method::POST,
+            &format!("/api/network/tokens/{id}/forward/checkout-payments"),
+        )
+        .header("x-cryptogram-reference", &r)
+        .json(&json!({"reference": "order-log", "amount": {"value": 1000, "currency": "EUR"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    s.stop().await;
+    let text = capture.text();
+    assert!(!text.contains(&tpan) && !text.contains(VISA));
+    let line: Value = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .find(|l| l["fields"]["route"] == "forward_route")
+        .unwrap_or_else(|| panic!("no access line for the route forward"));
+    let f = &line["fields"];
+    assert_eq!(f["forward_route"], "checkout-payments");
+    assert_eq!(f["destination_host"], "127.0.0.1");
+    assert_eq!(f["status"], 200);
+}
+
+#[tokio::test]
 async fn short_card_numbers_are_logged_as_last4_only() {
     let (capture, _guard) = Capture::start();
     let acq = Acquirer::start().await;

@@ -2,7 +2,7 @@
 //! The compatible surfaces (contract §12) through the real server: VGS CMP
 //! `/cards/{card_id}/network-tokens` and `/cryptogram` (seed 003) and J.P.
 //! Morgan `POST /cryptograms` (seed 001). Every answer is validated against
-//! the JSON Schemas in `tests/schemas/`, written from the seeds' facts.
+//! the JSON Schemas in `openapi/schemas/`, written from the seeds' facts.
 
 mod support;
 
@@ -19,7 +19,7 @@ const VND: &str = "application/vnd.api+json";
 
 /// Validates `instance` against `tests/schemas/<name>.json`, formats on.
 fn conforms(name: &str, instance: &Value) {
-    let path = format!("{}/tests/schemas/{name}.json", env!("CARGO_MANIFEST_DIR"));
+    let path = format!("{}/openapi/schemas/{name}.json", env!("CARGO_MANIFEST_DIR"));
     let schema: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     let v = jsonschema::options()
         .should_validate_formats(true)

@@ -15,6 +15,8 @@ use http_body_util::{BodyExt, Full};
 
 use crate::api::auth::Scope;
 use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
+use crate::session::jwe::JweError;
+use crate::session::{SessionError, TakeError as SessionTakeError};
 use crate::tsp::{SchemeRule, TspError};
 use crate::vault::StoreError;
 use crate::{Body, X_RELAY_ERROR};
@@ -31,9 +33,10 @@ pub enum ApiError {
     /// No such route.
     #[error("no such route")]
     RouteNotFound,
-    /// Route exists, method does not.
-    #[error("method not allowed on this route")]
-    MethodNotAllowed,
+    /// Route exists, method does not; the methods it takes, for `Allow`
+    /// (RFC 9110 §15.5.6 requires it on a 405).
+    #[error("method not allowed on this route (allowed: {0})")]
+    MethodNotAllowed(&'static str),
     /// Malformed request (not JSON, wrong shape).
     #[error("{0}")]
     InvalidRequest(String),
@@ -57,6 +60,16 @@ pub enum ApiError {
     /// Unknown token id.
     #[error("network token not found")]
     TokenNotFound,
+    /// Unknown, malformed or expired card-capture session.
+    #[error("session not found or expired")]
+    SessionNotFound,
+    /// The session was spent by an earlier request.
+    #[error("session already used; open a new session")]
+    SessionAlreadyUsed,
+    /// The session's JWE breaks the profile or does not decrypt; the reason
+    /// is a fixed text that never describes the plaintext.
+    #[error("invalid session data: {0}")]
+    InvalidSessionData(&'static str),
     /// Unknown PCI token id.
     #[error("PCI token not found")]
     PciTokenNotFound,
@@ -143,6 +156,20 @@ pub enum ApiError {
     /// acquirer received it is unknown, so nothing is sent again.
     #[error("the first request with this idempotency key may have reached the acquirer, but its answer was never recorded (tokenrelay stopped mid-flight); check the payment with the acquirer before charging again")]
     ForwardOutcomeUnknown,
+    /// No `[[routes]]` entry has this name.
+    #[error("route not found")]
+    UnknownRoute,
+    /// The route is not open to this forward endpoint.
+    #[error("{0}")]
+    RouteNotPermitted(String),
+    /// The route did not render with the merchant's input.
+    #[error("invalid route input: {0}")]
+    InvalidRouteInput(String),
+    /// `routes_only = true`: free-form forwards are refused.
+    #[error(
+        "free-form forwards are disabled (routes_only); use a route: POST …/forward/{{route}}"
+    )]
+    FreeFormForwardDisabled,
     /// A backing store is down: ours, retryable.
     #[error("service unavailable")]
     Unavailable(String),
@@ -159,7 +186,7 @@ impl ApiError {
             E::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             E::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             E::RouteNotFound => (StatusCode::NOT_FOUND, "not_found"),
-            E::MethodNotAllowed => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            E::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             E::InvalidRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request"),
             E::SourceNotPermitted(..) => (StatusCode::FORBIDDEN, "source_not_permitted"),
             E::SourceNotSupported(_) => (StatusCode::UNPROCESSABLE_ENTITY, "source_not_supported"),
@@ -167,6 +194,9 @@ impl ApiError {
             E::IdempotencyKeyReused => (StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused"),
             E::TokenNotFound => (StatusCode::NOT_FOUND, "token_not_found"),
             E::PciTokenNotFound => (StatusCode::NOT_FOUND, "pci_token_not_found"),
+            E::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+            E::SessionAlreadyUsed => (StatusCode::CONFLICT, "session_already_used"),
+            E::InvalidSessionData(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_session_data"),
             E::SecurityCodeUnavailable => (
                 StatusCode::UNPROCESSABLE_ENTITY,
                 "security_code_unavailable",
@@ -198,6 +228,10 @@ impl ApiError {
             E::InvalidUpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "invalid_upstream_response"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
             E::ForwardOutcomeUnknown => (StatusCode::BAD_GATEWAY, "forward_outcome_unknown"),
+            E::UnknownRoute => (StatusCode::NOT_FOUND, "route_not_found"),
+            E::RouteNotPermitted(_) => (StatusCode::FORBIDDEN, "route_not_permitted"),
+            E::InvalidRouteInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_route_input"),
+            E::FreeFormForwardDisabled => (StatusCode::FORBIDDEN, "free_form_forward_disabled"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
         }
@@ -245,6 +279,9 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(X_RELAY_ERROR.clone(), HeaderValue::from_static(classifier));
+        if let ApiError::MethodNotAllowed(allow) = &self {
+            h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
+        }
         resp
     }
 }
@@ -281,6 +318,23 @@ impl From<ReferenceStoreError> for ApiError {
             ReferenceStoreError::Unavailable(d) => {
                 ApiError::Unavailable(format!("reference store: {d}"))
             }
+        }
+    }
+}
+
+impl From<SessionError> for ApiError {
+    fn from(e: SessionError) -> Self {
+        match e {
+            SessionError::Refused(SessionTakeError::NotFound) => ApiError::SessionNotFound,
+            SessionError::Refused(SessionTakeError::AlreadyUsed) => ApiError::SessionAlreadyUsed,
+            SessionError::Invalid(JweError::Malformed) => {
+                ApiError::InvalidSessionData("not a JWE in compact serialization")
+            }
+            SessionError::Invalid(JweError::Header(reason)) => ApiError::InvalidSessionData(reason),
+            SessionError::Invalid(JweError::Decrypt) => {
+                ApiError::InvalidSessionData("does not decrypt under this session's key")
+            }
+            SessionError::Store(s) => s.into(),
         }
     }
 }
@@ -334,7 +388,7 @@ mod tests {
         E::Unauthorized => E::Unauthorized => 401 "unauthorized",
         E::Forbidden(Scope::Forward) => E::Forbidden(_) => 403 "forbidden",
         E::RouteNotFound => E::RouteNotFound => 404 "not_found",
-        E::MethodNotAllowed => E::MethodNotAllowed => 405 "method_not_allowed",
+        E::MethodNotAllowed("GET") => E::MethodNotAllowed(_) => 405 "method_not_allowed",
         E::InvalidRequest("x".into()) => E::InvalidRequest(_) => 400 "invalid_request",
         E::SourceNotPermitted("pan", "saq-a") => E::SourceNotPermitted(..) => 403 "source_not_permitted",
         E::SourceNotSupported("x".into()) => E::SourceNotSupported(_) => 422 "source_not_supported",
@@ -342,6 +396,9 @@ mod tests {
         E::IdempotencyKeyReused => E::IdempotencyKeyReused => 422 "idempotency_key_reused",
         E::TokenNotFound => E::TokenNotFound => 404 "token_not_found",
         E::PciTokenNotFound => E::PciTokenNotFound => 404 "pci_token_not_found",
+        E::SessionNotFound => E::SessionNotFound => 404 "session_not_found",
+        E::SessionAlreadyUsed => E::SessionAlreadyUsed => 409 "session_already_used",
+        E::InvalidSessionData("x") => E::InvalidSessionData(_) => 422 "invalid_session_data",
         E::SecurityCodeUnavailable => E::SecurityCodeUnavailable => 422 "security_code_unavailable",
         E::InvalidMetadata("x".into()) => E::InvalidMetadata(_) => 422 "invalid_metadata",
         E::InlineNotPermitted => E::InlineNotPermitted => 403 "inline_not_permitted",
@@ -362,6 +419,10 @@ mod tests {
         E::DestinationFailed("x".into()) => E::DestinationFailed(_) => 502 "destination_failed",
         E::DestinationTimeout("x".into()) => E::DestinationTimeout(_) => 504 "destination_timeout",
         E::ForwardOutcomeUnknown => E::ForwardOutcomeUnknown => 502 "forward_outcome_unknown",
+        E::UnknownRoute => E::UnknownRoute => 404 "route_not_found",
+        E::RouteNotPermitted("x".into()) => E::RouteNotPermitted(_) => 403 "route_not_permitted",
+        E::InvalidRouteInput("x".into()) => E::InvalidRouteInput(_) => 422 "invalid_route_input",
+        E::FreeFormForwardDisabled => E::FreeFormForwardDisabled => 403 "free_form_forward_disabled",
         E::HeaderNotAllowed("x".into()) => E::HeaderNotAllowed(_) => 400 "header_not_allowed",
         E::RenderedTooLarge(1) => E::RenderedTooLarge(_) => 413 "rendered_too_large",
         E::ResponseNotRedactable("x".into()) => E::ResponseNotRedactable(_) => 502 "response_not_redactable",

@@ -1,9 +1,11 @@
 //! PCI tokens (contract §4a): the card itself, kept for FPAN fallback.
 //!
-//! Creating one needs a compliance level that may handle card data. The
-//! same card (by keyed fingerprint) is stored once: creating it again
-//! answers 200 with the existing token (201 when new). The CVC, if given,
-//! goes to the [`crate::cvc::CvcStore`] only (memory, or sealed in Redis). The API view never
+//! Creating one from card fields needs a compliance level that may handle
+//! card data; from a `session` source (a card encrypted in the browser) it
+//! works at every level. The same card (by keyed fingerprint) is stored
+//! once: creating it again answers 200 with the existing token (201 when
+//! new). The CVC, if given, goes to the [`crate::cvc::CvcStore`] only
+//! (memory, or sealed in Redis). The API view never
 //! holds the PAN or the CVC.
 
 use std::sync::Arc;
@@ -153,26 +155,45 @@ pub async fn create(
     req: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Response<Body>, ApiError> {
-    if !state.config.compliance_level.handles_card_data() {
-        return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
-    }
     check_content_length(&req, state.config.max_body_bytes)?;
     let body = read_body(req.into_body(), state.config.max_body_bytes).await?;
     let obj = json::object(&body)?;
-    json::only_fields(
-        &obj,
-        &[
-            "number",
-            "expiry_month",
-            "expiry_year",
-            "cardholder_name",
-            "cvc",
-            "metadata",
-        ],
-        "",
-    )?;
     let metadata = json::metadata(&obj)?;
-    let card = card_input(&obj)?;
+    let card = match obj.get("source") {
+        // A card encrypted in the browser: every compliance level.
+        Some(source) => {
+            json::only_fields(&obj, &["source", "metadata"], "")?;
+            let source = match source {
+                Value::Object(s) if json::opt_str(s, "type") == Ok(Some("session")) => s,
+                _ => {
+                    return Err(ApiError::InvalidRequest(
+                        "`source` must be {\"type\": \"session\", \"id\", \"data\"}; \
+                         send a card's fields at the top level instead"
+                            .into(),
+                    ))
+                }
+            };
+            super::sessions::card_from_source(state, source, audit).await?
+        }
+        None => {
+            if !state.config.compliance_level.handles_card_data() {
+                return Err(ApiError::SourceNotPermitted("pan", "saq-a"));
+            }
+            json::only_fields(
+                &obj,
+                &[
+                    "number",
+                    "expiry_month",
+                    "expiry_year",
+                    "cardholder_name",
+                    "cvc",
+                    "metadata",
+                ],
+                "",
+            )?;
+            card_input(&obj)?
+        }
+    };
     let (token, created) = store_card(state, card, metadata).await?;
     audit.subject = Some(Subject::PciToken(token.id));
     audit.created = Some(created);

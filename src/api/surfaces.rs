@@ -63,6 +63,21 @@ impl Surface {
     }
 }
 
+impl Surface {
+    /// The operation `method` and `path` name on this surface, and its
+    /// `{card_id}` segment where it has one.
+    pub fn route<'p>(
+        self,
+        method: &http::Method,
+        path: &'p str,
+    ) -> Result<(Operation, Option<&'p str>), ApiError> {
+        match self {
+            Surface::VgsCmp => vgs_cmp::route(method, path),
+            Surface::Jpmc => jpmc::route(method, path),
+        }
+    }
+}
+
 /// One operation of a surface; also its label in logs and metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Operation {
@@ -157,10 +172,7 @@ pub async fn handle(
         let key = authenticate(&state.config.api_keys, req.headers())?;
         *key_name = Some(key.name.clone());
         let path = req.uri().path().to_owned();
-        let op = match surface {
-            Surface::VgsCmp => vgs_cmp::route(req.method(), &path)?,
-            Surface::Jpmc => jpmc::route(req.method(), &path)?,
-        };
+        let op = surface.route(req.method(), &path)?;
         *route = Some(Route::Surface(op.0));
         if !key.allows(op.0.scope()) {
             return Err(ApiError::Forbidden(op.0.scope()).into());
@@ -245,15 +257,20 @@ fn response(status: StatusCode, content_type: &'static str, body: &Value) -> Res
 }
 
 /// An error response: `body` in the surface's shape, plus `x-relay-error`.
+/// A 405 also names the methods the route takes, in `Allow`.
 fn error(
+    e: &ApiError,
     status: StatusCode,
-    classifier: &'static str,
     content_type: &'static str,
     body: &Value,
 ) -> Response<Body> {
     let mut resp = response(status, content_type, body);
-    resp.headers_mut()
-        .insert(X_RELAY_ERROR.clone(), HeaderValue::from_static(classifier));
+    let h = resp.headers_mut();
+    let classifier = e.status_and_classifier().1;
+    h.insert(X_RELAY_ERROR.clone(), HeaderValue::from_static(classifier));
+    if let ApiError::MethodNotAllowed(allow) = e {
+        h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
+    }
     resp
 }
 

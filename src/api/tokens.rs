@@ -145,7 +145,12 @@ async fn provision_inner(
             check_card_expiry(&card)?;
             card
         }
-        "session" => return Err(ApiError::SourceNotSupported(source_type.to_owned())),
+        "session" => {
+            // Every compliance level: the merchant only ever held ciphertext.
+            let card = super::sessions::card_from_source(state, source, audit).await?;
+            let (card, _) = pci::store_card(state, card, Metadata::new()).await?;
+            card
+        }
         _ => {
             return Err(ApiError::InvalidRequest(
                 "`source.type` must be one of pan, pci_token, session".into(),
@@ -266,14 +271,17 @@ pub async fn event(
     let body = read_body(req.into_body(), state.config.max_body_bytes).await?;
     let obj = json::object(&body)?;
     json::only_fields(&obj, &["event", "expiry_month", "expiry_year"], "")?;
-    let current = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
+    // The body is validated whole before the token is read, so a bad
+    // request is a 400 whatever state the token is in.
     let event = json::opt_str(&obj, "event").ok().flatten().unwrap_or("");
+    if event != "update_expiry"
+        && (obj.contains_key("expiry_month") || obj.contains_key("expiry_year"))
+    {
+        return Err(ApiError::InvalidRequest(
+            "`expiry_month` and `expiry_year` belong to update_expiry only".into(),
+        ));
+    }
     let (name, change) = match event {
-        "suspend" | "resume" | "activate_dauth" | "update_expiry"
-            if current.status == TokenStatus::Deleted =>
-        {
-            return Err(ApiError::TokenNotActive("deleted"))
-        }
         "suspend" => ("suspend", TokenChange::Status(TokenStatus::Inactive)),
         "resume" => ("resume", TokenChange::Status(TokenStatus::Active)),
         "delete" => ("delete", TokenChange::Status(TokenStatus::Deleted)),
@@ -307,6 +315,10 @@ pub async fn event(
             ))
         }
     };
+    let current = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
+    if current.status == TokenStatus::Deleted && name != "delete" {
+        return Err(ApiError::TokenNotActive("deleted"));
+    }
     let token = state
         .tokens
         .update(id, change)

@@ -48,8 +48,14 @@ use crate::{AppState, Body, BoxError};
 pub enum Origin<'a> {
     /// `x-cryptogram-reference`, if the subject needs one.
     Reference(Option<&'a str>),
-    /// A route's name (contract §10).
-    Route(&'a str),
+    /// A route (contract §10): its name, and the reference as for a
+    /// free-form forward.
+    Route {
+        /// The route's name.
+        name: &'a str,
+        /// `x-cryptogram-reference`, if the subject needs one.
+        reference: Option<&'a str>,
+    },
 }
 
 /// How a forward ended, as far as its idempotency record cares.
@@ -89,9 +95,11 @@ pub(super) fn fingerprint(
             field(b"reference");
             field(r.unwrap_or("").as_bytes());
         }
-        Origin::Route(name) => {
+        Origin::Route { name, reference } => {
             field(b"route");
             field(name.as_bytes());
+            field(b"reference");
+            field(reference.unwrap_or("").as_bytes());
         }
     }
     field(parsed.method.as_str().as_bytes());

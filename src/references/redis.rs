@@ -593,6 +593,18 @@ impl RedisReferenceStore {
         Ok(())
     }
 
+    /// Runs a Lua script of a store kept beside the references (the
+    /// card-capture sessions, [`crate::session::redis`]) on this store's
+    /// connection, under its timeout.
+    pub async fn invoke<T: ::redis::FromRedisValue>(
+        &self,
+        invocation: ::redis::ScriptInvocation<'_>,
+    ) -> Result<T, ReferenceStoreError> {
+        self.link
+            .run(|mut c| async move { invocation.invoke_async(&mut c).await })
+            .await
+    }
+
     fn ref_key(&self, id: &ReferenceId) -> String {
         let digest = ring::digest::digest(&ring::digest::SHA256, id.as_str().as_bytes());
         format!("{}ref:{}", self.prefix, hex::encode(digest))

@@ -161,10 +161,12 @@ impl AccessRecord {
             scheme = audit.scheme,
             card = audit.card.as_deref(),
             created = audit.created,
+            session = audit.session.as_ref().map(tracing::field::display),
             kind = audit.kind,
             mode = audit.mode,
             change = audit.change,
             destination_host = audit.destination_host.as_deref(),
+            forward_route = audit.forward_route.as_deref(),
             sent_upstream = audit.destination_host.is_some().then_some(audit.sent_upstream),
             duration_us = self.started.elapsed().as_micros() as u64,
         );

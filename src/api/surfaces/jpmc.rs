@@ -41,7 +41,7 @@ const REQUEST_ID: &str = "request-id";
 pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Operation, Option<&'p str>), ApiError> {
     match (path, method) {
         ("/cryptograms", &Method::POST) => Ok((Operation::JpmcCryptogram, None)),
-        ("/cryptograms", _) => Err(ApiError::MethodNotAllowed),
+        ("/cryptograms", _) => Err(ApiError::MethodNotAllowed("POST")),
         _ => Err(ApiError::RouteNotFound),
     }
 }
@@ -346,19 +346,28 @@ fn rule_message(rule: SchemeRule) -> &'static str {
     }
 }
 
+/// The status an error answers with on this surface: the native one, but
+/// the seed's table answers a broken brand rule or a missing field with a
+/// bad request.
+pub fn status(e: &ApiError) -> StatusCode {
+    match e {
+        ApiError::SchemeRule(_) | ApiError::InvalidCryptogramRequest(_) => StatusCode::BAD_REQUEST,
+        other => other.status_and_classifier().0,
+    }
+}
+
 /// An error in this API's shape: `{"responseStatus": "FAILURE",
 /// "responseCode": <CLASSIFIER>, "responseMessage", "requestIdentifier"}`.
 pub fn error_response(e: SurfaceError, request_id: &str) -> Response<Body> {
-    let (status, classifier, message) = e.error.describe();
-    // The seed's table answers a missing field with a bad request.
-    let (status, message) = match e.error {
-        ApiError::SchemeRule(rule) => (StatusCode::BAD_REQUEST, rule_message(rule).to_owned()),
-        ApiError::InvalidCryptogramRequest(_) => (StatusCode::BAD_REQUEST, message),
-        _ => (status, message),
+    let (_, classifier, message) = e.error.describe();
+    let status = status(&e.error);
+    let message = match e.error {
+        ApiError::SchemeRule(rule) => rule_message(rule).to_owned(),
+        _ => message,
     };
     super::error(
+        &e.error,
         status,
-        classifier,
         CONTENT_TYPE,
         &json!({
             "responseStatus": "FAILURE",
@@ -393,7 +402,7 @@ mod tests {
         );
         assert!(matches!(
             route(&Method::GET, "/cryptograms"),
-            Err(ApiError::MethodNotAllowed)
+            Err(ApiError::MethodNotAllowed(_))
         ));
         assert!(matches!(
             route(&Method::POST, "/cryptograms/x"),

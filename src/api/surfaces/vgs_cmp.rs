@@ -43,7 +43,8 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Operation, Option<&'
         ("network-tokens", &Method::POST) => Operation::VgsProvision,
         ("network-tokens", &Method::DELETE) => Operation::VgsDelete,
         ("cryptogram", &Method::POST) => Operation::VgsCryptogram,
-        ("network-tokens" | "cryptogram", _) => return Err(ApiError::MethodNotAllowed),
+        ("network-tokens", _) => return Err(ApiError::MethodNotAllowed("POST, DELETE")),
+        ("cryptogram", _) => return Err(ApiError::MethodNotAllowed("POST")),
         _ => return Err(ApiError::RouteNotFound),
     };
     Ok((op, Some(card)))
@@ -404,16 +405,21 @@ fn resource(
     super::response(status, CONTENT_TYPE, &body)
 }
 
+/// The status an error answers with on this surface: the native one, but
+/// an invalid card is a 400 (the seed's provisioning answers list no 422: a
+/// stored card that has expired is "the request was invalid" there).
+pub fn status(e: &ApiError) -> StatusCode {
+    match e {
+        ApiError::InvalidCard { .. } => StatusCode::BAD_REQUEST,
+        other => other.status_and_classifier().0,
+    }
+}
+
 /// An error as the seed's `ErrorResponse`: `{"errors": [{"summary",
 /// "detail", "error_code", "path"?}]}`, `error_code` the native classifier.
 pub fn error_response(e: SurfaceError) -> Response<Body> {
-    let (status, classifier, detail) = e.error.describe();
-    // The seed's provisioning answers list no 422: a stored card that has
-    // expired is "the request was invalid" there.
-    let status = match e.error {
-        ApiError::InvalidCard { .. } => StatusCode::BAD_REQUEST,
-        _ => status,
-    };
+    let (_, classifier, detail) = e.error.describe();
+    let status = status(&e.error);
     let field = e.field.or(match e.error {
         ApiError::SchemeRule(rule) => Some(rule_field(rule)),
         _ => None,
@@ -426,12 +432,7 @@ pub fn error_response(e: SurfaceError) -> Response<Body> {
     if let (Some(field), Some(obj)) = (field, item.as_object_mut()) {
         obj.insert("path".into(), field.into());
     }
-    super::error(
-        status,
-        classifier,
-        CONTENT_TYPE,
-        &json!({ "errors": [item] }),
-    )
+    super::error(&e.error, status, CONTENT_TYPE, &json!({ "errors": [item] }))
 }
 
 #[cfg(test)]
@@ -449,7 +450,7 @@ mod tests {
         assert_eq!(route(&Method::DELETE, &p).unwrap().0, Operation::VgsDelete);
         assert!(matches!(
             route(&Method::GET, &p),
-            Err(ApiError::MethodNotAllowed)
+            Err(ApiError::MethodNotAllowed(_))
         ));
         assert_eq!(
             route(&Method::POST, &format!("/cards/{card}/cryptogram"))
