@@ -477,9 +477,11 @@ fn pci_paths(paths: &mut Map<String, Value>) {
             (
                 "200",
                 json_ok(
-                    "The card was already stored: its PCI token.",
-                    "PciToken",
-                    pci_example(),
+                    "The card was already stored: its PCI token's id, and only what the card \
+                     number itself gives (never the stored expiry or cardholder name).",
+                    "PciTokenExisting",
+                    json!({"id": PCI_ID, "last4": "0978", "bin": "489537", "scheme": "visa",
+                           "created_at": NOW}),
                 ),
             ),
         ],
@@ -854,6 +856,18 @@ fn components() -> Value {
                     "expiry_year": year,
                     "cardholder_name": {"type": ["string", "null"]},
                     "metadata": {"$ref": "#/components/schemas/Metadata"},
+                    "created_at": {"type": "string", "format": "date-time"},
+                },
+            },
+            "PciTokenExisting": {
+                "type": "object",
+                "additionalProperties": false,
+                "required": ["id", "last4", "bin", "scheme", "created_at"],
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "last4": {"type": "string", "pattern": "^[0-9]{4}$"},
+                    "bin": {"type": "string", "pattern": "^[0-9]{6}$"},
+                    "scheme": {"enum": ["visa", "mastercard", "amex", "discover"]},
                     "created_at": {"type": "string", "format": "date-time"},
                 },
             },

@@ -314,10 +314,23 @@ async fn pci_token_lifecycle_and_network_token_from_a_pci_token() {
     assert_eq!(p["cardholder_name"], "A B");
     assert_eq!(p["metadata"], json!({"k": "v"}));
     assert!(!p.to_string().contains(MASTERCARD));
-    // The same card again: the same PCI token, 200.
-    let again = create(card).await.unwrap();
+    // The same card again: the same PCI token, 200 — and knowing the number
+    // buys back nothing else that was stored with it (issue 15).
+    let mut other = card.clone();
+    other["cardholder_name"] = json!("Someone Else");
+    other["expiry_month"] = json!(9);
+    let again = create(other).await.unwrap();
     assert_eq!(again.status(), 200);
-    assert_eq!(again.json::<Value>().await.unwrap()["id"], p["id"]);
+    let again: Value = again.json().await.unwrap();
+    assert_eq!(again["id"], p["id"]);
+    let keys: Vec<&str> = again
+        .as_object()
+        .unwrap()
+        .keys()
+        .map(String::as_str)
+        .collect();
+    assert_eq!(keys, ["bin", "created_at", "id", "last4", "scheme"]);
+    assert!(!again.to_string().contains("A B"));
     let pci_id = p["id"].as_str().unwrap();
     // A network token from it.
     let t = s

@@ -197,12 +197,23 @@ pub async fn create(
     let (token, created) = store_card(state, card, metadata).await?;
     audit.subject = Some(Subject::PciToken(token.id));
     audit.created = Some(created);
-    let status = if created {
-        StatusCode::CREATED
-    } else {
-        StatusCode::OK
-    };
-    json_response(status, &PciView::from(token.as_ref()))
+    if created {
+        return json_response(StatusCode::CREATED, &PciView::from(token.as_ref()));
+    }
+    // The card was stored before. Knowing its number proves nothing about
+    // the rest of what was stored with it, so the answer carries only what
+    // the number itself gives (and the id), never the stored expiry or
+    // cardholder name.
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({
+            "id": token.id,
+            "last4": token.pan.last4(),
+            "bin": token.pan.first6(),
+            "scheme": token.scheme.as_str(),
+            "created_at": rfc3339(token.created_at),
+        }),
+    )
 }
 
 /// `GET /api/pci/tokens/{id}`
