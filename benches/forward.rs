@@ -9,6 +9,10 @@
 //! cross-process scheduling noise of `scripts/load.sh`. References are
 //! minted before each timed batch and are not part of the figure.
 //!
+//! `json_fresh_reference_keyed` adds a fresh `x-idempotency-key` to each
+//! forward (contract §9), the `_sqlite` pair runs on a SQLite vault, where
+//! the key's claim and record are two durable writes.
+//!
 //! `cargo bench --bench forward`
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
@@ -66,16 +70,20 @@ impl Merchant {
         v["cryptogram_reference"].as_str().unwrap().to_owned()
     }
 
-    async fn forward(&self, reference: &str) {
+    /// One forward; with `key`, under that `x-idempotency-key`.
+    async fn forward(&self, reference: &str, key: Option<&str>) {
         let uri = format!(
             "{}/api/network/tokens/{}/forward",
             self.sandbox.base, self.token
         );
-        let req = Request::builder()
+        let mut req = Request::builder()
             .method(Method::POST)
             .uri(uri)
             .header("x-cryptogram-reference", reference)
             .header("x-destination-url", &self.destination);
+        if let Some(key) = key {
+            req = req.header("x-idempotency-key", key);
+        }
         let (status, body) = self.call(req, TEMPLATE).await;
         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
     }
@@ -95,51 +103,75 @@ fn forward(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let merchant = rt.block_on(async {
-        let sandbox = Sandbox::start().await.unwrap();
-        let destination = format!(
-            "https://127.0.0.1:{}/v1/authorizations",
-            sandbox.acquirer.addr.port()
-        );
-        let mut m = Merchant {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            sandbox,
-            token: String::new(),
-            destination,
+    let dir = tempfile::tempdir().unwrap();
+    let memory = rt.block_on(merchant(Sandbox::start()));
+    let sqlite = rt.block_on(merchant(Sandbox::start_with(|c| {
+        c.vault.backend = tokenrelay::config::VaultBackend::Sqlite {
+            path: dir.path().join("vault.db"),
         };
-        let (status, body) = m
-            .call(
-                Request::post(format!("{}/api/network/tokens", m.sandbox.base)),
-                r#"{"source": {"type": "pan", "number": "4111111111111111", "expiry_month": 12, "expiry_year": 2031}}"#,
-            )
-            .await;
-        assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
-        let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        m.token = v["id"].as_str().unwrap().to_owned();
-        m
-    });
+        c.vault.key_file = Some(dir.path().join("master.key"));
+        c.vault.create_key_file = true;
+    })));
 
     let mut g = c.benchmark_group("forward");
     g.throughput(Throughput::Elements(1))
         .sample_size(20)
         .measurement_time(Duration::from_secs(8));
-    g.bench_function("json_fresh_reference", |b| {
-        b.iter_custom(|iters| {
-            rt.block_on(async {
-                let mut refs = Vec::with_capacity(iters as usize);
-                for _ in 0..iters {
-                    refs.push(merchant.mint().await);
-                }
-                let started = Instant::now();
-                for r in &refs {
-                    merchant.forward(r).await;
-                }
-                started.elapsed()
+    // Keyed: each forward a first request under a fresh key (claim, send,
+    // record), the extra cost a merchant pays for retry safety.
+    for (name, merchant, keyed) in [
+        ("json_fresh_reference", &memory, false),
+        ("json_fresh_reference_keyed", &memory, true),
+        ("json_fresh_reference_sqlite", &sqlite, false),
+        ("json_fresh_reference_sqlite_keyed", &sqlite, true),
+    ] {
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                rt.block_on(async {
+                    let mut refs = Vec::with_capacity(iters as usize);
+                    for _ in 0..iters {
+                        let key = keyed.then(|| uuid::Uuid::new_v4().to_string());
+                        refs.push((merchant.mint().await, key));
+                    }
+                    let started = Instant::now();
+                    for (r, key) in &refs {
+                        merchant.forward(r, key.as_deref()).await;
+                    }
+                    started.elapsed()
+                })
             })
-        })
-    });
+        });
+    }
     g.finish();
-    rt.block_on(merchant.sandbox.stop());
+    rt.block_on(memory.sandbox.stop());
+    rt.block_on(sqlite.sandbox.stop());
+}
+
+/// A merchant of `sandbox` with one provisioned token.
+async fn merchant(
+    sandbox: impl std::future::Future<Output = Result<Sandbox, tokenrelay::demo::DemoError>>,
+) -> Merchant {
+    let sandbox = sandbox.await.unwrap();
+    let destination = format!(
+        "https://127.0.0.1:{}/v1/authorizations",
+        sandbox.acquirer.addr.port()
+    );
+    let mut m = Merchant {
+        client: Client::builder(TokioExecutor::new()).build_http(),
+        sandbox,
+        token: String::new(),
+        destination,
+    };
+    let (status, body) = m
+        .call(
+            Request::post(format!("{}/api/network/tokens", m.sandbox.base)),
+            r#"{"source": {"type": "pan", "number": "4111111111111111", "expiry_month": 12, "expiry_year": 2031}}"#,
+        )
+        .await;
+    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+    let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    m.token = v["id"].as_str().unwrap().to_owned();
+    m
 }
 
 criterion_group!(benches, forward);

@@ -389,12 +389,12 @@ pub async fn handle(
                 tokens::event(&state, id, req, a).await
             }
             (Route::Forward | Route::ForwardPci, Some(subject)) => {
-                crate::forward::handle(&state, subject, req, a).await
+                crate::forward::handle(&state, key, subject, req, a).await
             }
             (Route::ForwardRoute | Route::ForwardPciRoute, Some(subject)) => {
                 // The route name is the last path segment (see `route`).
                 let name = path.rsplit('/').next().unwrap_or_default();
-                crate::forward::route::handle(&state, subject, name, req, a).await
+                crate::forward::route::handle(&state, key, subject, name, req, a).await
             }
             (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
             (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,

@@ -280,6 +280,10 @@ pub struct Config {
     pub redact_responses: bool,
     /// How long idempotency records are kept.
     pub idempotency_ttl: Duration,
+    /// Most response body bytes a keyed forward records for its replay
+    /// (contract §9); a longer body is recorded as its head, marked
+    /// truncated.
+    pub forward_record_max_bytes: usize,
     /// Most concurrent client connections.
     pub max_connections: usize,
     /// Bound of the log lines waiting for stdout; past it lines are
@@ -343,6 +347,7 @@ struct RawConfig {
     placeholder_syntax: Option<PlaceholderSyntax>,
     redact_responses: Option<bool>,
     idempotency_ttl: Option<String>,
+    forward_record_max_bytes: Option<u64>,
     max_connections: Option<u64>,
     log_buffer_bytes: Option<u64>,
     header_read_timeout: Option<String>,
@@ -876,6 +881,13 @@ impl RawConfig {
                 "must be between 1 and 67108864",
             ));
         }
+        let forward_record_max_bytes = self.forward_record_max_bytes.unwrap_or(64 << 10);
+        if forward_record_max_bytes == 0 || forward_record_max_bytes > (16 << 20) {
+            return Err(ConfigError::new(
+                "forward_record_max_bytes",
+                "must be between 1 and 16777216",
+            ));
+        }
         let log_buffer_bytes = self
             .log_buffer_bytes
             .unwrap_or(crate::telemetry::DEFAULT_LOG_BUFFER_BYTES as u64);
@@ -1118,6 +1130,7 @@ impl RawConfig {
                 .redact_responses
                 .unwrap_or(compliance_level == ComplianceLevel::SaqA),
             idempotency_ttl: IDEMPOTENCY_TTL.parse(self.idempotency_ttl)?,
+            forward_record_max_bytes: forward_record_max_bytes as usize,
             max_connections: max_connections as usize,
             log_buffer_bytes: log_buffer_bytes as usize,
             header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
@@ -1156,6 +1169,7 @@ mod tests {
         assert_eq!(c.session_ttl, Duration::from_secs(900));
         assert_eq!(c.max_body_bytes, 1 << 20);
         assert!(c.redact_responses);
+        assert_eq!(c.forward_record_max_bytes, 64 << 10);
         assert!(c.destinations.is_empty());
     }
 
@@ -1188,6 +1202,11 @@ mod tests {
             ("[vault]\nbackend = \"oracle\"", "vault.backend"),
             ("[vault]\ncache_ttl = \"soon\"", "vault.cache_ttl"),
             ("[vault]\ncache_ttl = \"2h\"", "vault.cache_ttl"),
+            ("forward_record_max_bytes = 0", "forward_record_max_bytes"),
+            (
+                "forward_record_max_bytes = 16777217",
+                "forward_record_max_bytes",
+            ),
         ] {
             let e = Config::parse(doc).unwrap_err();
             assert_eq!(e.key, key, "{doc}: {e}");

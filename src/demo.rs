@@ -94,6 +94,19 @@ impl Sandbox {
 
     /// Starts both, tokenrelay at compliance `level`.
     pub async fn start_at(level: ComplianceLevel) -> Result<Sandbox, DemoError> {
+        Self::start_inner(level, |_| {}).await
+    }
+
+    /// As [`Sandbox::start`] (SAQ-D), with `adjust` applied to tokenrelay's
+    /// config last (e.g. a SQLite vault for a benchmark).
+    pub async fn start_with(adjust: impl FnOnce(&mut Config)) -> Result<Sandbox, DemoError> {
+        Self::start_inner(ComplianceLevel::SaqD, adjust).await
+    }
+
+    async fn start_inner(
+        level: ComplianceLevel,
+        adjust: impl FnOnce(&mut Config),
+    ) -> Result<Sandbox, DemoError> {
         let pki = generate_pki()?;
         let dir = std::env::temp_dir().join(format!("tokenrelay-demo-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir)?;
@@ -126,6 +139,7 @@ impl Sandbox {
             client_cert: None,
             client_key: None,
         }];
+        adjust(&mut config);
         let state = crate::AppState::build(config).await?;
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let admin = TcpListener::bind("127.0.0.1:0").await?;

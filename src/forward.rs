@@ -25,6 +25,11 @@
 //!    by both `content-length` and `transfer-encoding` is refused (502
 //!    `invalid_upstream_response`).
 //!
+//! With `x-idempotency-key`, steps 4 to 6 run under [`record::keyed`]
+//! (contract §9): a retry gets the first answer, recorded as it streamed.
+//! Every forward endpoint passes its request through that hook once it is
+//! checked and parsed, naming what it spends ([`record::Origin`]).
+//!
 //! This module never logs a rendered body or header, and its errors name
 //! placeholders and hosts, never values.
 
@@ -37,7 +42,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::{check_content_length, json_response, read_body, ApiError, Audit, Subject};
+use crate::api::auth::ApiKey;
+use crate::api::{
+    check_content_length, idempotency, json_response, read_body, ApiError, Audit, Subject,
+};
 use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};
@@ -47,6 +55,7 @@ use crate::{AppState, Body};
 
 pub mod destination;
 pub mod headers;
+pub mod record;
 pub mod redact;
 pub mod route;
 pub mod upstream;
@@ -56,6 +65,7 @@ use headers::{
     X_CRYPTOGRAM_REFERENCE, X_DESTINATION_URL, X_RELAY_DRY_RUN, X_RELAY_HEADER_NAME,
     X_RELAY_HEADER_VALUE, X_RELAY_REQUEST_ID, X_RELAY_UPSTREAM_DURATION_MS,
 };
+use record::{Executed, Origin};
 use redact::{RedactingBody, Redactor};
 use upstream::{ConnectError, UpstreamClient};
 
@@ -238,7 +248,8 @@ const FORWARD_ALLOW: &str = "GET, HEAD, POST, PUT, PATCH, DELETE, OPTIONS";
 
 /// `<ANY> /api/network/tokens/{id}/forward`
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
+    key: &ApiKey,
     subject: Subject,
     req: Request<Incoming>,
     audit: &mut Audit,
@@ -254,30 +265,101 @@ pub async fn handle(
     if !FORWARD_METHODS.contains(req.method()) {
         return Err(ApiError::MethodNotAllowed(FORWARD_ALLOW));
     }
+    let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
     let checked = check_headers(fwd, req.headers(), subject.needs_reference(), None).await?;
     audit.destination_host = Some(checked.destination.host.clone());
     let parsed = read_and_parse(state, &checked, req, subject.namespace(), true).await?;
-    finish(state, subject, &checked, &parsed, audit, started).await
+    let reference = checked.reference.as_ref().map(ReferenceId::as_str);
+    let keyed = keyed_by(
+        key,
+        client_key.as_deref(),
+        subject,
+        Origin::Reference(reference),
+        &checked,
+        &parsed,
+    );
+    finish(state, keyed, subject, checked, parsed, audit, started).await
 }
 
-/// Steps 4 to 6, shared by free-form and route forwards: consume (or only
-/// look, for a dry run), send, relay; restore what was taken when nothing
-/// was sent.
+/// The record key and fingerprint a forward runs under: `None` without an
+/// `x-idempotency-key`, and for a dry run (it consumes and sends nothing,
+/// so there is nothing to record).
+fn keyed_by(
+    key: &ApiKey,
+    client_key: Option<&str>,
+    subject: Subject,
+    origin: Origin<'_>,
+    checked: &Checked,
+    parsed: &Parsed,
+) -> Option<(String, [u8; 32])> {
+    let client_key = client_key.filter(|_| !checked.dry_run)?;
+    Some((
+        idempotency::record_key((&key.name, RECORD_SCOPE), client_key),
+        record::fingerprint(subject, origin, checked, parsed),
+    ))
+}
+
+/// Steps 4 to 6, shared by free-form and route forwards ([`execute`]),
+/// under the idempotency record `keyed` names when there is one (see
+/// [`record::keyed`]).
 async fn finish(
+    state: &Arc<AppState>,
+    keyed: Option<(String, [u8; 32])>,
+    subject: Subject,
+    checked: Checked,
+    parsed: Parsed,
+    audit: &mut Audit,
+    started: Instant,
+) -> Result<Response<Body>, ApiError> {
+    let result = match keyed {
+        Some((record_key, fingerprint)) => {
+            let sent = &mut audit.sent_upstream;
+            record::keyed(
+                state,
+                record_key,
+                fingerprint,
+                sent,
+                move |state| async move {
+                    execute(&state, subject, &checked, &parsed, &mut false).await
+                },
+            )
+            .await
+        }
+        None => execute(state, subject, &checked, &parsed, &mut audit.sent_upstream)
+            .await
+            .into_result(),
+    };
+    state
+        .metrics
+        .forward_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
+/// The idempotency scope of every forward endpoint: one key names one
+/// payment, whichever endpoint and token it went through.
+const RECORD_SCOPE: &str = "forward";
+
+/// Steps 4 to 6, once the request is known to be good: consume, send,
+/// relay, restoring what was consumed when nothing was sent.
+/// `sent_upstream` is set while the acquirer may have the request (see
+/// [`Audit::sent_upstream`]).
+async fn execute(
     state: &AppState,
     subject: Subject,
     checked: &Checked,
     parsed: &Parsed,
-    audit: &mut Audit,
-    started: Instant,
-) -> Result<Response<Body>, ApiError> {
-    let bound = consume(state, subject, checked, parsed).await?;
-
+    sent_upstream: &mut bool,
+) -> Executed {
+    let bound = match consume(state, subject, checked, parsed).await {
+        Ok(b) => b,
+        Err(e) => return Executed::NotSent(Err(e)),
+    };
     if checked.dry_run {
-        return dry_run(&checked.destination, parsed);
+        return Executed::NotSent(dry_run(&checked.destination, parsed));
     }
     // Until `send` says nothing left, the acquirer may have the request.
-    audit.sent_upstream = true;
+    *sent_upstream = true;
     let result = match &bound {
         Bound::Network { token, reference } => {
             send(
@@ -298,34 +380,34 @@ async fn finish(
             .await
         }
     };
-    let result = match result {
-        Ok(r) => Ok(r),
-        Err(failure) => {
-            if failure.nothing_sent {
-                audit.sent_upstream = false;
-                // The payment was never attempted: what it used is usable again.
-                match bound {
-                    Bound::Network { reference, .. } => {
-                        if let Some(rid) = &checked.reference {
-                            state.references.restore(rid, reference).await?;
-                            state.metrics.references_restored.inc();
+    match result {
+        Ok(r) => Executed::Sent(Ok(r)),
+        Err(failure) if failure.nothing_sent => {
+            *sent_upstream = false;
+            // The payment was never attempted: what it used is usable again.
+            match bound {
+                Bound::Network { reference, .. } => {
+                    if let Some(rid) = &checked.reference {
+                        if let Err(e) = state.references.restore(rid, reference).await {
+                            return Executed::NotSent(Err(e.into()));
                         }
+                        state.metrics.references_restored.inc();
                     }
-                    Bound::Pci {
-                        card,
-                        cvc: Some(cvc),
-                    } => state.cvcs.restore(card.id, cvc).await?,
-                    Bound::Pci { cvc: None, .. } => {}
                 }
+                Bound::Pci {
+                    card,
+                    cvc: Some(cvc),
+                } => {
+                    if let Err(e) = state.cvcs.restore(card.id, cvc).await {
+                        return Executed::NotSent(Err(e.into()));
+                    }
+                }
+                Bound::Pci { cvc: None, .. } => {}
             }
-            Err(failure.error)
+            Executed::NotSent(Err(failure.error))
         }
-    };
-    state
-        .metrics
-        .forward_duration
-        .observe(started.elapsed().as_secs_f64());
-    result
+        Err(failure) => Executed::Sent(Err(failure.error)),
+    }
 }
 
 /// Step 2: headers present; destination well-formed, allowed, resolved and

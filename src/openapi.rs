@@ -555,6 +555,8 @@ fn forward_paths(paths: &mut Map<String, Value>) {
             ApiError::RenderedTooLarge(0),
             ApiError::ResponseNotRedactable(String::new()),
             ApiError::InvalidUpstreamResponse(String::new()),
+            ApiError::IdempotencyKeyReused,
+            ApiError::ForwardOutcomeUnknown,
             e_invalid_request(),
         ]
     };
@@ -571,6 +573,12 @@ fn forward_paths(paths: &mut Map<String, Value>) {
         "headers": {
             "x-relay-upstream-duration-ms": {"schema": {"type": "string", "pattern": "^[0-9]+$"},
                 "description": "Milliseconds to the acquirer's response head (not on a dry run)."},
+            "x-relay-idempotent-replay": {"schema": {"type": "string", "enum": ["true"]},
+                "description": "The answer recorded for this `x-idempotency-key`, given again: \
+                                nothing was consumed or sent."},
+            "x-relay-idempotent-body": {"schema": {"type": "string", "enum": ["truncated"]},
+                "description": "On a replay: the recorded body is the head of the answer, \
+                                cut at `forward_record_max_bytes`."},
         },
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/DryRun"}},
@@ -619,6 +627,7 @@ fn forward_paths(paths: &mut Map<String, Value>) {
             }
             params.extend([
                 param_ref("DryRun"),
+                param_ref("IdempotencyKey"),
                 param_ref("RelayHeaderName"),
                 param_ref("RelayHeaderValue"),
             ]);
@@ -692,6 +701,7 @@ fn forward_paths(paths: &mut Map<String, Value>) {
             params.push(param_ref("CryptogramReference"));
         }
         params.push(param_ref("DryRun"));
+        params.push(param_ref("IdempotencyKey"));
         let mut errors = common();
         errors.retain(|e| {
             !matches!(

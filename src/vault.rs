@@ -268,6 +268,10 @@ pub enum TokenLookup<'a> {
 }
 
 /// A recorded answer to an idempotent request.
+///
+/// A record with status [`IdempotencyRecord::IN_FLIGHT`] is a claim: a
+/// forward holds the key and has not finished (contract §9); its body is
+/// empty until [`TokenStore::finish_idempotency`] writes the answer.
 #[derive(Clone)]
 pub struct IdempotencyRecord {
     /// Scope (API key name, route) and the client's key.
@@ -280,6 +284,17 @@ pub struct IdempotencyRecord {
     pub body: Vec<u8>,
     /// When it was recorded.
     pub created_at: OffsetDateTime,
+}
+
+impl IdempotencyRecord {
+    /// The status of a claim whose answer is not recorded yet (no HTTP
+    /// status is 0).
+    pub const IN_FLIGHT: u16 = 0;
+
+    /// Whether this is a claim still waiting for its answer.
+    pub fn is_in_flight(&self) -> bool {
+        self.status == Self::IN_FLIGHT
+    }
 }
 
 impl std::fmt::Debug for IdempotencyRecord {
@@ -436,6 +451,22 @@ pub trait TokenStore: Send + Sync + 'static {
         record: IdempotencyRecord,
         max_age: std::time::Duration,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
+
+    /// Writes the answer of a claim (an [`IdempotencyRecord::IN_FLIGHT`]
+    /// record stored by `put_idempotency`) under `record.key`, keeping the
+    /// claim's `created_at`. `false` when no claim with this fingerprint is
+    /// in flight there (already finished, released or expired): nothing is
+    /// written, the first answer stands.
+    async fn finish_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError>;
+
+    /// Removes the claim under `key` if it is still in flight with
+    /// `fingerprint`, so the key is free again (the request failed before
+    /// anything was consumed).
+    async fn release_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), StoreError>;
 
     /// Re-encrypts up to `batch` records per table that are not sealed
     /// under the active key, after `cursor`, and moves the cursor past

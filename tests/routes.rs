@@ -750,3 +750,67 @@ async fn the_shipped_config_documents_a_route_that_checks() {
     let f = tokenrelay::forward::Forwarder::new(&c, metrics).unwrap();
     assert_eq!(f.routes.len(), 1);
 }
+
+/// Contract §9 on a route: `x-idempotency-key` makes a route forward
+/// retry-safe, as it does a free-form one.
+#[tokio::test]
+async fn a_keyed_route_forward_is_answered_once_and_replayed() {
+    let sb = Sandbox::start().await;
+    let s = server(&sb, |_| {}).await;
+    let t = s.provision(VISA).await;
+    let id = t["id"].as_str().unwrap();
+    let r = s.reference(id).await;
+    let keyed = |reference: &str, key: &str, body: &Value| {
+        route_forward(&s, id, reference, "checkout-payments")
+            .header("x-idempotency-key", key)
+            .json(body)
+    };
+
+    let first = keyed(&r, "route-order-1", &input("k1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status(), 201);
+    assert!(first.headers().get("x-relay-idempotent-replay").is_none());
+    let body = first.text().await.unwrap();
+
+    // The retry gets the same answer, marked, and spends nothing: without
+    // the key the reference is already used.
+    let again = keyed(&r, "route-order-1", &input("k1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 201);
+    assert_eq!(again.headers()["x-relay-idempotent-replay"], "true");
+    assert_eq!(again.text().await.unwrap(), body);
+
+    // The same key with other input, or with another reference: refused,
+    // and the fresh reference is not consumed.
+    let fresh = s.reference(id).await;
+    let resp = keyed(&r, "route-order-1", &input("k2"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 422, "idempotency_key_reused").await;
+    let resp = keyed(&fresh, "route-order-1", &input("k1"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 422, "idempotency_key_reused").await;
+    let resp = keyed(&fresh, "", &input("k1")).send().await.unwrap();
+    assert_error(resp, 400, "invalid_request").await;
+
+    let resp = route_forward(&s, id, &fresh, "checkout-payments")
+        .json(&input("k1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 201, "the fresh reference still pays");
+    let resp = route_forward(&s, id, &r, "checkout-payments")
+        .json(&input("k1"))
+        .send()
+        .await
+        .unwrap();
+    assert_error(resp, 409, "reference_already_used").await;
+    s.stop().await;
+}

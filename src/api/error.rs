@@ -151,6 +151,11 @@ pub enum ApiError {
     /// The acquirer did not answer in time.
     #[error("destination timed out: {0}")]
     DestinationTimeout(String),
+    /// A keyed forward's first request was sent, and its answer was never
+    /// recorded: the replica running it stopped mid-flight. Whether the
+    /// acquirer received it is unknown, so nothing is sent again.
+    #[error("the first request with this idempotency key may have reached the acquirer, but its answer was never recorded (tokenrelay stopped mid-flight); check the payment with the acquirer before charging again")]
+    ForwardOutcomeUnknown,
     /// No `[[routes]]` entry has this name.
     #[error("route not found")]
     UnknownRoute,
@@ -222,6 +227,7 @@ impl ApiError {
             E::ResponseNotRedactable(_) => (StatusCode::BAD_GATEWAY, "response_not_redactable"),
             E::InvalidUpstreamResponse(_) => (StatusCode::BAD_GATEWAY, "invalid_upstream_response"),
             E::DestinationTimeout(_) => (StatusCode::GATEWAY_TIMEOUT, "destination_timeout"),
+            E::ForwardOutcomeUnknown => (StatusCode::BAD_GATEWAY, "forward_outcome_unknown"),
             E::UnknownRoute => (StatusCode::NOT_FOUND, "route_not_found"),
             E::RouteNotPermitted(_) => (StatusCode::FORBIDDEN, "route_not_permitted"),
             E::InvalidRouteInput(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_route_input"),
@@ -412,6 +418,7 @@ mod tests {
         E::DestinationUnreachable("x".into()) => E::DestinationUnreachable(_) => 502 "destination_unreachable",
         E::DestinationFailed("x".into()) => E::DestinationFailed(_) => 502 "destination_failed",
         E::DestinationTimeout("x".into()) => E::DestinationTimeout(_) => 504 "destination_timeout",
+        E::ForwardOutcomeUnknown => E::ForwardOutcomeUnknown => 502 "forward_outcome_unknown",
         E::UnknownRoute => E::UnknownRoute => 404 "route_not_found",
         E::RouteNotPermitted("x".into()) => E::RouteNotPermitted(_) => 403 "route_not_permitted",
         E::InvalidRouteInput("x".into()) => E::InvalidRouteInput(_) => 422 "invalid_route_input",

@@ -12,6 +12,10 @@
 //! bytes ([`MAX_CACHE_BYTES`]: an inline cryptogram's record carries a TPAN
 //! and a cryptogram, and a sidecar's pod has little memory). A record
 //! evicted from memory is still replayed from the vault's durable copy.
+//!
+//! A forward's answer streams, so it cannot wait in a cell: [`forward`]
+//! records it in the same vault table, claimed before the send and
+//! finished when the answer is known.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -28,6 +32,8 @@ use crate::vault::{IdempotencyRecord, TokenStore};
 use crate::{AppState, Body};
 use http::Request;
 use hyper::body::Incoming;
+
+pub mod forward;
 
 /// Reads the body of an idempotent endpoint (under `max_body_bytes`) and
 /// runs `f` on it under the request's idempotency key, scoped to the API
@@ -134,6 +140,32 @@ type Slot = tokio::sync::OnceCell<([u8; 32], Stored)>;
 /// The idempotency record cache.
 pub struct Idempotency {
     cache: Cache<String, Arc<Slot>>,
+    /// Forwards in flight on this replica, by record key.
+    pub flights: forward::Flights,
+}
+
+/// The request's `x-idempotency-key`, if it has one; a malformed one is
+/// refused (400 `invalid_request`).
+pub fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+    let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
+        return Ok(None);
+    };
+    client_key
+        .to_str()
+        .ok()
+        .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::InvalidRequest(format!(
+                "{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters"
+            ))
+        })
+}
+
+/// The vault key of a record: scope (API key name, route) and the
+/// client's key.
+pub fn record_key(scope: (&str, &str), client_key: &str) -> String {
+    format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1)
 }
 
 impl Idempotency {
@@ -145,6 +177,7 @@ impl Idempotency {
                 .weigher(weight)
                 .time_to_live(ttl)
                 .build(),
+            flights: forward::Flights::default(),
         }
     }
 
@@ -167,19 +200,10 @@ impl Idempotency {
         F: FnOnce(Option<Pending>) -> Fut,
         Fut: Future<Output = Result<Stored, ApiError>>,
     {
-        let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
+        let Some(client_key) = client_key(headers)? else {
             let s = f(None).await?;
             return Ok(bytes_response(s.status, s.body));
         };
-        let client_key = client_key
-            .to_str()
-            .ok()
-            .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
-            .ok_or_else(|| {
-                ApiError::InvalidRequest(format!(
-                    "{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters"
-                ))
-            })?;
         let fingerprint = {
             let mut ctx = digest::Context::new(&digest::SHA256);
             ctx.update(method.as_str().as_bytes());
@@ -191,7 +215,7 @@ impl Idempotency {
             fp.copy_from_slice(ctx.finish().as_ref());
             fp
         };
-        let record_key = format!("{}\u{0}{}\u{0}{client_key}", scope.0, scope.1);
+        let record_key = record_key(scope, client_key);
         let slot = self
             .cache
             .get_with(record_key.clone(), || Arc::new(Slot::new()));

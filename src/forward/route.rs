@@ -39,9 +39,12 @@ use minijinja::value::{Enumerator, Object, Value as Jv};
 use minijinja::{AutoEscape, Environment, ErrorKind, Output, State, UndefinedBehavior};
 
 use super::destination::{self, Destination, DestinationError};
-use super::{check_headers, read_and_parse};
-use crate::api::{ApiError, Audit, Subject};
+use super::record::Origin;
+use super::{check_headers, finish, keyed_by, read_and_parse};
+use crate::api::auth::ApiKey;
+use crate::api::{idempotency, ApiError, Audit, Subject};
 use crate::config::{Config, ConfigError, DestinationRule, RouteSubject};
+use crate::references::ReferenceId;
 use crate::template::{self as placeholders, Field, Filter, Namespace, Value, Values};
 use crate::{AppState, Body};
 
@@ -459,7 +462,8 @@ fn render_message(route: &Route, e: &minijinja::Error) -> String {
 
 /// `POST /api/{network,pci}/tokens/{id}/forward/{route}`
 pub async fn handle(
-    state: &AppState,
+    state: &Arc<AppState>,
+    key: &ApiKey,
     subject: Subject,
     name: &str,
     req: Request<Incoming>,
@@ -473,7 +477,7 @@ pub async fn handle(
         .ok_or(ApiError::UnknownRoute)?
         .clone();
     audit.forward_route = Some(route.name.clone());
-    let result = forward(state, subject, &route, req, audit, started).await;
+    let result = forward(state, key, subject, &route, req, audit, started).await;
     let status = match &result {
         Ok(r) => r.status().as_u16(),
         Err(e) => e.status_and_classifier().0.as_u16(),
@@ -483,7 +487,8 @@ pub async fn handle(
 }
 
 async fn forward(
-    state: &AppState,
+    state: &Arc<AppState>,
+    key: &ApiKey,
     subject: Subject,
     route: &Arc<Route>,
     req: Request<Incoming>,
@@ -507,6 +512,7 @@ async fn forward(
     if req.method() != Method::POST {
         return Err(ApiError::MethodNotAllowed("POST"));
     }
+    let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
     let fwd = &state.forwarder;
     let checked = check_headers(
         fwd,
@@ -533,7 +539,19 @@ async fn forward(
     // Nothing is consumed until the route renders with masked values.
     rendering.render_masked()?;
     parsed.route = Some(rendering);
-    super::finish(state, subject, &checked, &parsed, audit, started).await
+    let reference = checked.reference.as_ref().map(ReferenceId::as_str);
+    let keyed = keyed_by(
+        key,
+        client_key.as_deref(),
+        subject,
+        Origin::Route {
+            name: &route.name,
+            reference,
+        },
+        &checked,
+        &parsed,
+    );
+    finish(state, keyed, subject, checked, parsed, audit, started).await
 }
 
 /// The merchant's body: a JSON object (empty means `{}`).

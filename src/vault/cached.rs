@@ -186,6 +186,18 @@ impl TokenStore for CachedTokenStore {
         self.inner.put_idempotency(record, max_age).await
     }
 
+    async fn finish_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
+        self.inner.finish_idempotency(record).await
+    }
+
+    async fn release_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), StoreError> {
+        self.inner.release_idempotency(key, fingerprint).await
+    }
+
     async fn rotate_batch(
         &self,
         cursor: &mut RotationCursor,
@@ -279,6 +291,12 @@ mod tests {
             a: Duration,
         ) -> Result<Option<IdempotencyRecord>, StoreError> {
             self.store.put_idempotency(r, a).await
+        }
+        async fn finish_idempotency(&self, r: IdempotencyRecord) -> Result<bool, StoreError> {
+            self.store.finish_idempotency(r).await
+        }
+        async fn release_idempotency(&self, k: &str, f: &[u8; 32]) -> Result<(), StoreError> {
+            self.store.release_idempotency(k, f).await
         }
         async fn rotate_batch(
             &self,

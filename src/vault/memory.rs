@@ -108,6 +108,34 @@ impl TokenStore for MemoryTokenStore {
         Ok(None)
     }
 
+    async fn finish_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
+        let mut inner = self.write()?;
+        match inner.idempotency.get_mut(&record.key) {
+            Some(claim) if claim.is_in_flight() && claim.fingerprint == record.fingerprint => {
+                claim.status = record.status;
+                claim.body = record.body;
+                Ok(true)
+            }
+            _ => Ok(false),
+        }
+    }
+
+    async fn release_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), StoreError> {
+        let mut inner = self.write()?;
+        if inner
+            .idempotency
+            .get(key)
+            .is_some_and(|r| r.is_in_flight() && r.fingerprint == *fingerprint)
+        {
+            inner.idempotency.remove(key);
+        }
+        Ok(())
+    }
+
     async fn rotate_batch(
         &self,
         _cursor: &mut RotationCursor,

@@ -872,6 +872,39 @@ impl TokenStore for SqlTokenStore {
         self.read_idempotency(&record.key).await
     }
 
+    async fn finish_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
+        let (key_id, body) = self.sealed_idempotency(&record)?;
+        let done = sqlx::query(
+            "UPDATE idempotency SET status = $1, key_id = $2, body = $3
+             WHERE key = $4 AND fingerprint = $5 AND status = $6",
+        )
+        .bind(i64::from(record.status))
+        .bind(key_id)
+        .bind(body)
+        .bind(db_key(&record.key))
+        .bind(hex::encode(record.fingerprint))
+        .bind(i64::from(IdempotencyRecord::IN_FLIGHT))
+        .execute(&self.pool)
+        .await
+        .map_err(unavailable)?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn release_idempotency(
+        &self,
+        key: &str,
+        fingerprint: &[u8; 32],
+    ) -> Result<(), StoreError> {
+        sqlx::query("DELETE FROM idempotency WHERE key = $1 AND fingerprint = $2 AND status = $3")
+            .bind(db_key(key))
+            .bind(hex::encode(fingerprint))
+            .bind(i64::from(IdempotencyRecord::IN_FLIGHT))
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn rotate_batch(
         &self,
         cursor: &mut RotationCursor,
