@@ -8,11 +8,12 @@
 mod support;
 
 use std::io::Write;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use serde_json::{json, Value};
+use serde_json::Value;
+use support::binary::Binary;
 use support::*;
 use tokenrelay::api::auth::KeyHash;
 use tokenrelay::config::{ComplianceLevel, DestScheme, DestinationRule, HostPattern};
@@ -296,24 +297,6 @@ async fn a_whole_response_is_complete_with_its_bytes() {
     s.stop().await;
 }
 
-/// The real binary, killed on drop.
-struct Binary(Child);
-
-impl Drop for Binary {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 #[tokio::test]
 async fn sigterm_with_a_forward_outlasting_the_grace_still_writes_its_line() {
     let acq = Acquirer::with(Arc::new(|_r| {
@@ -324,10 +307,9 @@ async fn sigterm_with_a_forward_outlasting_the_grace_still_writes_its_line() {
     }))
     .await;
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
     let config = format!(
-        r#"listen = "127.0.0.1:{port}"
-admin_listen = "127.0.0.1:{admin}"
+        r#"listen = "127.0.0.1:0"
+admin_listen = "127.0.0.1:0"
 compliance_level = "saq-d"
 shutdown_grace = "1s"
 [[api_keys]]
@@ -348,53 +330,12 @@ ca_file = "{ca}"
     );
     let path = dir.path().join("tokenrelay.toml");
     std::fs::write(&path, config).unwrap();
+    // The binary's stdout (its JSON log) is appended here.
     let log_path = dir.path().join("stdout.log");
-    let child = Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
-        .args(["serve", "--config"])
-        .arg(&path)
-        .stdout(Stdio::from(std::fs::File::create(&log_path).unwrap()))
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut bin = Binary(child);
+    let mut bin = Binary::serve(&path, &log_path).await;
     let http = reqwest::Client::new();
-    let base = format!("http://127.0.0.1:{port}");
-    let mut up = false;
-    for _ in 0..400 {
-        if http
-            .get(format!("http://127.0.0.1:{admin}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "tokenrelay did not start");
-    let t: Value = http
-        .post(format!("{base}/api/network/tokens"))
-        .header("x-api-key", "ops-key")
-        .json(&json!({"source": {"type": "pan", "number": VISA, "expiry_month": 12, "expiry_year": 2031}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = t["id"].as_str().unwrap().to_owned();
-    let r: Value = http
-        .post(format!("{base}/api/network/tokens/{id}/cryptograms"))
-        .header("x-api-key", "ops-key")
-        .json(&json!({"type": "ecom", "mode": "reference"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let reference = r["cryptogram_reference"].as_str().unwrap().to_owned();
+    let base = bin.base.clone();
+    let (id, reference) = bin.token_and_reference(&http, "ops-key", VISA).await;
     let in_flight = tokio::spawn({
         let http = http.clone();
         let url = format!("{base}/api/network/tokens/{id}/forward");
@@ -417,7 +358,7 @@ ca_file = "{ca}"
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert_eq!(acq.count(), 1);
-    let pid = bin.0.id().to_string();
+    let pid = bin.child.id().to_string();
     assert!(Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -425,7 +366,7 @@ ca_file = "{ca}"
         .success());
     let mut status = None;
     for _ in 0..600 {
-        if let Some(s) = bin.0.try_wait().unwrap() {
+        if let Some(s) = bin.child.try_wait().unwrap() {
             status = Some(s);
             break;
         }
@@ -437,6 +378,8 @@ ca_file = "{ca}"
         in_flight.await.unwrap().is_err(),
         "the cut forward got no answer"
     );
+    // Every line up to the last one has been copied into the log file.
+    bin.logged("stopped").await;
     let logs = std::fs::read_to_string(&log_path).unwrap();
     let lines = access_lines(&logs, "outlasts-grace");
     assert_eq!(lines.len(), 1, "{logs}");

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use reqwest::Method;
-use serde_json::{json, Value};
 use support::binary::Binary;
 use support::*;
 use tokenrelay::api::auth::KeyHash;
@@ -204,28 +203,7 @@ ca_file = "{ca}"
     let mut bin = Binary::serve(&path, &dir.path().join("tokenrelay.log")).await;
     let http = reqwest::Client::new();
     let base = bin.base.clone();
-    let t: Value = http
-        .post(format!("{base}/api/network/tokens"))
-        .header("x-api-key", "ops-key")
-        .json(&json!({"source": {"type": "pan", "number": VISA, "expiry_month": 12, "expiry_year": 2031}}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let id = t["id"].as_str().unwrap().to_owned();
-    let r: Value = http
-        .post(format!("{base}/api/network/tokens/{id}/cryptograms"))
-        .header("x-api-key", "ops-key")
-        .json(&json!({"type": "ecom", "mode": "reference"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let reference = r["cryptogram_reference"].as_str().unwrap().to_owned();
+    let (id, reference) = bin.token_and_reference(&http, "ops-key", VISA).await;
     let in_flight = tokio::spawn({
         let http = http.clone();
         let url = format!("{base}/api/network/tokens/{id}/forward");

@@ -101,6 +101,39 @@ impl Binary {
         }
     }
 
+    /// Provisions `pan` (a PAN source, 12/2031) and takes a cryptogram
+    /// reference for it, with the API key `key`: `(token id, reference)`.
+    pub async fn token_and_reference(
+        &self,
+        http: &reqwest::Client,
+        key: &str,
+        pan: &str,
+    ) -> (String, String) {
+        let base = &self.base;
+        let t: Value = http
+            .post(format!("{base}/api/network/tokens"))
+            .header("x-api-key", key)
+            .json(&serde_json::json!({"source": {"type": "pan", "number": pan, "expiry_month": 12, "expiry_year": 2031}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let id = t["id"].as_str().unwrap().to_owned();
+        let r: Value = http
+            .post(format!("{base}/api/network/tokens/{id}/cryptograms"))
+            .header("x-api-key", key)
+            .json(&serde_json::json!({"type": "ecom", "mode": "reference"}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (id, r["cryptogram_reference"].as_str().unwrap().to_owned())
+    }
+
     /// SIGKILL, then reap.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
