@@ -4,9 +4,13 @@
 //! `/metrics`, and once stdout takes lines again a warning says how many
 //! were dropped.
 
+mod support;
+
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+use support::binary::{message_of, ready_addresses};
 
 /// The real binary, killed on drop.
 struct Binary(Child);
@@ -18,14 +22,6 @@ impl Drop for Binary {
     }
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn metric(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
@@ -35,10 +31,7 @@ fn metric(text: &str, series: &str) -> f64 {
 #[tokio::test]
 async fn a_stalled_stdout_drops_counted_lines_and_never_stalls_a_request() {
     let dir = tempfile::tempdir().unwrap();
-    let (port, admin) = (free_port(), free_port());
-    let config = format!(
-        "listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\nlog_buffer_bytes = 65536\n[vault]\nbackend = \"memory\"\n"
-    );
+    let config = "listen = \"127.0.0.1:0\"\nadmin_listen = \"127.0.0.1:0\"\nlog_buffer_bytes = 65536\n[vault]\nbackend = \"memory\"\n";
     let path = dir.path().join("tokenrelay.toml");
     std::fs::write(&path, config).unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_tokenrelay"))
@@ -48,27 +41,28 @@ async fn a_stalled_stdout_drops_counted_lines_and_never_stalls_a_request() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    // Held, never read until the end: the pipe fills and stays full.
-    let stdout = child.stdout.take().unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
     let _bin = Binary(child);
-    let http = reqwest::Client::new();
-    let mut up = false;
-    for _ in 0..400 {
-        if http
-            .get(format!("http://127.0.0.1:{admin}/healthz"))
-            .send()
-            .await
-            .is_ok()
-        {
-            up = true;
-            break;
+    // Read up to the ready line for the bound ports; after it, stdout is
+    // held and not read until the end, so the pipe fills and stays full.
+    let ready = tokio::task::spawn_blocking(move || {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            assert!(stdout.read_line(&mut line).unwrap() > 0, "no ready line");
+            if message_of(&line).as_deref() == Some("tokenrelay ready") {
+                let addrs = ready_addresses(&line).expect("bound addresses");
+                return (addrs, stdout);
+            }
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(up, "tokenrelay did not start");
+    });
+    let ((listen, admin), stdout) = tokio::time::timeout(Duration::from_secs(60), ready)
+        .await
+        .expect("tokenrelay did not start")
+        .unwrap();
+    let http = reqwest::Client::new();
     // ~300 bytes of access line each: many times the pipe and the buffer.
-    let url =
-        format!("http://127.0.0.1:{port}/api/network/tokens/00000000-0000-0000-0000-000000000000");
+    let url = format!("http://{listen}/api/network/tokens/00000000-0000-0000-0000-000000000000");
     for i in 0..2000 {
         let resp = tokio::time::timeout(Duration::from_secs(30), http.get(&url).send())
             .await
@@ -77,7 +71,7 @@ async fn a_stalled_stdout_drops_counted_lines_and_never_stalls_a_request() {
         assert_eq!(resp.status(), 401);
     }
     let m = http
-        .get(format!("http://127.0.0.1:{admin}/metrics"))
+        .get(format!("http://{admin}/metrics"))
         .send()
         .await
         .unwrap()
@@ -89,8 +83,7 @@ async fn a_stalled_stdout_drops_counted_lines_and_never_stalls_a_request() {
 
     // stdout is read again: the writer catches up and says what it dropped.
     let warning = tokio::task::spawn_blocking(move || {
-        let reader = std::io::BufReader::new(stdout);
-        for line in reader.lines() {
+        for line in stdout.lines() {
             let line = line.unwrap();
             if line.contains("log lines dropped") {
                 return Some(line);

@@ -147,7 +147,7 @@ impl Drop for Binary {
     }
 }
 
-fn message_of(line: &str) -> Option<String> {
+pub fn message_of(line: &str) -> Option<String> {
     let v: Value = serde_json::from_str(line).ok()?;
     v["fields"]["message"].as_str().map(str::to_owned)
 }
@@ -161,7 +161,7 @@ fn append(log: &Path) -> std::fs::File {
 }
 
 /// `(listen, admin_listen)` from the `tokenrelay ready` log line.
-fn ready_addresses(line: &str) -> Option<(SocketAddr, SocketAddr)> {
+pub fn ready_addresses(line: &str) -> Option<(SocketAddr, SocketAddr)> {
     let v: Value = serde_json::from_str(line).ok()?;
     let f = &v["fields"];
     let addr = |k: &str| f[k].as_str()?.parse::<SocketAddr>().ok();
