@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Property-based API testing of the OpenAPI document against a live release
+# Property-based API testing of the OpenAPI document against a live
 # server (contract §13): schemathesis generates requests for every operation
 # of /openapi.json, with the local-try key, and fails on a 5xx, a status the
 # document does not list, or a response that does not match its schema.
 # Bounded: examples per operation and an overall time budget.
 #
-# Usage: .ci/schemathesis.sh [path/to/tokenrelay]   (default: a release build)
+# Usage: .ci/schemathesis.sh [path/to/tokenrelay]   (default: a release build; CI passes the debug binary cargo test built)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
