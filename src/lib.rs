@@ -21,7 +21,7 @@
 //! - [`session`] keeps card-capture sessions (browser-encrypted cards,
 //!   JWE) beside the references;
 //! - [`card`] and [`crypto`] hold the card rules, secret types and crypto
-//!   helpers.
+//!   helpers; [`clock`] is the one source of "now" for every TTL.
 //!
 //! [`run`] wires config → state → listeners; it never binds a port itself.
 
@@ -39,6 +39,7 @@ use tokio::sync::watch;
 pub mod admin;
 pub mod api;
 pub mod card;
+pub mod clock;
 pub mod config;
 pub mod crypto;
 pub mod cvc;
