@@ -478,7 +478,9 @@ fn pci_paths(paths: &mut Map<String, Value>) {
                 "200",
                 json_ok(
                     "The card was already stored: its PCI token's id, and only what the card \
-                     number itself gives (never the stored expiry or cardholder name).",
+                     number itself gives (never the stored expiry or cardholder name). A later \
+                     expiry in the request (a reissued card) replaced the stored one, with the \
+                     cardholder name if given; an earlier or equal one changed nothing.",
                     "PciTokenExisting",
                     json!({"id": PCI_ID, "last4": "0978", "bin": "489537", "scheme": "visa",
                            "created_at": NOW}),

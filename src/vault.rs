@@ -198,6 +198,34 @@ impl std::fmt::Debug for PciToken {
     }
 }
 
+impl PciToken {
+    /// Takes what `card` — the same card (same fingerprint) presented
+    /// again — says about a reissue: when `card` expires *later* than this
+    /// token, its expiry replaces the stored one, and its cardholder name
+    /// too if it carries one (a reissued card is the newest statement of
+    /// both; no name given says nothing, so the stored one stays). An
+    /// expiry that is the same or earlier — an old card presented again, a
+    /// repeat checkout — changes nothing at all, so neither the expiry nor
+    /// the name can be rolled back or rewritten by it. Returns whether
+    /// anything changed. The id, PAN, brand, metadata and creation time
+    /// always stay.
+    ///
+    /// Every store applies this to a fresh read inside its conditional
+    /// update (see [`TokenStore::insert_pci`]), so two reissues racing
+    /// each other end with the later expiry, whichever commits first.
+    pub fn reissue_from(&mut self, card: &PciToken) -> bool {
+        if (card.expiry_year, card.expiry_month) <= (self.expiry_year, self.expiry_month) {
+            return false;
+        }
+        self.expiry_month = card.expiry_month;
+        self.expiry_year = card.expiry_year;
+        if let Some(name) = &card.cardholder_name {
+            self.cardholder_name = Some(name.clone());
+        }
+        true
+    }
+}
+
 /// A change to a network token (sandbox lifecycle events).
 #[derive(Debug, Clone, Copy)]
 pub enum TokenChange {
@@ -427,7 +455,11 @@ pub trait TokenStore: Send + Sync + 'static {
     fn fingerprint(&self, pan: &CardNumber) -> [u8; 32];
 
     /// Stores a PCI token unless one with the same fingerprint exists;
-    /// returns the stored one and whether it is new.
+    /// returns the stored one and whether it is new. When one exists, a
+    /// later expiry in `token` (a reissued card) is written to it by
+    /// [`PciToken::reissue_from`], as one atomic conditional update of the
+    /// stored record, which stays sealed as before; the returned token is
+    /// the stored one after that update.
     async fn insert_pci(&self, token: PciToken) -> Result<(Arc<PciToken>, bool), StoreError>;
 
     /// Reads a PCI token.

@@ -315,10 +315,11 @@ async fn pci_token_lifecycle_and_network_token_from_a_pci_token() {
     assert_eq!(p["metadata"], json!({"k": "v"}));
     assert!(!p.to_string().contains(MASTERCARD));
     // The same card again: the same PCI token, 200 — and knowing the number
-    // buys back nothing else that was stored with it (issue 15).
+    // buys back nothing else that was stored with it (issue 15). Its
+    // expiry is earlier, so nothing stored changes (the GET below).
     let mut other = card.clone();
     other["cardholder_name"] = json!("Someone Else");
-    other["expiry_month"] = json!(9);
+    other["expiry_month"] = json!(5);
     let again = create(other).await.unwrap();
     assert_eq!(again.status(), 200);
     let again: Value = again.json().await.unwrap();
@@ -378,6 +379,194 @@ async fn pci_token_lifecycle_and_network_token_from_a_pci_token() {
         .await
         .unwrap();
     assert_error(bad, 422, "invalid_card").await;
+}
+
+/// The answer to a PCI token request for a card already stored: 200 with
+/// the id and what the number itself gives, nothing stored with it.
+async fn create_again(s: &TestServer, card: Value, id: &str) {
+    let r = s
+        .req(Method::POST, "/api/pci/tokens")
+        .json(&card)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "the same card again");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["id"], id);
+    let keys: Vec<&str> = v.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(keys, ["bin", "created_at", "id", "last4", "scheme"]);
+}
+
+/// The stored expiry and name: read back, and as a forward renders them to
+/// a TLS acquirer.
+async fn stored_card(s: &TestServer, acq: &Acquirer, id: &str) -> (Value, Value) {
+    let get: Value = s
+        .req(Method::GET, &format!("/api/pci/tokens/{id}"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let read = json!([
+        get["expiry_month"],
+        get["expiry_year"],
+        get["cardholder_name"]
+    ]);
+    let r = s
+        .req(Method::POST, &format!("/api/pci/tokens/{id}/forward"))
+        .header("x-destination-url", acq.url("/pay"))
+        .header("content-type", "application/json")
+        .body(r#"{"mm": "<< expiry_month | mm >>", "yyyy": "<< expiry_year >>", "name": "<< cardholder_name >>"}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let sent: Value = serde_json::from_slice(&acq.last().body).unwrap();
+    (read, sent)
+}
+
+/// A reissued card (same PAN, later expiry) updates the stored expiry and
+/// name; an older card presented again rolls nothing back; concurrent
+/// reissues end with the latest expiry (issue 15).
+async fn a_reissued_card_updates_the_stored_expiry(vault: Option<tokenrelay::config::VaultConfig>) {
+    let acq = Acquirer::start().await;
+    let mut c = config(ComplianceLevel::SaqD);
+    c.destinations = vec![acq.rule()];
+    if let Some(v) = vault {
+        c.vault = v;
+    }
+    let s = TestServer::start(c).await;
+    let card = |month: u8, year: u16, name: Option<&str>| {
+        let mut v = json!({"number": MASTERCARD, "expiry_month": month, "expiry_year": year});
+        if let Some(n) = name {
+            v["cardholder_name"] = json!(n);
+        }
+        v
+    };
+    let r = s
+        .req(Method::POST, "/api/pci/tokens")
+        .json(&card(7, 2030, Some("Ada Lovelace")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let id = r.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Reissued: later expiry, new name.
+    create_again(&s, card(3, 2032, Some("Ada King")), &id).await;
+    let (read, sent) = stored_card(&s, &acq, &id).await;
+    assert_eq!(read, json!([3, 2032, "Ada King"]));
+    assert_eq!(
+        sent,
+        json!({"mm": "03", "yyyy": "2032", "name": "Ada King"})
+    );
+
+    // The old card again (earlier expiry, old name), and the same expiry
+    // with another name: nothing changes.
+    create_again(&s, card(7, 2030, Some("Ada Lovelace")), &id).await;
+    create_again(&s, card(3, 2032, Some("Someone Else")), &id).await;
+    let (read, sent) = stored_card(&s, &acq, &id).await;
+    assert_eq!(read, json!([3, 2032, "Ada King"]));
+    assert_eq!(
+        sent,
+        json!({"mm": "03", "yyyy": "2032", "name": "Ada King"})
+    );
+
+    // Reissued without a name: the expiry moves, the name stays.
+    create_again(&s, card(4, 2032, None), &id).await;
+    let (read, _) = stored_card(&s, &acq, &id).await;
+    assert_eq!(read, json!([4, 2032, "Ada King"]));
+
+    // Concurrent reissues: whatever the order of commits, the latest
+    // expiry wins (a lost update would leave an earlier one).
+    let years = [2035u16, 2038, 2033, 2040, 2036, 2034, 2039, 2037];
+    let all = years
+        .iter()
+        .map(|&y| create_again(&s, card(1, y, None), &id));
+    futures_util::future::join_all(all).await;
+    let (read, sent) = stored_card(&s, &acq, &id).await;
+    assert_eq!(read, json!([1, 2040, "Ada King"]));
+    assert_eq!(
+        sent,
+        json!({"mm": "01", "yyyy": "2040", "name": "Ada King"})
+    );
+    s.stop().await;
+}
+
+#[tokio::test]
+async fn a_reissued_card_updates_the_stored_expiry_in_memory() {
+    a_reissued_card_updates_the_stored_expiry(None).await;
+}
+
+#[tokio::test]
+async fn a_reissued_card_updates_the_stored_expiry_in_sqlite_behind_the_cache() {
+    use tokenrelay::config::{VaultBackend, VaultConfig};
+    let dir = tempfile::tempdir().unwrap();
+    a_reissued_card_updates_the_stored_expiry(Some(VaultConfig {
+        backend: VaultBackend::Sqlite {
+            path: dir.path().join("vault.db"),
+        },
+        key_file: Some(dir.path().join("master.key")),
+        create_key_file: true,
+        cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
+    }))
+    .await;
+    // The rewritten row stays sealed: neither name nor number in the files.
+    for entry in std::fs::read_dir(dir.path()).unwrap() {
+        let Ok(bytes) = std::fs::read(entry.unwrap().path()) else {
+            continue;
+        };
+        let text = String::from_utf8_lossy(&bytes);
+        assert!(!text.contains("Ada King") && !text.contains(MASTERCARD));
+    }
+}
+
+/// Runs when `TOKENRELAY_TEST_POSTGRES_URL` is set (in a fresh schema,
+/// dropped after); set but unreachable is a failure, not a skip.
+#[tokio::test]
+async fn a_reissued_card_updates_the_stored_expiry_in_postgres_behind_the_cache() {
+    use tokenrelay::config::{VaultBackend, VaultConfig};
+    const ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
+    let base = match std::env::var(ENV) {
+        Ok(url) => url,
+        Err(std::env::VarError::NotPresent) => {
+            println!("PostgreSQL run skipped: {ENV} is unset");
+            return;
+        }
+        Err(e) => panic!("{ENV} is set but unusable: {e}"),
+    };
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("{ENV} is set but PostgreSQL cannot be reached: {e}"));
+    let schema = format!("tokenrelay_pci_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let dir = tempfile::tempdir().unwrap();
+    a_reissued_card_updates_the_stored_expiry(Some(VaultConfig {
+        backend: VaultBackend::Postgres {
+            url: format!("{base}{sep}options[search_path]={schema}"),
+            password_file: None,
+        },
+        key_file: Some(dir.path().join("master.key")),
+        create_key_file: true,
+        cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
+    }))
+    .await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

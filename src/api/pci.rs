@@ -3,8 +3,11 @@
 //! Creating one from card fields needs a compliance level that may handle
 //! card data; from a `session` source (a card encrypted in the browser) it
 //! works at every level. The same card (by keyed fingerprint) is stored
-//! once: creating it again answers 200 with the existing token (201 when
-//! new). The CVC, if given, goes to the [`crate::cvc::CvcStore`] only
+//! once: creating it again answers 200 with the existing token's id (201
+//! when new), and a later expiry in the new request — the card was
+//! reissued — replaces the stored one (with the cardholder name, if
+//! given); an earlier or equal one changes nothing (see
+//! [`PciToken::reissue_from`]). The CVC, if given, goes to the [`crate::cvc::CvcStore`] only
 //! (memory, or sealed in Redis). The API view never
 //! holds the PAN or the CVC.
 
@@ -200,9 +203,10 @@ pub async fn create(
     if created {
         return json_response(StatusCode::CREATED, &PciView::from(token.as_ref()));
     }
-    // The card was stored before. Knowing its number proves nothing about
-    // the rest of what was stored with it, so the answer carries only what
-    // the number itself gives (and the id), never the stored expiry or
+    // The card was stored before (and, if this request carried a later
+    // expiry, now holds it). Knowing its number proves nothing about the
+    // rest of what was stored with it, so the answer carries only what the
+    // number itself gives (and the id), never the stored expiry or
     // cardholder name.
     json_response(
         StatusCode::OK,

@@ -158,6 +158,8 @@ impl TokenStore for CachedTokenStore {
         self.inner.fingerprint(pan)
     }
 
+    // PCI tokens are not cached (only the forward's network-token read is
+    // hot), so a reissue written by `insert_pci` is what the next read sees.
     async fn insert_pci(&self, token: PciToken) -> Result<(Arc<PciToken>, bool), StoreError> {
         self.inner.insert_pci(token).await
     }

@@ -182,7 +182,14 @@ impl TokenStore for MemoryTokenStore {
             .values()
             .find(|p| p.fingerprint == token.fingerprint)
         {
-            return Ok((existing.clone(), false));
+            // Under the write lock: read, reissue and replace are one step.
+            let mut updated = PciToken::clone(existing);
+            if !updated.reissue_from(&token) {
+                return Ok((existing.clone(), false));
+            }
+            let updated = Arc::new(updated);
+            inner.pci.insert(updated.id, updated.clone());
+            return Ok((updated, false));
         }
         let token = Arc::new(token);
         inner.pci.insert(token.id, token.clone());

@@ -159,6 +159,11 @@ pub struct SqlTokenStore {
 /// one token are unique but interleave.
 const ATC_BLOCK: u64 = 32;
 
+/// Rounds of [`TokenStore::insert_pci`]'s read and conditional write
+/// before it gives up: each lost round means another writer's change to
+/// the same card committed, so this bounds a storm, not normal traffic.
+const PCI_REISSUE_ATTEMPTS: usize = 16;
+
 /// Tokens whose unused block is kept; past this the blocks are dropped
 /// (gaps, never repeats).
 const ATC_BLOCKS_KEPT: usize = 100_000;
@@ -583,6 +588,32 @@ impl SqlTokenStore {
         Ok(())
     }
 
+    /// The `public_json`, `key_id` and base64 `secret` columns of a PCI
+    /// token: the PAN and the cardholder name sealed together, bound to
+    /// the row's id.
+    fn seal_pci(&self, token: &PciToken) -> Result<(String, String, String), StoreError> {
+        let public = serde_json::to_string(&PciPublic {
+            scheme: token.scheme,
+            expiry_month: token.expiry_month,
+            expiry_year: token.expiry_year,
+            metadata: token.metadata.clone(),
+            created_at: token.created_at,
+        })
+        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let secret = zeroize::Zeroizing::new(
+            serde_json::to_vec(&PciSecret {
+                pan: token.pan.expose().to_owned(),
+                cardholder_name: token.cardholder_name.clone(),
+            })
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+        );
+        let (key_id, sealed) = self
+            .keys
+            .seal(&pci_aad(&token.id.to_string()), &secret)
+            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        Ok((public, key_id, b64(&sealed)))
+    }
+
     async fn get_token(&self, id: TokenId) -> Result<Option<Arc<NetworkToken>>, StoreError> {
         let row = sqlx::query(
             "SELECT id, status, public_json, key_id, secret, updated_at FROM network_tokens WHERE id = $1",
@@ -739,52 +770,76 @@ impl TokenStore for SqlTokenStore {
     }
 
     async fn insert_pci(&self, token: PciToken) -> Result<(Arc<PciToken>, bool), StoreError> {
-        let id = token.id.to_string();
-        let public = serde_json::to_string(&PciPublic {
-            scheme: token.scheme,
-            expiry_month: token.expiry_month,
-            expiry_year: token.expiry_year,
-            metadata: token.metadata.clone(),
-            created_at: token.created_at,
-        })
-        .map_err(|e| StoreError::Unavailable(e.to_string()))?;
-        let secret = zeroize::Zeroizing::new(
-            serde_json::to_vec(&PciSecret {
-                pan: token.pan.expose().to_owned(),
-                cardholder_name: token.cardholder_name.clone(),
-            })
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-        );
-        let (key_id, sealed) = self
-            .keys
-            .seal(&pci_aad(&id), &secret)
-            .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        let (public, key_id, secret) = self.seal_pci(&token)?;
         let fingerprint = hex::encode(token.fingerprint);
-        let done = sqlx::query(
-            "INSERT INTO pci_tokens (id, fingerprint, public_json, key_id, secret, created_at)
-             VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
-        )
-        .bind(id)
-        .bind(fingerprint.clone())
-        .bind(public)
-        .bind(key_id)
-        .bind(b64(&sealed))
-        .bind(token.created_at.format(&Rfc3339).unwrap_or_default())
-        .execute(&self.pool)
-        .await
-        .map_err(unavailable)?;
-        if done.rows_affected() == 1 {
-            return Ok((Arc::new(token), true));
+        // Optimistic, as `update`: insert, or read the stored card and
+        // write its reissue only if the row is still what was read (public
+        // fields and sealed secret both), so of two reissues racing in from
+        // any replica neither is lost and the later expiry stands.
+        let mut insert = true;
+        for _ in 0..PCI_REISSUE_ATTEMPTS {
+            if insert {
+                let done = sqlx::query(
+                    "INSERT INTO pci_tokens (id, fingerprint, public_json, key_id, secret, created_at)
+                     VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
+                )
+                .bind(token.id.to_string())
+                .bind(fingerprint.clone())
+                .bind(public.clone())
+                .bind(key_id.clone())
+                .bind(secret.clone())
+                .bind(token.created_at.format(&Rfc3339).unwrap_or_default())
+                .execute(&self.pool)
+                .await
+                .map_err(unavailable)?;
+                if done.rows_affected() == 1 {
+                    return Ok((Arc::new(token), true));
+                }
+            }
+            let row = sqlx::query(
+                "SELECT id, fingerprint, public_json, key_id, secret FROM pci_tokens WHERE fingerprint = $1",
+            )
+            .bind(fingerprint.clone())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            let Some(row) = row else {
+                // Deleted between the insert and the read: insert again.
+                insert = true;
+                continue;
+            };
+            insert = false;
+            let mut stored = self.row_to_pci(&row)?;
+            if !stored.reissue_from(&token) {
+                return Ok((Arc::new(stored), false));
+            }
+            let old_public: String = row.try_get("public_json").map_err(unavailable)?;
+            let old_key_id: String = row.try_get("key_id").map_err(unavailable)?;
+            let old_secret: String = row.try_get("secret").map_err(unavailable)?;
+            // Sealed afresh under the active key, bound to the stored row's
+            // id as every PCI row is.
+            let (new_public, new_key_id, new_secret) = self.seal_pci(&stored)?;
+            let done = sqlx::query(
+                "UPDATE pci_tokens SET public_json = $1, key_id = $2, secret = $3
+                 WHERE id = $4 AND public_json = $5 AND key_id = $6 AND secret = $7",
+            )
+            .bind(new_public)
+            .bind(new_key_id)
+            .bind(new_secret)
+            .bind(stored.id.to_string())
+            .bind(old_public)
+            .bind(old_key_id)
+            .bind(old_secret)
+            .execute(&self.pool)
+            .await
+            .map_err(unavailable)?;
+            if done.rows_affected() == 1 {
+                return Ok((Arc::new(stored), false));
+            }
         }
-        let row = sqlx::query(
-            "SELECT id, fingerprint, public_json, key_id, secret FROM pci_tokens WHERE fingerprint = $1",
-        )
-        .bind(fingerprint)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(unavailable)?
-        .ok_or_else(|| StoreError::Unavailable("PCI token vanished during insert".into()))?;
-        Ok((Arc::new(self.row_to_pci(&row)?), false))
+        Err(StoreError::Unavailable(
+            "PCI token kept changing under insert".into(),
+        ))
     }
 
     async fn get_pci(&self, id: PciTokenId) -> Result<Option<Arc<PciToken>>, StoreError> {
