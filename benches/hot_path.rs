@@ -54,7 +54,7 @@ fn references(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
         .build()
         .unwrap();
-    let store = MemoryReferenceStore::new(10_000_000);
+    let store = MemoryReferenceStore::new(10_000_000).unwrap();
     let token = TokenId::new();
     let payload = Arc::new(Payload {
         cryptogram: None,

@@ -286,6 +286,9 @@ pub struct Config {
     pub forward_record_max_bytes: usize,
     /// Most concurrent client connections.
     pub max_connections: usize,
+    /// Threads serving `listen`, each with its own single-threaded runtime
+    /// (`crate::server::Workers`); by default one per core.
+    pub workers: usize,
     /// Bound of the log lines waiting for stdout; past it lines are
     /// dropped and counted (`crate::telemetry::LogBuffer`).
     pub log_buffer_bytes: usize,
@@ -349,6 +352,7 @@ struct RawConfig {
     idempotency_ttl: Option<String>,
     forward_record_max_bytes: Option<u64>,
     max_connections: Option<u64>,
+    workers: Option<u64>,
     log_buffer_bytes: Option<u64>,
     header_read_timeout: Option<String>,
     idle_timeout: Option<String>,
@@ -911,6 +915,13 @@ impl RawConfig {
                 "must be greater than zero",
             ));
         }
+        let workers = match self.workers {
+            None => std::thread::available_parallelism().map_or(1, usize::from),
+            Some(n @ 1..=256) => n as usize,
+            Some(_) => {
+                return Err(ConfigError::new("workers", "must be between 1 and 256"));
+            }
+        };
         if let Some(tsp) = &self.tsp {
             if tsp != "sandbox" {
                 return Err(ConfigError::new(
@@ -1132,6 +1143,7 @@ impl RawConfig {
             idempotency_ttl: IDEMPOTENCY_TTL.parse(self.idempotency_ttl)?,
             forward_record_max_bytes: forward_record_max_bytes as usize,
             max_connections: max_connections as usize,
+            workers,
             log_buffer_bytes: log_buffer_bytes as usize,
             header_read_timeout: HEADER_READ_TIMEOUT.parse(self.header_read_timeout)?,
             idle_timeout: IDLE_TIMEOUT.parse(self.idle_timeout)?,

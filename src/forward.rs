@@ -67,7 +67,7 @@ use headers::{
 };
 use record::{Executed, Origin};
 use redact::{RedactingBody, Redactor};
-use upstream::{ConnectError, UpstreamClient};
+use upstream::ConnectError;
 
 /// How long a DNS answer stays pinned for the allow-list and the connector.
 const RESOLUTION_PIN: Duration = Duration::from_secs(30);
@@ -76,7 +76,7 @@ const RESOLUTION_PIN: Duration = Duration::from_secs(30);
 pub struct Forwarder {
     rules: Arc<[DestinationRule]>,
     resolver: Resolver,
-    client: UpstreamClient,
+    clients: upstream::Clients,
     syntax: Syntax,
     delims: (&'static str, &'static str),
     connect_timeout: Duration,
@@ -93,7 +93,13 @@ impl Forwarder {
     ) -> Result<Self, crate::config::ConfigError> {
         let rules: Arc<[DestinationRule]> = config.destinations.clone().into();
         let resolver = Resolver::new(RESOLUTION_PIN);
-        let client = upstream::client(rules.clone(), &config.upstream, resolver.clone(), metrics)?;
+        let clients = upstream::Clients::new(
+            rules.clone(),
+            &config.upstream,
+            resolver.clone(),
+            metrics,
+            config.workers,
+        )?;
         let (syntax, delims) = match config.placeholder_syntax {
             PlaceholderSyntax::Angle => (Syntax::Angle, ("<<", ">>")),
             PlaceholderSyntax::Braces => (Syntax::Braces, ("{{", "}}")),
@@ -103,7 +109,7 @@ impl Forwarder {
             routes,
             rules,
             resolver,
-            client,
+            clients,
             syntax,
             delims,
             connect_timeout: config.upstream.connect_timeout,
@@ -754,7 +760,7 @@ async fn send(
 
     let sent_at = Instant::now();
     let budget = fwd.connect_timeout + fwd.response_timeout;
-    let response = match tokio::time::timeout(budget, fwd.client.request(req)).await {
+    let response = match tokio::time::timeout(budget, fwd.clients.get().request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             return Err(match upstream::connect_error(&e) {

@@ -119,9 +119,10 @@ impl AppState {
             Arc<dyn session::SessionStore>,
         ) = match &config.references {
             ReferenceBackend::Memory => (
-                Arc::new(references::memory::MemoryReferenceStore::new(
-                    config.reference_max_entries,
-                )),
+                Arc::new(
+                    references::memory::MemoryReferenceStore::new(config.reference_max_entries)
+                        .map_err(StartError::Sweeper)?,
+                ),
                 cvcs,
                 Arc::new(session::memory::MemorySessionStore::new(
                     config.reference_max_entries,
@@ -228,6 +229,9 @@ pub enum StartError {
     /// The reference store could not be opened.
     #[error("reference store")]
     References(#[from] references::redis::OpenError),
+    /// The in-process reference store's sweeper thread did not start.
+    #[error("reference store sweeper thread")]
+    Sweeper(#[source] std::io::Error),
 }
 
 /// Loads the listener's TLS acceptor when `[tls]` is configured.
@@ -259,11 +263,25 @@ fn listen_tls(config: &Config) -> Result<Option<tokio_rustls::TlsAcceptor>, Conf
     Ok(Some(tokio_rustls::TlsAcceptor::from(Arc::new(sc))))
 }
 
-/// Runs both listeners until `shutdown` turns true, then drains them.
+/// Runs both listeners until `shutdown` turns true, then drains them, on
+/// the caller's runtime.
 pub async fn run(
     state: Arc<AppState>,
     listener: TcpListener,
     admin_listener: TcpListener,
+    shutdown: watch::Receiver<bool>,
+) -> Result<(), ConfigError> {
+    run_on(state, listener, admin_listener, None, shutdown).await
+}
+
+/// The same with `listen`'s connections served on `workers` (the binary's
+/// way, `config.workers` of them); accepting, the admin listener and the
+/// stores' background tasks stay on the caller's runtime.
+pub async fn run_on(
+    state: Arc<AppState>,
+    listener: TcpListener,
+    admin_listener: TcpListener,
+    workers: Option<Arc<server::Workers>>,
     shutdown: watch::Receiver<bool>,
 ) -> Result<(), ConfigError> {
     let tls = state.listen_tls.clone();
@@ -283,6 +301,7 @@ pub async fn run(
         tls,
         limits,
         move |req| handle_api(api_state.clone(), req),
+        workers,
         shutdown.clone(),
     );
     let admin_state = state.clone();
@@ -291,6 +310,7 @@ pub async fn run(
         None,
         admin_limits,
         move |req| admin::handle(admin_state.clone(), req),
+        None,
         shutdown,
     );
     tokio::join!(api, admin);

@@ -199,7 +199,16 @@ fn sandbox_acquirer(listen: std::net::SocketAddr, ca_out: PathBuf) -> anyhow::Re
 fn serve(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let log_guard = tokenrelay::telemetry::init_logging_with(config.log_buffer_bytes);
-    let runtime = runtime()?;
+    // The listener's connections run on the workers, each a single-threaded
+    // runtime; this thread's runtime accepts, serves the admin listener and
+    // drives the stores' connections.
+    let workers = tokenrelay::server::Workers::start(config.workers)
+        .context("starting the worker threads")?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let served = workers.clone();
     let result = runtime.block_on(async move {
         let state = tokenrelay::AppState::build(config).await?;
         let listener = tokio::net::TcpListener::bind(state.config.listen)
@@ -222,13 +231,17 @@ fn serve(path: PathBuf) -> anyhow::Result<()> {
             tracing::info!("shutdown signal received; draining");
             let _ = tx.send(true);
         });
-        tokenrelay::run(state, listener, admin, rx).await?;
-        tracing::info!("stopped");
+        tokenrelay::run_on(state, listener, admin, Some(served), rx).await?;
         anyhow::Ok(())
     });
-    // Dropping the runtime cancels what the drain cut off; their access
-    // lines are written then, before the log is flushed.
+    // Stopping the workers and dropping the runtime cancel what the drain
+    // cut off; their access lines are written then, before the log is
+    // flushed.
+    workers.stop();
     drop(runtime);
+    if result.is_ok() {
+        tracing::info!("stopped");
+    }
     drop(log_guard);
     result
 }

@@ -38,11 +38,27 @@ pub struct ReferenceId(String);
 impl ReferenceId {
     /// A fresh unguessable id.
     pub fn generate() -> ReferenceId {
+        Self::random().1
+    }
+
+    /// A fresh id and the 32 random bytes it encodes.
+    pub(crate) fn random() -> ([u8; 32], ReferenceId) {
         let raw = random_bytes::<32>();
         let mut s = String::with_capacity(PREFIX.len() + ENCODED_LEN);
         s.push_str(PREFIX);
         base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(raw, &mut s);
-        ReferenceId(s)
+        (raw, ReferenceId(s))
+    }
+
+    /// The 32 bytes the id encodes; `None` for a well-formed id that no
+    /// [`generate`](Self::generate) can have made (non-canonical base64).
+    pub(crate) fn bytes(&self) -> Option<[u8; 32]> {
+        let mut raw = [0u8; 32];
+        let body = self.0.get(PREFIX.len()..)?;
+        let n = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode_slice(body, &mut raw)
+            .ok()?;
+        (n == raw.len()).then_some(raw)
     }
 
     /// Accepts only well-formed ids, so garbage never reaches a store.
@@ -181,5 +197,22 @@ mod tests {
         assert!(ReferenceId::parse("cref_short").is_none());
         assert!(ReferenceId::parse(&a.as_str().replace("cref_", "xref_")).is_none());
         assert!(!format!("{a:?}").contains(&a.as_str()[12..]));
+    }
+
+    #[test]
+    fn an_id_gives_back_the_bytes_it_encodes_and_only_canonical_ones() {
+        let (raw, id) = ReferenceId::random();
+        assert_eq!(id.bytes(), Some(raw));
+        // 43 base64 characters carry 258 bits, so the last one's two low
+        // bits are zero. One with them set is well-formed (it parses) but
+        // nobody's: its bytes are refused, not aliased to `raw`'s.
+        const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let last = id.as_str().as_bytes()[47];
+        let at = ALPHABET.iter().position(|&c| c == last).unwrap();
+        assert_eq!(at % 4, 0);
+        let mut s = id.as_str().to_owned();
+        s.replace_range(47.., &(ALPHABET[at + 1] as char).to_string());
+        let other = ReferenceId::parse(&s).unwrap();
+        assert_eq!(other.bytes(), None);
     }
 }

@@ -15,6 +15,7 @@
 //! bounds. On shutdown the loop stops accepting and in-flight requests get
 //! `shutdown_grace` to finish.
 
+use std::cell::Cell;
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::future::Future;
@@ -32,7 +33,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify, Semaphore};
 use tokio::time::Instant;
 use tokio_rustls::TlsAcceptor;
@@ -65,11 +66,14 @@ const H2_PING: Duration = Duration::from_secs(20);
 const EVICT_RETRY: Duration = Duration::from_millis(50);
 
 /// Serves `handler` on `listener` until `shutdown` turns true, then drains.
+/// Each connection runs on one of `workers` when given (round-robin at
+/// accept), else on the caller's runtime.
 pub async fn serve<H, Fut>(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
     limits: Limits,
     handler: H,
+    workers: Option<Arc<Workers>>,
     mut shutdown: watch::Receiver<bool>,
 ) where
     H: Fn(Request<Incoming>) -> Fut + Clone + Send + Sync + 'static,
@@ -153,12 +157,13 @@ pub async fn serve<H, Fut>(
         let watcher = graceful.watcher();
         let tls = tls.clone();
         let registry = registry.clone();
-        tokio::spawn(async move {
-            let _slot = Slot {
-                registry,
-                conn: conn.clone(),
-                _permit: permit,
-            };
+        let slot = Slot {
+            registry,
+            conn,
+            _permit: permit,
+        };
+        let connection = move |stream: TcpStream| async move {
+            let conn = slot.conn.clone();
             let first = conn.opened + limits.header_read_timeout;
             match tls {
                 None => {
@@ -177,7 +182,23 @@ pub async fn serve<H, Fut>(
                     supervise(watcher.watch(c.into_owned()), &conn, limits).await;
                 }
             }
-        });
+            drop(slot);
+        };
+        match &workers {
+            None => {
+                tokio::spawn(connection(stream));
+            }
+            // The socket leaves this runtime's reactor and joins the
+            // worker's, so its readiness wakes that thread only.
+            Some(workers) => match stream.into_std() {
+                Ok(stream) => workers.spawn(async move {
+                    if let Ok(stream) = TcpStream::from_std(stream) {
+                        connection(stream).await;
+                    }
+                }),
+                Err(e) => tracing::warn!(error = %e, "could not hand a connection over"),
+            },
+        }
     }
     drop(listener);
     drain(graceful, limits).await;
@@ -350,5 +371,191 @@ impl http_body::Body for Tracked {
 
     fn size_hint(&self) -> SizeHint {
         self.body.size_hint()
+    }
+}
+
+/// Threads each running a single-threaded tokio runtime. A connection
+/// handed to a worker stays there with everything it does — its requests,
+/// their timers, the forward's upstream connection (one pool per worker,
+/// `forward::upstream::Clients`) — so a forward never wakes another core:
+/// on this 2-core machine the multi-threaded scheduler's cross-core wakes
+/// were ~9 µs of a forward's CPU (issue #24, `docs/performance.md`).
+pub struct Workers {
+    handles: Vec<tokio::runtime::Handle>,
+    next: AtomicUsize,
+    threads: Mutex<
+        Vec<(
+            tokio::sync::oneshot::Sender<()>,
+            std::thread::JoinHandle<()>,
+        )>,
+    >,
+}
+
+thread_local! {
+    static WORKER: Cell<Option<usize>> = const { Cell::new(None) };
+}
+
+/// The index of the worker this thread is, if it is one.
+pub fn current_worker() -> Option<usize> {
+    WORKER.with(Cell::get)
+}
+
+impl Workers {
+    /// Starts `n` (at least one) worker threads.
+    pub fn start(n: usize) -> std::io::Result<Arc<Workers>> {
+        let n = n.max(1);
+        let mut handles = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            handles.push(runtime.handle().clone());
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::Builder::new()
+                .name(format!("tokenrelay-worker-{i}"))
+                .spawn(move || {
+                    WORKER.with(|w| w.set(Some(i)));
+                    let _ = runtime.block_on(stopped);
+                    // Dropping the runtime cancels what still runs here.
+                    drop(runtime);
+                })?;
+            threads.push((stop, thread));
+        }
+        Ok(Arc::new(Workers {
+            handles,
+            next: AtomicUsize::new(0),
+            threads: Mutex::new(threads),
+        }))
+    }
+
+    /// How many workers there are.
+    pub fn len(&self) -> usize {
+        self.handles.len()
+    }
+
+    /// Whether there are none (never, once started).
+    pub fn is_empty(&self) -> bool {
+        self.handles.is_empty()
+    }
+
+    /// Runs `task` on the next worker, round-robin.
+    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, task: F) {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
+        self.handles[i].spawn(task);
+    }
+
+    /// Stops every worker, cancelling what still runs there, and waits for
+    /// their threads. Call it outside any worker.
+    pub fn stop(&self) {
+        let threads = std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for (stop, thread) in threads {
+            let _ = stop.send(());
+            let _ = thread.join();
+        }
+    }
+}
+
+impl Drop for Workers {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    fn limits() -> Limits {
+        Limits {
+            max_connections: 64,
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(1),
+        }
+    }
+
+    /// Answers with the index of the worker thread that ran the request.
+    async fn which_worker(_: Request<Incoming>) -> Response<Body> {
+        let index = match current_worker() {
+            Some(i) => i.to_string(),
+            None => "none".to_owned(),
+        };
+        Response::new(
+            Full::new(Bytes::from(index))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+    }
+
+    #[tokio::test]
+    async fn connections_are_spread_over_the_workers_and_each_stays_on_one() {
+        let workers = Workers::start(2).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = watch::channel(false);
+        let server = tokio::spawn(serve(
+            listener,
+            None,
+            limits(),
+            which_worker,
+            Some(workers.clone()),
+            stopped,
+        ));
+        let mut seen = std::collections::BTreeSet::new();
+        for _ in 0..4 {
+            // One keep-alive connection per client, several requests each.
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            let mut on = Vec::new();
+            for _ in 0..3 {
+                let body = client
+                    .get(format!("http://{addr}/"))
+                    .send()
+                    .await
+                    .unwrap()
+                    .text()
+                    .await
+                    .unwrap();
+                on.push(body);
+            }
+            assert!(on.iter().all(|w| *w == on[0]), "a connection moved: {on:?}");
+            seen.insert(on[0].clone());
+        }
+        assert_eq!(
+            seen.into_iter().collect::<Vec<_>>(),
+            ["0", "1"],
+            "round-robin over both workers, never the acceptor's runtime"
+        );
+        stop.send(true).unwrap();
+        server.await.unwrap();
+        workers.stop();
+    }
+
+    #[tokio::test]
+    async fn stopping_the_workers_cancels_what_runs_there() {
+        let workers = Workers::start(1).unwrap();
+        struct Flag(Arc<AtomicBool>);
+        impl Drop for Flag {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Release);
+            }
+        }
+        let dropped = Arc::new(AtomicBool::new(false));
+        let flag = Flag(dropped.clone());
+        workers.spawn(async move {
+            let _flag = flag;
+            std::future::pending::<()>().await;
+        });
+        assert!(!dropped.load(Ordering::Acquire));
+        workers.stop();
+        assert!(
+            dropped.load(Ordering::Acquire),
+            "the task outlived its worker"
+        );
+        assert_eq!(workers.len(), 1);
     }
 }

@@ -1,6 +1,6 @@
-//! The connection to the acquirer: a pooled hyper-util client over rustls,
-//! HTTP/1.1 or HTTP/2 by ALPN, with per-rule trust anchors and client
-//! certificates.
+//! The connection to the acquirer: hyper-util pooled clients (one pool per
+//! worker thread, [`Clients`]) over rustls, HTTP/1.1 or HTTP/2 by ALPN,
+//! with per-rule trust anchors and client certificates.
 //!
 //! The [`Connector`] dials only addresses the [`Resolver`] pinned and the
 //! allow-list checked, and bounds TCP connect plus TLS handshake by
@@ -288,13 +288,48 @@ impl ConnectorInner {
 /// The pooled client to acquirers.
 pub type UpstreamClient = Client<Connector, Full<Bytes>>;
 
-/// Builds the client for the allow-list `rules`.
-pub fn client(
+/// One pooled client per worker thread (`crate::server::Workers`), plus
+/// one for every other thread (tests and tools that run the server on
+/// their own runtime). A pooled connection's task lives on the runtime that
+/// dialled it, and a request sent over it crosses to that task and back: a
+/// pool per worker keeps both on the worker's thread.
+pub struct Clients {
+    per_worker: Box<[UpstreamClient]>,
+}
+
+impl Clients {
+    /// `workers` pools over one connector (rules, TLS configs, resolver).
+    pub fn new(
+        rules: Arc<[DestinationRule]>,
+        config: &UpstreamConfig,
+        resolver: Resolver,
+        metrics: Arc<Metrics>,
+        workers: usize,
+    ) -> Result<Clients, ConfigError> {
+        let connector = connector(rules, config, resolver, metrics)?;
+        let per_worker = (0..=workers)
+            .map(|_| pooled(connector.clone(), config))
+            .collect::<Vec<_>>()
+            .into_boxed_slice();
+        Ok(Clients { per_worker })
+    }
+
+    /// The calling thread's pool.
+    pub fn get(&self) -> &UpstreamClient {
+        let last = self.per_worker.len() - 1;
+        let i = crate::server::current_worker().map_or(last, |w| w.min(last));
+        &self.per_worker[i]
+    }
+}
+
+/// The connector for the allow-list `rules`: their TLS configs, the
+/// resolver, the connect timeout.
+fn connector(
     rules: Arc<[DestinationRule]>,
     config: &UpstreamConfig,
     resolver: Resolver,
     metrics: Arc<Metrics>,
-) -> Result<UpstreamClient, ConfigError> {
+) -> Result<Connector, ConfigError> {
     let mut tls = Vec::with_capacity(rules.len());
     for (i, r) in rules.iter().enumerate() {
         tls.push(match r.scheme {
@@ -302,19 +337,23 @@ pub fn client(
             DestScheme::Http => None,
         });
     }
-    let connector = Connector(Arc::new(ConnectorInner {
+    Ok(Connector(Arc::new(ConnectorInner {
         rules,
         tls,
         resolver,
         connect_timeout: config.connect_timeout,
         metrics,
-    }));
-    Ok(Client::builder(TokioExecutor::new())
+    })))
+}
+
+/// A client with a pool of its own over `connector`.
+fn pooled(connector: Connector, config: &UpstreamConfig) -> UpstreamClient {
+    Client::builder(TokioExecutor::new())
         .pool_timer(TokioTimer::new())
         .timer(TokioTimer::new())
         .pool_idle_timeout(config.pool_idle_timeout)
         .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .build(connector))
+        .build(connector)
 }
 
 /// Finds our [`ConnectError`] in an error's source chain.

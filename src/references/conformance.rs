@@ -75,7 +75,7 @@ impl Fixture {
     /// store of one fixture shares the prefix: they are replicas.
     async fn store(&self, max: u64) -> Arc<dyn ReferenceStore> {
         match &self.backend {
-            Backend::Memory => Arc::new(MemoryReferenceStore::new(max)),
+            Backend::Memory => Arc::new(MemoryReferenceStore::new(max).unwrap()),
             Backend::Redis { .. } => Arc::new(self.redis_store(max).await),
         }
     }

@@ -1,89 +1,129 @@
-//! In-process reference store on a moka cache.
+//! In-process reference store: sharded hash maps in which nothing is removed
+//! on the request path.
 //!
-//! Two moka properties shape this file. First, a read or removal can see an
-//! entry that has expired but not yet been evicted, so every entry carries
-//! its own `expires_at` and every read checks it. Second, with a size bound
-//! moka's admission policy may silently refuse an insert; so moka gets no
-//! size bound at all, and the bound is enforced here with a counter of
-//! *unused* references: when it is reached, `issue` fails with
-//! [`ReferenceStoreError::Full`] and nothing is handed out that is not
-//! stored.
+//! A reference lives in one of [`SHARDS`] maps, chosen by its id's random
+//! bytes, under that shard's `std::sync::Mutex` (critical sections are a
+//! lookup and a field write; no `.await` inside). Its entry is fixed at
+//! issue — token, expiry — plus the payload, which a take moves out,
+//! leaving the entry as the tombstone that answers a retry 409 until the
+//! expiry. So a take is one lookup and one write in place: no insert, no
+//! removal, and so no rehash, whatever the table holds. Expired entries
+//! leave in small batches — one shard at a time, on a thread of the
+//! store's own ([`SWEEP_ROUND`] for all of them) — and every read checks
+//! the expiry itself, so an entry not yet swept is never usable.
 //!
-//! moka holds each unused reference, and never rewrites it: its state
-//! (unused, used, evicted) lives in the entry's `Slot` behind its own
-//! small lock, which is what makes `take` exactly-once. A take is a moka
-//! read plus that lock; a moka write per take (`and_compute_with`) cost
-//! about a tenth of the forward's CPU under load.
+//! This replaced a moka cache. moka is the design's in-memory TTL cache and
+//! stays for the token cache (`vault/cached.rs`: read often, rarely
+//! removed), but a reference is removed once per forward, and there it
+//! could not meet the hot path's bar: the removal of each taken entry cost
+//! ~5 µs of the forward's ~42 µs of CPU, and moka rebuilt a segment of its
+//! table (`BucketArray::rehash`) once removals passed a threshold — stalls
+//! of 1–3 ms on a request thread that were most of the paced p99 (issue
+//! #24's profile; `docs/performance.md`).
 //!
-//! A taken reference leaves moka (an entry there costs ~700 bytes) and
-//! becomes a tombstone in `Spent` until its expiry — a keyed 128-bit hash
-//! of its id, its token and its expiry, well under a tenth of that — so a
-//! retry answers 409, not 404. Tombstones do not count toward the bound
-//! (otherwise the bound would cap the issuance *rate* at `max_entries /
-//! reference_ttl`); their number is bounded by that rate times the TTL
-//! instead, which is why they must be small: 1,000 forwards a second with
-//! the default 15-minute TTL keep 900,000 of them.
+//! The bound counts *unused* references only: when `max_entries` of them
+//! are held, `issue` sweeps every shard once and, if that frees nothing,
+//! fails with [`ReferenceStoreError::Full`], so nothing is handed out that
+//! is not stored. Tombstones do not count (that would cap the issuance
+//! *rate* at `max_entries / reference_ttl`); their number is bounded by the
+//! rate times the TTL instead, which is why an entry is small: 32 bytes of
+//! id, the token, the expiry and one pointer (see the size test below).
+//!
+//! Keys are the id's 32 random bytes; the map hashes them by taking eight
+//! of those bytes as they are. That is safe against flooding because only
+//! the store inserts, and only ids it drew from the CSPRNG: a caller's id
+//! is looked up, never inserted.
 
 use std::collections::HashMap;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::{BuildHasherDefault, Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 
 use async_trait::async_trait;
-use moka::sync::Cache;
-use moka::Expiry;
 use time::OffsetDateTime;
 
 use super::{
     Payload, Reference, ReferenceId, ReferenceStore, ReferenceStoreError, TakeError, TakeFailure,
 };
+use crate::clock::{SharedClock, SystemClock};
 use crate::vault::TokenId;
+
+/// How many maps the references are spread over: enough that one shard's
+/// sweep or growth touches a few thousand entries at a million references.
+pub const SHARDS: usize = 256;
+
+/// Every shard is swept once per round, one shard at a time.
+pub const SWEEP_ROUND: std::time::Duration = std::time::Duration::from_secs(16);
 
 /// Locks a mutex whose critical sections cannot panic.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// Why a reference bound to `token_id` and expiring at `expires_at` cannot
-/// be used for `wanted` right now, if it cannot (its state aside).
-fn refuse(token_id: TokenId, expires_at: OffsetDateTime, wanted: TokenId) -> Option<TakeError> {
-    if expires_at <= OffsetDateTime::now_utc() {
-        Some(TakeError::NotFound)
-    } else if token_id != wanted {
-        Some(TakeError::TokenMismatch)
-    } else {
-        None
+/// A reference's 32 random bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key([u8; 32]);
+
+impl Key {
+    fn of(id: &ReferenceId) -> Option<Key> {
+        id.bytes().map(Key)
+    }
+
+    fn shard(&self) -> usize {
+        usize::from(self.0[8]) % SHARDS
     }
 }
 
-/// One issued reference: what it is bound to, fixed at issue, and its state.
-struct Slot {
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&self.0[..8]);
+        state.write_u64(u64::from_le_bytes(first));
+    }
+}
+
+/// The hash of a [`Key`] is its first eight random bytes.
+#[derive(Default)]
+struct RandomBits(u64);
+
+impl Hasher for RandomBits {
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `write_u64` is used by `Key`; anything else still hashes.
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type Shard = HashMap<Key, Entry, BuildHasherDefault<RandomBits>>;
+
+/// One issued reference. `payload` is `Some` while unused, `None` once
+/// taken (the tombstone).
+struct Entry {
     token_id: TokenId,
     expires_at: OffsetDateTime,
-    state: Mutex<State>,
+    payload: Option<Arc<Payload>>,
 }
 
-enum State {
-    /// Issued, not yet taken: counted toward the bound.
-    Unused(Arc<Payload>),
-    /// Taken; the cryptogram is gone and the tombstone is in [`Spent`].
-    Used,
-    /// Removed from the cache (expired or revoked); never usable again.
-    Evicted,
-}
-
-impl Slot {
-    fn unused(reference: Reference) -> Arc<Slot> {
-        Arc::new(Slot {
-            token_id: reference.token_id,
-            expires_at: reference.expires_at,
-            state: Mutex::new(State::Unused(reference.payload)),
-        })
-    }
-
-    fn refuse(&self, wanted: TokenId) -> Option<TakeError> {
-        refuse(self.token_id, self.expires_at, wanted)
+impl Entry {
+    /// Why this entry cannot be used for `wanted` now, if it cannot (its
+    /// payload aside).
+    fn refuse(&self, wanted: TokenId, now: OffsetDateTime) -> Option<TakeError> {
+        if self.expires_at <= now {
+            Some(TakeError::NotFound)
+        } else if self.token_id != wanted {
+            Some(TakeError::TokenMismatch)
+        } else {
+            None
+        }
     }
 
     fn reference(&self, payload: Arc<Payload>) -> Reference {
@@ -95,146 +135,111 @@ impl Slot {
     }
 }
 
-/// Each entry expires at its own `expires_at`.
-struct ByExpiresAt;
-
-impl Expiry<ReferenceId, Arc<Slot>> for ByExpiresAt {
-    fn expire_after_create(&self, _: &ReferenceId, s: &Arc<Slot>, _: Instant) -> Option<Duration> {
-        let left = s.expires_at - OffsetDateTime::now_utc();
-        Some(left.try_into().unwrap_or(Duration::ZERO))
-    }
-}
-
-/// Tombstones of taken references, until their expiry. Keys are a 128-bit
-/// hash of the reference id under two random per-process keys (a collision
-/// could only turn a 404 into a 409). Expired tombstones are swept from a
-/// shard at most every [`Spent::SWEEP_EVERY`], when it is next written.
-struct Spent {
-    shards: Box<[Mutex<SpentShard>]>,
-    keys: (RandomState, RandomState),
-}
-
-#[derive(Default)]
-struct SpentShard {
-    tombstones: HashMap<u128, (TokenId, OffsetDateTime)>,
-    swept_at: Option<OffsetDateTime>,
-}
-
-impl Spent {
-    const SHARDS: usize = 16;
-    const SWEEP_EVERY: time::Duration = time::Duration::seconds(30);
-
-    fn new() -> Self {
-        Self {
-            shards: (0..Self::SHARDS).map(|_| Mutex::default()).collect(),
-            keys: (RandomState::new(), RandomState::new()),
-        }
-    }
-
-    fn shard(&self, id: &ReferenceId) -> (MutexGuard<'_, SpentShard>, u128) {
-        let (hi, lo) = (self.keys.0.hash_one(id), self.keys.1.hash_one(id));
-        let key = (u128::from(hi) << 64) | u128::from(lo);
-        (lock(&self.shards[lo as usize % Self::SHARDS]), key)
-    }
-
-    fn insert(&self, id: &ReferenceId, token_id: TokenId, expires_at: OffsetDateTime) {
-        let (mut shard, key) = self.shard(id);
-        let now = OffsetDateTime::now_utc();
-        if shard
-            .swept_at
-            .is_none_or(|at| now - at >= Self::SWEEP_EVERY)
-        {
-            shard.tombstones.retain(|_, (_, exp)| *exp > now);
-            shard.swept_at = Some(now);
-        }
-        shard.tombstones.insert(key, (token_id, expires_at));
-    }
-
-    /// The live tombstone of `id`: its token and expiry.
-    fn get(&self, id: &ReferenceId) -> Option<(TokenId, OffsetDateTime)> {
-        let (shard, key) = self.shard(id);
-        shard
-            .tombstones
-            .get(&key)
-            .copied()
-            .filter(|(_, exp)| *exp > OffsetDateTime::now_utc())
-    }
-
-    fn revoke_token(&self, token_id: TokenId) {
-        for shard in self.shards.iter() {
-            lock(shard).tombstones.retain(|_, (t, _)| *t != token_id);
-        }
-    }
-
-    /// Why a reference that is not in the cache cannot be taken.
-    fn refuse(&self, id: &ReferenceId, wanted: TokenId) -> TakeError {
-        match self.get(id) {
-            Some((token_id, expires_at)) => {
-                refuse(token_id, expires_at, wanted).unwrap_or(TakeError::AlreadyUsed)
-            }
-            None => TakeError::NotFound,
-        }
-    }
-}
-
-/// The moka-backed store.
-pub struct MemoryReferenceStore {
-    cache: Cache<ReferenceId, Arc<Slot>>,
-    spent: Spent,
-    /// Unused references held.
-    live: Arc<AtomicU64>,
+struct Shared {
+    shards: Box<[Mutex<Shard>]>,
+    /// Unused references held (issued, not taken, not yet swept).
+    live: AtomicU64,
     max_entries: u64,
+    clock: SharedClock,
+}
+
+impl Shared {
+    fn shard(&self, key: &Key) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[key.shard()])
+    }
+
+    /// Removes shard `i`'s expired entries, uncounting the unused ones.
+    fn sweep(&self, i: usize) {
+        let now = self.clock.now();
+        let mut shard = lock(&self.shards[i]);
+        let mut unused = 0;
+        shard.retain(|_, e| {
+            let keep = e.expires_at > now;
+            if !keep && e.payload.is_some() {
+                unused += 1;
+            }
+            keep
+        });
+        drop(shard);
+        self.live.fetch_sub(unused, Ordering::AcqRel);
+    }
+
+    fn sweep_all(&self) {
+        (0..SHARDS).for_each(|i| self.sweep(i));
+    }
+
+    fn reserve(&self) -> bool {
+        let fits = || {
+            if self.live.fetch_add(1, Ordering::AcqRel) < self.max_entries {
+                return true;
+            }
+            self.live.fetch_sub(1, Ordering::AcqRel);
+            false
+        };
+        // Expired references may be waiting for their sweep: sweep, then
+        // try once more.
+        fits() || {
+            self.sweep_all();
+            fits()
+        }
+    }
+}
+
+/// The in-process store. Dropping it stops its sweeper.
+pub struct MemoryReferenceStore {
+    shared: Arc<Shared>,
 }
 
 impl MemoryReferenceStore {
-    /// A store holding at most `max_entries` unused references.
-    pub fn new(max_entries: u64) -> Self {
-        let live = Arc::new(AtomicU64::new(0));
-        let counter = live.clone();
-        let cache = Cache::builder()
-            .expire_after(ByExpiresAt)
-            .support_invalidation_closures()
-            .eviction_listener(move |_k, slot: Arc<Slot>, _cause| {
-                // Under the slot's lock, so a concurrent take either wins
-                // before (and uncounts it) or finds it evicted. A taken
-                // slot stays `Used`: whoever still holds it answers 409.
-                let mut state = lock(&slot.state);
-                if matches!(*state, State::Unused(_)) {
-                    counter.fetch_sub(1, Ordering::AcqRel);
-                    *state = State::Evicted;
-                }
-            })
-            .build();
-        Self {
-            cache,
-            spent: Spent::new(),
-            live,
+    /// A store holding at most `max_entries` unused references, on the
+    /// system clock.
+    pub fn new(max_entries: u64) -> std::io::Result<Self> {
+        Self::with_clock(max_entries, SystemClock::shared())
+    }
+
+    /// The same on `clock`. Fails only if the sweeper thread cannot start:
+    /// without it, tombstones would never leave.
+    pub fn with_clock(max_entries: u64, clock: SharedClock) -> std::io::Result<Self> {
+        let shared = Arc::new(Shared {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            live: AtomicU64::new(0),
             max_entries,
-        }
+            clock,
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("reference-sweep".into())
+            .stack_size(64 * 1024)
+            .spawn(move || sweep_forever(weak))?;
+        Ok(Self { shared })
     }
 
-    fn reserve_slot(&self) -> bool {
-        if self.live.fetch_add(1, Ordering::AcqRel) < self.max_entries {
-            return true;
+    fn lookup<T>(
+        &self,
+        id: &ReferenceId,
+        wanted: TokenId,
+        f: impl FnOnce(&mut Entry) -> Result<T, TakeError>,
+    ) -> Result<T, TakeFailure> {
+        let key = Key::of(id).ok_or(TakeError::NotFound)?;
+        let now = self.shared.clock.now();
+        let mut shard = self.shared.shard(&key);
+        let entry = shard.get_mut(&key).ok_or(TakeError::NotFound)?;
+        if let Some(refused) = entry.refuse(wanted, now) {
+            return Err(refused.into());
         }
-        self.live.fetch_sub(1, Ordering::AcqRel);
-        // Expired entries may be waiting for eviction: evict, then retry once.
-        self.cache.run_pending_tasks();
-        if self.live.fetch_add(1, Ordering::AcqRel) < self.max_entries {
-            return true;
-        }
-        self.live.fetch_sub(1, Ordering::AcqRel);
-        false
+        Ok(f(entry)?)
     }
+}
 
-    fn slot(&self, id: &ReferenceId, token_id: TokenId) -> Result<Arc<Slot>, TakeError> {
-        let slot = self
-            .cache
-            .get(id)
-            .ok_or_else(|| self.spent.refuse(id, token_id))?;
-        match slot.refuse(token_id) {
-            Some(e) => Err(e),
-            None => Ok(slot),
+/// The sweeper: one shard every `SWEEP_ROUND / SHARDS`, until the store is
+/// dropped.
+fn sweep_forever(shared: Weak<Shared>) {
+    let pause = SWEEP_ROUND / SHARDS as u32;
+    for i in (0..SHARDS).cycle() {
+        std::thread::sleep(pause);
+        match shared.upgrade() {
+            Some(shared) => shared.sweep(i),
+            None => return,
         }
     }
 }
@@ -242,42 +247,43 @@ impl MemoryReferenceStore {
 #[async_trait]
 impl ReferenceStore for MemoryReferenceStore {
     async fn issue(&self, reference: Reference) -> Result<ReferenceId, ReferenceStoreError> {
-        if !self.reserve_slot() {
+        if !self.shared.reserve() {
             return Err(ReferenceStoreError::Full);
         }
-        let id = ReferenceId::generate();
-        self.cache.insert(id.clone(), Slot::unused(reference));
-        Ok(id)
+        let entry = Entry {
+            token_id: reference.token_id,
+            expires_at: reference.expires_at,
+            payload: Some(reference.payload),
+        };
+        loop {
+            let (raw, id) = ReferenceId::random();
+            let key = Key(raw);
+            let mut shard = self.shared.shard(&key);
+            // 256 random bits do not collide; if they ever did, the older
+            // reference must not be overwritten.
+            if let std::collections::hash_map::Entry::Vacant(slot) = shard.entry(key) {
+                slot.insert(entry);
+                return Ok(id);
+            }
+        }
     }
 
     async fn take(&self, id: &ReferenceId, token_id: TokenId) -> Result<Reference, TakeFailure> {
-        let slot = self.slot(id, token_id)?;
-        let mut state = lock(&slot.state);
-        match std::mem::replace(&mut *state, State::Used) {
-            State::Unused(payload) => {
-                self.live.fetch_sub(1, Ordering::AcqRel);
-                // The tombstone first, so a retry never finds neither.
-                self.spent.insert(id, slot.token_id, slot.expires_at);
-                drop(state);
-                self.cache.invalidate(id);
-                Ok(slot.reference(payload))
+        let live = &self.shared.live;
+        self.lookup(id, token_id, |entry| match entry.payload.take() {
+            Some(payload) => {
+                live.fetch_sub(1, Ordering::AcqRel);
+                Ok(entry.reference(payload))
             }
-            State::Used => Err(TakeError::AlreadyUsed.into()),
-            State::Evicted => {
-                *state = State::Evicted;
-                Err(TakeError::NotFound.into())
-            }
-        }
+            None => Err(TakeError::AlreadyUsed),
+        })
     }
 
     async fn peek(&self, id: &ReferenceId, token_id: TokenId) -> Result<Reference, TakeFailure> {
-        let slot = self.slot(id, token_id)?;
-        let state = lock(&slot.state);
-        match &*state {
-            State::Unused(payload) => Ok(slot.reference(payload.clone())),
-            State::Used => Err(TakeError::AlreadyUsed.into()),
-            State::Evicted => Err(TakeError::NotFound.into()),
-        }
+        self.lookup(id, token_id, |entry| match &entry.payload {
+            Some(payload) => Ok(entry.reference(payload.clone())),
+            None => Err(TakeError::AlreadyUsed),
+        })
     }
 
     async fn restore(
@@ -285,53 +291,60 @@ impl ReferenceStore for MemoryReferenceStore {
         id: &ReferenceId,
         reference: Reference,
     ) -> Result<(), ReferenceStoreError> {
-        // Only a live tombstone comes back: not an expired or revoked one,
-        // and not a reference that was never taken. The tombstone's removal
-        // and the insert happen under its shard's lock, which a revocation
-        // takes too before it registers its cache invalidation: either the
-        // revocation removed the tombstone first (nothing comes back), or
-        // the insert is done before the invalidation is registered, which
-        // then covers it. A restore racing a revoke never resurrects.
-        let (mut shard, key) = self.spent.shard(id);
-        let live = shard
-            .tombstones
-            .remove(&key)
-            .is_some_and(|(_, exp)| exp > OffsetDateTime::now_utc());
-        if live {
-            // It was counted when issued; it is unused again.
-            self.live.fetch_add(1, Ordering::AcqRel);
-            self.cache.insert(id.clone(), Slot::unused(reference));
+        // Only a live tombstone of the same token comes back: not an
+        // expired, swept or revoked one (revocation removes the entry under
+        // the same lock), and not a reference that is still unused.
+        let Some(key) = Key::of(id) else {
+            return Ok(());
+        };
+        let now = self.shared.clock.now();
+        let mut shard = self.shared.shard(&key);
+        if let Some(entry) = shard.get_mut(&key) {
+            let tombstone = entry.payload.is_none()
+                && entry.expires_at > now
+                && entry.token_id == reference.token_id;
+            if tombstone {
+                // It was counted when issued; it is unused again.
+                entry.payload = Some(reference.payload);
+                self.shared.live.fetch_add(1, Ordering::AcqRel);
+            }
         }
-        drop(shard);
         Ok(())
     }
 
     async fn revoke_token(&self, token_id: TokenId) -> Result<(), ReferenceStoreError> {
-        // Tombstones first (each shard under its lock), then the cache: see
-        // `restore` for why this order makes the race with it safe.
-        self.spent.revoke_token(token_id);
-        self.cache
-            .invalidate_entries_if(move |_, s| s.token_id == token_id)
-            .map_err(|e| ReferenceStoreError::Unavailable(e.to_string()))?;
+        for shard in self.shared.shards.iter() {
+            let mut unused = 0;
+            lock(shard).retain(|_, e| {
+                let keep = e.token_id != token_id;
+                if !keep && e.payload.is_some() {
+                    unused += 1;
+                }
+                keep
+            });
+            self.shared.live.fetch_sub(unused, Ordering::AcqRel);
+        }
         Ok(())
     }
 
     fn len(&self) -> u64 {
-        self.live.load(Ordering::Relaxed)
+        self.shared.live.load(Ordering::Relaxed)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::{Clock, ManualClock};
     use crate::references::Payload;
     use crate::tsp::CryptogramType;
     use crate::vault::Metadata;
+    use time::Duration;
 
-    fn reference(token_id: TokenId, ttl: Duration) -> Reference {
+    fn reference(token_id: TokenId, expires_at: OffsetDateTime) -> Reference {
         Reference {
             token_id,
-            expires_at: OffsetDateTime::now_utc() + ttl,
+            expires_at,
             payload: Arc::new(Payload {
                 cryptogram: None,
                 dynamic_cvv: None,
@@ -342,19 +355,164 @@ mod tests {
         }
     }
 
+    fn store(max: u64) -> (MemoryReferenceStore, Arc<ManualClock>) {
+        let clock = ManualClock::starting_now();
+        let store = MemoryReferenceStore::with_clock(max, clock.clone()).unwrap();
+        (store, clock)
+    }
+
+    fn held(s: &MemoryReferenceStore) -> usize {
+        s.shared.shards.iter().map(|m| lock(m).len()).sum()
+    }
+
+    fn refused(r: Result<Reference, TakeFailure>) -> TakeError {
+        match r {
+            Err(TakeFailure::Refused(e)) => e,
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     #[tokio::test]
-    async fn expired_is_not_found_even_before_eviction() {
-        let s = MemoryReferenceStore::new(10);
+    async fn usable_until_the_expiry_then_not_found_before_any_sweep() {
+        let (s, clock) = store(10);
+        let t = TokenId::new();
+        let ttl = Duration::seconds(30);
+        let a = s.issue(reference(t, clock.now() + ttl)).await.unwrap();
+        let b = s.issue(reference(t, clock.now() + ttl)).await.unwrap();
+        clock.advance(ttl - Duration::milliseconds(1));
+        s.take(&a, t).await.unwrap();
+        clock.advance(Duration::milliseconds(1));
+        assert_eq!(refused(s.take(&b, t).await), TakeError::NotFound);
+        assert_eq!(refused(s.peek(&b, t).await), TakeError::NotFound);
+        // The tombstone of `a` has expired too.
+        assert_eq!(refused(s.take(&a, t).await), TakeError::NotFound);
+        assert_eq!(held(&s), 2, "nothing is removed by a read");
+    }
+
+    #[tokio::test]
+    async fn a_take_leaves_a_tombstone_without_the_payload() {
+        let (s, clock) = store(10);
         let t = TokenId::new();
         let id = s
-            .issue(reference(t, Duration::from_millis(30)))
+            .issue(reference(t, clock.now() + Duration::minutes(1)))
             .await
             .unwrap();
-        std::thread::sleep(Duration::from_millis(60));
+        let key = Key::of(&id).unwrap();
+        s.take(&id, t).await.unwrap();
+        assert!(s.shared.shard(&key)[&key].payload.is_none());
+        assert_eq!(s.len(), 0);
+        assert_eq!(refused(s.take(&id, t).await), TakeError::AlreadyUsed);
+        assert_eq!(
+            refused(s.peek(&id, TokenId::new()).await),
+            TakeError::TokenMismatch
+        );
+    }
+
+    #[tokio::test]
+    async fn a_sweep_removes_expired_entries_only_and_uncounts_unused_ones() {
+        let (s, clock) = store(1_000);
+        let t = TokenId::new();
+        let soon = clock.now() + Duration::seconds(10);
+        let later = clock.now() + Duration::minutes(10);
+        for i in 0..300 {
+            let id = s.issue(reference(t, soon)).await.unwrap();
+            if i % 3 == 0 {
+                s.take(&id, t).await.unwrap();
+            }
+        }
+        let keep = s.issue(reference(t, later)).await.unwrap();
+        assert_eq!((held(&s), s.len()), (301, 201));
+        s.shared.sweep_all();
+        assert_eq!((held(&s), s.len()), (301, 201), "nothing had expired");
+        clock.advance(Duration::seconds(10));
+        s.shared.sweep_all();
+        assert_eq!((held(&s), s.len()), (1, 1));
+        s.take(&keep, t).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_full_store_sweeps_before_it_refuses() {
+        let (s, clock) = store(3);
+        let t = TokenId::new();
+        for _ in 0..3 {
+            s.issue(reference(t, clock.now() + Duration::seconds(5)))
+                .await
+                .unwrap();
+        }
+        let later = clock.now() + Duration::minutes(1);
         assert!(matches!(
-            s.take(&id, t).await,
-            Err(TakeFailure::Refused(TakeError::NotFound))
+            s.issue(reference(t, later)).await,
+            Err(ReferenceStoreError::Full)
         ));
+        clock.advance(Duration::seconds(5));
+        let id = s.issue(reference(t, later)).await.unwrap();
+        assert_eq!((held(&s), s.len()), (1, 1));
+        s.take(&id, t).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn restore_brings_back_only_a_live_tombstone_of_its_token() {
+        let (s, clock) = store(10);
+        let t = TokenId::new();
+        let expires = clock.now() + Duration::minutes(1);
+        let id = s.issue(reference(t, expires)).await.unwrap();
+        // Not taken: a restore changes nothing (and counts nothing).
+        s.restore(&id, reference(t, expires)).await.unwrap();
+        assert_eq!(s.len(), 1);
+        let taken = s.take(&id, t).await.unwrap();
+        // Another token's restore does not rebind it.
+        s.restore(&id, reference(TokenId::new(), expires))
+            .await
+            .unwrap();
+        assert_eq!(refused(s.take(&id, t).await), TakeError::AlreadyUsed);
+        s.restore(&id, taken).await.unwrap();
+        assert_eq!(s.len(), 1);
+        let again = s.take(&id, t).await.unwrap();
+        clock.advance(Duration::minutes(1));
+        s.restore(&id, again).await.unwrap();
+        assert_eq!(refused(s.take(&id, t).await), TakeError::NotFound);
+        assert_eq!(s.len(), 0);
+    }
+
+    #[tokio::test]
+    async fn an_id_that_is_well_formed_but_not_canonical_is_not_found() {
+        let (s, clock) = store(10);
+        let t = TokenId::new();
+        let id = s
+            .issue(reference(t, clock.now() + Duration::minutes(1)))
+            .await
+            .unwrap();
+        let text = id.as_str();
+        let tweaked = format!(
+            "{}{}",
+            &text[..47],
+            if &text[47..] == "B" { "C" } else { "B" }
+        );
+        let other = ReferenceId::parse(&tweaked).unwrap();
+        assert_eq!(refused(s.take(&other, t).await), TakeError::NotFound);
+        s.take(&id, t).await.unwrap();
+    }
+
+    #[test]
+    fn an_entry_is_small() {
+        // Key, token, expiry, one pointer; hashbrown adds a control byte.
+        // The bound on tombstones (rate × TTL) is a bound on memory because
+        // of this.
+        let entry = std::mem::size_of::<(Key, Entry)>();
+        assert!(entry <= 72, "{entry} bytes");
+    }
+
+    #[test]
+    fn a_dropped_store_stops_its_sweeper() {
+        let (s, _) = store(10);
+        let weak = Arc::downgrade(&s.shared);
+        drop(s);
+        // The sweeper holds the store only for one shard's sweep at a time.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while weak.upgrade().is_some() {
+            assert!(std::time::Instant::now() < deadline, "the sweeper keeps it");
+            std::thread::yield_now();
+        }
     }
 
     /// Two workers, so takers really run in parallel.
@@ -367,12 +525,13 @@ mod tests {
 
     #[test]
     fn concurrent_takers_exactly_one_wins() {
-        let s = Arc::new(MemoryReferenceStore::new(10));
+        let (s, clock) = store(10);
+        let s = Arc::new(s);
         let t = TokenId::new();
         let rt = two_workers();
         rt.block_on(async {
             let id = s
-                .issue(reference(t, Duration::from_secs(60)))
+                .issue(reference(t, clock.now() + Duration::minutes(1)))
                 .await
                 .unwrap();
             let mut tasks = Vec::new();
@@ -391,13 +550,14 @@ mod tests {
 
     #[test]
     fn a_restore_racing_a_revoke_never_resurrects() {
-        let s = Arc::new(MemoryReferenceStore::new(10_000));
+        let (s, clock) = store(10_000);
+        let s = Arc::new(s);
         let rt = two_workers();
         rt.block_on(async {
             for _ in 0..2_000 {
                 let t = TokenId::new();
                 let id = s
-                    .issue(reference(t, Duration::from_secs(60)))
+                    .issue(reference(t, clock.now() + Duration::minutes(1)))
                     .await
                     .unwrap();
                 let taken = s.take(&id, t).await.unwrap();
@@ -408,31 +568,28 @@ mod tests {
                 restore.await.unwrap().unwrap();
                 revoke.await.unwrap().unwrap();
                 // Whichever ran first, the reference is dead after both.
-                assert!(
-                    matches!(
-                        s.take(&id, t).await,
-                        Err(TakeFailure::Refused(TakeError::NotFound))
-                    ),
+                assert_eq!(
+                    refused(s.take(&id, t).await),
+                    TakeError::NotFound,
                     "a revoked reference came back"
                 );
             }
+            assert_eq!(s.len(), 0);
         });
     }
 
     #[test]
     fn takes_racing_a_revoke_count_each_reference_once() {
-        let s = Arc::new(MemoryReferenceStore::new(10_000));
+        let (s, clock) = store(10_000);
+        let s = Arc::new(s);
         let t = TokenId::new();
         let rt = two_workers();
         rt.block_on(async {
             for _ in 0..20 {
                 let mut ids = Vec::new();
                 for _ in 0..200 {
-                    ids.push(
-                        s.issue(reference(t, Duration::from_secs(60)))
-                            .await
-                            .unwrap(),
-                    );
+                    let expires = clock.now() + Duration::minutes(1);
+                    ids.push(s.issue(reference(t, expires)).await.unwrap());
                 }
                 // Some are tombstones before the revoke, some race it.
                 for id in ids.drain(..50) {
@@ -450,71 +607,11 @@ mod tests {
                 });
                 s.revoke_token(t).await.unwrap();
                 takers.await.unwrap();
-                s.cache.run_pending_tasks();
-                // Taken or evicted, each was uncounted exactly once: an
+                // Taken or revoked, each was uncounted exactly once: an
                 // uncount by both would wrap the counter.
                 assert_eq!(s.len(), 0);
+                assert_eq!(held(&s), 0);
             }
         });
-    }
-
-    #[tokio::test]
-    async fn a_taken_reference_leaves_the_cache_and_its_tombstone_answers() {
-        let s = MemoryReferenceStore::new(10);
-        let t = TokenId::new();
-        let id = s
-            .issue(reference(t, Duration::from_secs(60)))
-            .await
-            .unwrap();
-        s.take(&id, t).await.unwrap();
-        s.cache.run_pending_tasks();
-        assert_eq!(s.cache.entry_count(), 0, "the moka entry is gone");
-        assert!(matches!(
-            s.take(&id, t).await,
-            Err(TakeFailure::Refused(TakeError::AlreadyUsed))
-        ));
-        assert!(matches!(
-            s.peek(&id, TokenId::new()).await,
-            Err(TakeFailure::Refused(TakeError::TokenMismatch))
-        ));
-    }
-
-    #[tokio::test]
-    async fn expired_tombstones_are_swept_when_their_shard_is_next_written() {
-        let s = MemoryReferenceStore::new(1_000);
-        let t = TokenId::new();
-        for _ in 0..200 {
-            let id = s
-                .issue(reference(t, Duration::from_millis(20)))
-                .await
-                .unwrap();
-            s.take(&id, t).await.unwrap();
-        }
-        let held = || -> usize {
-            s.spent
-                .shards
-                .iter()
-                .map(|m| lock(m).tombstones.len())
-                .sum()
-        };
-        assert_eq!(held(), 200);
-        std::thread::sleep(Duration::from_millis(40));
-        // Every shard is due for a sweep and gets a write.
-        for shard in s.spent.shards.iter() {
-            lock(shard).swept_at = Some(OffsetDateTime::now_utc() - Spent::SWEEP_EVERY);
-        }
-        let (mut written, mut taken) = (std::collections::HashSet::new(), 0);
-        while written.len() < Spent::SHARDS {
-            let id = s
-                .issue(reference(t, Duration::from_secs(60)))
-                .await
-                .unwrap();
-            let key = s.spent.shard(&id).1;
-            written.insert(key as u64 as usize % Spent::SHARDS);
-            s.take(&id, t).await.unwrap();
-            taken += 1;
-        }
-        // Only the live ones are left.
-        assert_eq!(held(), taken);
     }
 }
