@@ -23,8 +23,11 @@
 //!
 //! Authentication runs before routing for every `/api/` path, so an
 //! unauthenticated caller learns nothing about which routes or ids exist.
-//! The `{id}` segment is parsed here, once: a malformed id is simply not
-//! found. Errors from every handler become responses in [`error`]. What a
+//! [`route`] parses the `{id}` segment once, into the id type the
+//! [`Route`] variant carries, so dispatch is one exhaustive `match`; a
+//! malformed id is simply not found, answered after the key's scope is
+//! checked (as for a well-formed one). Errors from every handler become
+//! responses in [`error`]. What a
 //! handler did beyond its status (the token it created, the host it
 //! forwarded to) goes into its [`Audit`], which the request's one log line
 //! carries.
@@ -63,9 +66,12 @@ pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
 /// The OpenAPI document's path, on both listeners (no key needed).
 pub const OPENAPI_PATH: &str = "/openapi.json";
 
-/// Which route a request matched; also the label used in logs and metrics.
+/// Which route a request matched, without its ids: the label in logs and
+/// metrics, the scope it needs, and the list the OpenAPI document is held
+/// to. Known from the path's shape alone, so it is recorded — and the key's
+/// scope checked — before any id in the path is looked at.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Route {
+pub enum RouteKind {
     /// `POST /api/network/tokens`
     ProvisionToken,
     /// `GET /api/network/tokens/{id}`
@@ -93,97 +99,170 @@ pub enum Route {
     /// `POST /api/pci/tokens/{id}/forward/{route}`
     ForwardPciRoute,
     /// A compatible-surface operation (contract §12).
-    Surface(surfaces::Operation),
+    Surface(surfaces::OperationKind),
 }
 
-impl Route {
+impl RouteKind {
     /// Every route, for the test that holds the OpenAPI document to the
-    /// router; [`Route::label`]'s exhaustive `match` is the reminder to add
-    /// a new one here.
-    pub const ALL: [Route; 17] = [
-        Route::CreateSession,
-        Route::ForwardRoute,
-        Route::ForwardPciRoute,
-        Route::Surface(surfaces::Operation::VgsProvision),
-        Route::Surface(surfaces::Operation::VgsDelete),
-        Route::Surface(surfaces::Operation::VgsCryptogram),
-        Route::Surface(surfaces::Operation::JpmcCryptogram),
-        Route::ProvisionToken,
-        Route::GetToken,
-        Route::DeleteToken,
-        Route::CreateCryptogram,
-        Route::Forward,
-        Route::TokenEvent,
-        Route::CreatePciToken,
-        Route::GetPciToken,
-        Route::DeletePciToken,
-        Route::ForwardPci,
+    /// router; [`RouteKind::label`]'s exhaustive `match` is the reminder to
+    /// add a new one here.
+    pub const ALL: [RouteKind; 17] = [
+        RouteKind::CreateSession,
+        RouteKind::ForwardRoute,
+        RouteKind::ForwardPciRoute,
+        RouteKind::Surface(surfaces::OperationKind::VgsProvision),
+        RouteKind::Surface(surfaces::OperationKind::VgsDelete),
+        RouteKind::Surface(surfaces::OperationKind::VgsCryptogram),
+        RouteKind::Surface(surfaces::OperationKind::JpmcCryptogram),
+        RouteKind::ProvisionToken,
+        RouteKind::GetToken,
+        RouteKind::DeleteToken,
+        RouteKind::CreateCryptogram,
+        RouteKind::Forward,
+        RouteKind::TokenEvent,
+        RouteKind::CreatePciToken,
+        RouteKind::GetPciToken,
+        RouteKind::DeletePciToken,
+        RouteKind::ForwardPci,
     ];
 
     /// Stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
-            Route::ProvisionToken => "provision_token",
-            Route::GetToken => "get_token",
-            Route::DeleteToken => "delete_token",
-            Route::CreateCryptogram => "create_cryptogram",
-            Route::Forward => "forward",
-            Route::TokenEvent => "token_event",
-            Route::CreatePciToken => "create_pci_token",
-            Route::GetPciToken => "get_pci_token",
-            Route::DeletePciToken => "delete_pci_token",
-            Route::ForwardPci => "forward_pci",
-            Route::CreateSession => "create_session",
-            Route::ForwardRoute => "forward_route",
-            Route::ForwardPciRoute => "forward_pci_route",
-            Route::Surface(op) => op.label(),
-        }
-    }
-
-    fn family(self) -> Family {
-        match self {
-            Route::ProvisionToken
-            | Route::GetToken
-            | Route::DeleteToken
-            | Route::CreateCryptogram
-            | Route::Forward
-            | Route::ForwardRoute
-            | Route::TokenEvent
-            // No `{id}` segment: the family is never asked for.
-            | Route::CreateSession => Family::Network,
-            Route::CreatePciToken
-            | Route::GetPciToken
-            | Route::DeletePciToken
-            | Route::ForwardPci
-            | Route::ForwardPciRoute => Family::Pci,
-            Route::Surface(op) => op.family(),
+            RouteKind::ProvisionToken => "provision_token",
+            RouteKind::GetToken => "get_token",
+            RouteKind::DeleteToken => "delete_token",
+            RouteKind::CreateCryptogram => "create_cryptogram",
+            RouteKind::Forward => "forward",
+            RouteKind::TokenEvent => "token_event",
+            RouteKind::CreatePciToken => "create_pci_token",
+            RouteKind::GetPciToken => "get_pci_token",
+            RouteKind::DeletePciToken => "delete_pci_token",
+            RouteKind::ForwardPci => "forward_pci",
+            RouteKind::CreateSession => "create_session",
+            RouteKind::ForwardRoute => "forward_route",
+            RouteKind::ForwardPciRoute => "forward_pci_route",
+            RouteKind::Surface(op) => op.label(),
         }
     }
 
     fn scope(self) -> Scope {
         match self {
-            Route::ProvisionToken
-            | Route::GetToken
-            | Route::DeleteToken
-            | Route::CreatePciToken
-            | Route::GetPciToken
-            | Route::DeletePciToken
-            | Route::CreateSession => Scope::Tokens,
-            Route::CreateCryptogram => Scope::Cryptograms,
-            Route::Forward | Route::ForwardPci | Route::ForwardRoute | Route::ForwardPciRoute => {
-                Scope::Forward
-            }
-            Route::TokenEvent => Scope::Admin,
-            Route::Surface(op) => op.scope(),
+            RouteKind::ProvisionToken
+            | RouteKind::GetToken
+            | RouteKind::DeleteToken
+            | RouteKind::CreatePciToken
+            | RouteKind::GetPciToken
+            | RouteKind::DeletePciToken
+            | RouteKind::CreateSession => Scope::Tokens,
+            RouteKind::CreateCryptogram => Scope::Cryptograms,
+            RouteKind::Forward
+            | RouteKind::ForwardPci
+            | RouteKind::ForwardRoute
+            | RouteKind::ForwardPciRoute => Scope::Forward,
+            RouteKind::TokenEvent => Scope::Admin,
+            RouteKind::Surface(op) => op.scope(),
         }
     }
 }
 
-/// Matches method and path; `Ok((route, id segment))`.
-pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p str>), ApiError> {
+/// An `/api/` route with the typed ids its path names, as [`route`] makes
+/// it: dispatch is one exhaustive `match` with nothing left to parse. (The
+/// compatible surfaces route to their own [`surfaces::Operation`], so no
+/// variant here stands for them.) `'p` is the path a route name is read
+/// from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route<'p> {
+    /// `POST /api/network/tokens`
+    ProvisionToken,
+    /// `GET /api/network/tokens/{id}`
+    GetToken(TokenId),
+    /// `DELETE /api/network/tokens/{id}`
+    DeleteToken(TokenId),
+    /// `POST /api/network/tokens/{id}/cryptograms`
+    CreateCryptogram(TokenId),
+    /// `* /api/network/tokens/{id}/forward`
+    Forward(TokenId),
+    /// `POST /api/network/tokens/{id}/events` (sandbox lifecycle)
+    TokenEvent(TokenId),
+    /// `POST /api/pci/tokens`
+    CreatePciToken,
+    /// `GET /api/pci/tokens/{id}`
+    GetPciToken(PciTokenId),
+    /// `DELETE /api/pci/tokens/{id}`
+    DeletePciToken(PciTokenId),
+    /// `* /api/pci/tokens/{id}/forward`
+    ForwardPci(PciTokenId),
+    /// `POST /api/sessions`
+    CreateSession,
+    /// `POST /api/network/tokens/{id}/forward/{route}`: the token and the
+    /// route's name (looked up in the config by the forward).
+    ForwardRoute(TokenId, &'p str),
+    /// `POST /api/pci/tokens/{id}/forward/{route}`
+    ForwardPciRoute(PciTokenId, &'p str),
+}
+
+impl Route<'_> {
+    /// The route without its ids.
+    pub fn kind(self) -> RouteKind {
+        match self {
+            Route::ProvisionToken => RouteKind::ProvisionToken,
+            Route::GetToken(_) => RouteKind::GetToken,
+            Route::DeleteToken(_) => RouteKind::DeleteToken,
+            Route::CreateCryptogram(_) => RouteKind::CreateCryptogram,
+            Route::Forward(_) => RouteKind::Forward,
+            Route::TokenEvent(_) => RouteKind::TokenEvent,
+            Route::CreatePciToken => RouteKind::CreatePciToken,
+            Route::GetPciToken(_) => RouteKind::GetPciToken,
+            Route::DeletePciToken(_) => RouteKind::DeletePciToken,
+            Route::ForwardPci(_) => RouteKind::ForwardPci,
+            Route::CreateSession => RouteKind::CreateSession,
+            Route::ForwardRoute(..) => RouteKind::ForwardRoute,
+            Route::ForwardPciRoute(..) => RouteKind::ForwardPciRoute,
+        }
+    }
+
+    /// The token the path names, if it names one.
+    fn subject(self) -> Option<Subject> {
+        match self {
+            Route::ProvisionToken | Route::CreatePciToken | Route::CreateSession => None,
+            Route::GetToken(id)
+            | Route::DeleteToken(id)
+            | Route::CreateCryptogram(id)
+            | Route::Forward(id)
+            | Route::TokenEvent(id)
+            | Route::ForwardRoute(id, _) => Some(Subject::NetworkToken(id)),
+            Route::GetPciToken(id)
+            | Route::DeletePciToken(id)
+            | Route::ForwardPci(id)
+            | Route::ForwardPciRoute(id, _) => Some(Subject::PciToken(id)),
+        }
+    }
+}
+
+/// What a router matched: the route's kind, and the route with its typed
+/// ids — or, where an id in the path is malformed, the error it answers
+/// (the id's "not found", as for an unknown one). The two are apart so the
+/// kind is recorded and the key's scope checked before an id is judged, as
+/// for a well-formed id: a key without the scope learns nothing about ids.
+#[derive(Debug)]
+pub struct Matched<K, R> {
+    /// Which route, without ids.
+    pub kind: K,
+    /// The route with its ids, whose kind is `kind`.
+    pub route: Result<R, ApiError>,
+}
+
+/// Matches method and path. `Err`: nothing is routed there (404
+/// `not_found`, or 405 with the methods the path takes).
+pub fn route<'p>(
+    method: &Method,
+    path: &'p str,
+) -> Result<Matched<RouteKind, Route<'p>>, ApiError> {
+    let matched = |kind, route| Ok(Matched { kind, route });
     if path == "/api/sessions" {
         return match *method {
-            Method::POST => Ok((Route::CreateSession, None)),
+            Method::POST => matched(RouteKind::CreateSession, Ok(Route::CreateSession)),
             _ => Err(ApiError::MethodNotAllowed("POST")),
         };
     }
@@ -200,15 +279,22 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
     if lead != Some("") || parts.next().is_some() {
         return Err(ApiError::RouteNotFound);
     }
+    // A malformed id is simply not found.
+    let token = |id: &str| TokenId::parse(id).ok_or(ApiError::TokenNotFound);
     if let (Some(id), Some("forward"), Some(name)) = (id, action, extra) {
         if id.is_empty() || name.is_empty() {
             return Err(ApiError::RouteNotFound);
         }
-        let route = match family {
-            Family::Network => Route::ForwardRoute,
-            Family::Pci => Route::ForwardPciRoute,
+        return match family {
+            Family::Network => matched(
+                RouteKind::ForwardRoute,
+                token(id).map(|id| Route::ForwardRoute(id, name)),
+            ),
+            Family::Pci => matched(
+                RouteKind::ForwardPciRoute,
+                pci::parse_id(id).map(|id| Route::ForwardPciRoute(id, name)),
+            ),
         };
-        return Ok((route, Some(id)));
     }
     if extra.is_some() {
         return Err(ApiError::RouteNotFound);
@@ -218,28 +304,50 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Route, Option<&'p st
         Some(id) if !id.is_empty() => Some(id),
         _ => return Err(ApiError::RouteNotFound),
     };
-    let route = match (family, id.is_some(), action, method) {
-        (Family::Network, false, None, &Method::POST) => Route::ProvisionToken,
-        (Family::Network, true, None, &Method::GET) => Route::GetToken,
-        (Family::Network, true, None, &Method::DELETE) => Route::DeleteToken,
-        (Family::Network, true, Some("cryptograms"), &Method::POST) => Route::CreateCryptogram,
-        (Family::Network, true, Some("events"), &Method::POST) => Route::TokenEvent,
-        (Family::Network, true, Some("forward"), _) => Route::Forward,
-        (Family::Pci, false, None, &Method::POST) => Route::CreatePciToken,
-        (Family::Pci, true, None, &Method::GET) => Route::GetPciToken,
-        (Family::Pci, true, None, &Method::DELETE) => Route::DeletePciToken,
-        (Family::Pci, true, Some("forward"), _) => Route::ForwardPci,
-        (_, true, Some("cryptograms" | "events"), _) | (_, false, None, _) => {
-            return Err(ApiError::MethodNotAllowed("POST"))
+    use RouteKind as K;
+    match (family, id, action, method) {
+        (Family::Network, None, None, &Method::POST) => {
+            matched(K::ProvisionToken, Ok(Route::ProvisionToken))
         }
-        (_, true, None, _) => return Err(ApiError::MethodNotAllowed("GET, DELETE")),
-        _ => return Err(ApiError::RouteNotFound),
-    };
-    Ok((route, id))
+        (Family::Network, Some(id), None, &Method::GET) => {
+            matched(K::GetToken, token(id).map(Route::GetToken))
+        }
+        (Family::Network, Some(id), None, &Method::DELETE) => {
+            matched(K::DeleteToken, token(id).map(Route::DeleteToken))
+        }
+        (Family::Network, Some(id), Some("cryptograms"), &Method::POST) => {
+            matched(K::CreateCryptogram, token(id).map(Route::CreateCryptogram))
+        }
+        (Family::Network, Some(id), Some("events"), &Method::POST) => {
+            matched(K::TokenEvent, token(id).map(Route::TokenEvent))
+        }
+        (Family::Network, Some(id), Some("forward"), _) => {
+            matched(K::Forward, token(id).map(Route::Forward))
+        }
+        (Family::Pci, None, None, &Method::POST) => {
+            matched(K::CreatePciToken, Ok(Route::CreatePciToken))
+        }
+        (Family::Pci, Some(id), None, &Method::GET) => {
+            matched(K::GetPciToken, pci::parse_id(id).map(Route::GetPciToken))
+        }
+        (Family::Pci, Some(id), None, &Method::DELETE) => matched(
+            K::DeletePciToken,
+            pci::parse_id(id).map(Route::DeletePciToken),
+        ),
+        (Family::Pci, Some(id), Some("forward"), _) => {
+            matched(K::ForwardPci, pci::parse_id(id).map(Route::ForwardPci))
+        }
+        (_, Some(_), Some("cryptograms" | "events"), _) | (_, None, None, _) => {
+            Err(ApiError::MethodNotAllowed("POST"))
+        }
+        (_, Some(_), None, _) => Err(ApiError::MethodNotAllowed("GET, DELETE")),
+        _ => Err(ApiError::RouteNotFound),
+    }
 }
 
+/// The token family an `/api/` path names.
 #[derive(Clone, Copy)]
-pub(crate) enum Family {
+enum Family {
     Network,
     Pci,
 }
@@ -254,17 +362,6 @@ pub enum Subject {
 }
 
 impl Subject {
-    /// The `{id}` path segment of a route in `family`; a malformed id is
-    /// not found.
-    fn parse(family: Family, id: &str) -> Result<Subject, ApiError> {
-        match family {
-            Family::Network => TokenId::parse(id)
-                .map(Subject::NetworkToken)
-                .ok_or(ApiError::TokenNotFound),
-            Family::Pci => pci::parse_id(id).map(Subject::PciToken),
-        }
-    }
-
     /// A forward for a network token spends a cryptogram reference.
     pub(crate) fn needs_reference(self) -> bool {
         matches!(self, Subject::NetworkToken(_))
@@ -324,7 +421,7 @@ pub struct Audit {
 #[derive(Debug, Default)]
 pub struct Trace {
     /// The matched route, if any.
-    pub route: Option<Route>,
+    pub route: Option<RouteKind>,
     /// The authenticated key's name, if any.
     pub key_name: Option<String>,
     /// What the handler did.
@@ -367,43 +464,39 @@ pub async fn handle(
         )
         .ok_or(ApiError::Unauthorized)?;
         *key_name = Some(key.name.clone());
-        let (route, id) = route(req.method(), &path)?;
-        *route_seen = Some(route);
-        if !key.allows(route.scope()) {
-            return Err(ApiError::Forbidden(route.scope()));
+        let matched = route(req.method(), &path)?;
+        *route_seen = Some(matched.kind);
+        let scope = matched.kind.scope();
+        if !key.allows(scope) {
+            return Err(ApiError::Forbidden(scope));
         }
-        audit.subject = id
-            .map(|id| Subject::parse(route.family(), id))
-            .transpose()?;
+        let route = matched.route?;
+        audit.subject = route.subject();
         let a = &mut *audit;
-        match (route, a.subject) {
-            (Route::ProvisionToken, None) => tokens::provision(&state, key, req, a).await,
-            (Route::GetToken, Some(Subject::NetworkToken(id))) => tokens::get(&state, id).await,
-            (Route::DeleteToken, Some(Subject::NetworkToken(id))) => {
-                tokens::delete(&state, id).await
+        match route {
+            Route::ProvisionToken => tokens::provision(&state, key, req, a).await,
+            Route::GetToken(id) => tokens::get(&state, id).await,
+            Route::DeleteToken(id) => tokens::delete(&state, id).await,
+            Route::CreateCryptogram(id) => cryptograms::create(&state, key, id, req, a).await,
+            Route::TokenEvent(id) => tokens::event(&state, id, req, a).await,
+            Route::Forward(id) => {
+                crate::forward::handle(&state, key, Subject::NetworkToken(id), req, a).await
             }
-            (Route::CreateCryptogram, Some(Subject::NetworkToken(id))) => {
-                cryptograms::create(&state, key, id, req, a).await
+            Route::ForwardPci(id) => {
+                crate::forward::handle(&state, key, Subject::PciToken(id), req, a).await
             }
-            (Route::TokenEvent, Some(Subject::NetworkToken(id))) => {
-                tokens::event(&state, id, req, a).await
-            }
-            (Route::Forward | Route::ForwardPci, Some(subject)) => {
-                crate::forward::handle(&state, key, subject, req, a).await
-            }
-            (Route::ForwardRoute | Route::ForwardPciRoute, Some(subject)) => {
-                // The route name is the last path segment (see `route`).
-                let name = path.rsplit('/').next().unwrap_or_default();
+            Route::ForwardRoute(id, name) => {
+                let subject = Subject::NetworkToken(id);
                 crate::forward::route::handle(&state, key, subject, name, req, a).await
             }
-            (Route::CreatePciToken, None) => pci::create(&state, req, a).await,
-            (Route::GetPciToken, Some(Subject::PciToken(id))) => pci::get(&state, id).await,
-            (Route::DeletePciToken, Some(Subject::PciToken(id))) => pci::delete(&state, id).await,
-            (Route::CreateSession, None) => sessions::create(&state, req, a).await,
-            _ => Err(ApiError::Internal(format!(
-                "route {} matched with a mismatched id",
-                route.label()
-            ))),
+            Route::ForwardPciRoute(id, name) => {
+                let subject = Subject::PciToken(id);
+                crate::forward::route::handle(&state, key, subject, name, req, a).await
+            }
+            Route::CreatePciToken => pci::create(&state, req, a).await,
+            Route::GetPciToken(id) => pci::get(&state, id).await,
+            Route::DeletePciToken(id) => pci::delete(&state, id).await,
+            Route::CreateSession => sessions::create(&state, req, a).await,
         }
     }
     .await;
@@ -474,53 +567,85 @@ mod tests {
     fn all_lists_every_route_once() {
         // Exhaustive, no `_`: a new route fails to compile here until it
         // is given a place, and then fails the assertion until it is in ALL.
-        fn index(r: Route) -> usize {
+        fn index(r: RouteKind) -> usize {
             match r {
-                Route::ProvisionToken => 0,
-                Route::GetToken => 1,
-                Route::DeleteToken => 2,
-                Route::CreateCryptogram => 3,
-                Route::Forward => 4,
-                Route::TokenEvent => 5,
-                Route::CreatePciToken => 6,
-                Route::GetPciToken => 7,
-                Route::DeletePciToken => 8,
-                Route::ForwardPci => 9,
-                Route::ForwardRoute => 14,
-                Route::ForwardPciRoute => 15,
-                Route::CreateSession => 16,
-                Route::Surface(op) => match op {
-                    surfaces::Operation::VgsProvision => 10,
-                    surfaces::Operation::VgsDelete => 11,
-                    surfaces::Operation::VgsCryptogram => 12,
-                    surfaces::Operation::JpmcCryptogram => 13,
+                RouteKind::ProvisionToken => 0,
+                RouteKind::GetToken => 1,
+                RouteKind::DeleteToken => 2,
+                RouteKind::CreateCryptogram => 3,
+                RouteKind::Forward => 4,
+                RouteKind::TokenEvent => 5,
+                RouteKind::CreatePciToken => 6,
+                RouteKind::GetPciToken => 7,
+                RouteKind::DeletePciToken => 8,
+                RouteKind::ForwardPci => 9,
+                RouteKind::ForwardRoute => 14,
+                RouteKind::ForwardPciRoute => 15,
+                RouteKind::CreateSession => 16,
+                RouteKind::Surface(op) => match op {
+                    surfaces::OperationKind::VgsProvision => 10,
+                    surfaces::OperationKind::VgsDelete => 11,
+                    surfaces::OperationKind::VgsCryptogram => 12,
+                    surfaces::OperationKind::JpmcCryptogram => 13,
                 },
             }
         }
-        let mut seen = [false; Route::ALL.len()];
-        for r in Route::ALL {
-            assert!(!seen[index(r)], "{} twice in Route::ALL", r.label());
+        let mut seen = [false; RouteKind::ALL.len()];
+        for r in RouteKind::ALL {
+            assert!(!seen[index(r)], "{} twice in RouteKind::ALL", r.label());
             seen[index(r)] = true;
         }
         assert!(seen.iter().all(|s| *s));
     }
 
+    /// The route `method` and `path` reach, with its ids; its kind agrees.
+    fn routed<'p>(method: &Method, path: &'p str) -> Route<'p> {
+        let m = route(method, path).unwrap();
+        let r = m.route.unwrap();
+        assert_eq!(r.kind(), m.kind, "{method} {path}");
+        r
+    }
+
+    /// The kind of a route whose id is malformed, and the error it answers.
+    fn unparsed(method: &Method, path: &str) -> (RouteKind, ApiError) {
+        let m = route(method, path).unwrap();
+        (m.kind, m.route.unwrap_err())
+    }
+
     #[test]
     fn routes() {
         let id = "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11";
+        let token = TokenId::parse(id).unwrap();
+        let pci = pci::parse_id(id).unwrap();
         assert_eq!(
-            route(&Method::POST, "/api/network/tokens").unwrap().0,
+            routed(&Method::POST, "/api/network/tokens"),
             Route::ProvisionToken
         );
+        let one = format!("/api/network/tokens/{id}");
+        assert_eq!(routed(&Method::GET, &one), Route::GetToken(token));
+        assert_eq!(routed(&Method::DELETE, &one), Route::DeleteToken(token));
         assert_eq!(
-            route(&Method::GET, &format!("/api/network/tokens/{id}")).unwrap(),
-            (Route::GetToken, Some(id))
+            routed(&Method::POST, &format!("{one}/cryptograms")),
+            Route::CreateCryptogram(token)
         );
         assert_eq!(
-            route(&Method::PATCH, &format!("/api/network/tokens/{id}/forward"))
-                .unwrap()
-                .0,
-            Route::Forward
+            routed(&Method::POST, &format!("{one}/events")),
+            Route::TokenEvent(token)
+        );
+        assert_eq!(
+            routed(&Method::PATCH, &format!("{one}/forward")),
+            Route::Forward(token)
+        );
+        assert_eq!(
+            routed(&Method::POST, "/api/pci/tokens"),
+            Route::CreatePciToken
+        );
+        let card = format!("/api/pci/tokens/{id}");
+        assert_eq!(routed(&Method::GET, &card), Route::GetPciToken(pci));
+        assert_eq!(routed(&Method::DELETE, &card), Route::DeletePciToken(pci));
+        assert_eq!(
+            routed(&Method::PUT, &format!("{card}/forward")),
+            Route::ForwardPci(pci)
         );
         assert!(matches!(
             route(&Method::GET, "/api/network/tokens"),
@@ -530,10 +655,7 @@ mod tests {
             route(&Method::GET, &format!("/api/network/tokens/{id}/nope")),
             Err(ApiError::RouteNotFound)
         ));
-        assert_eq!(
-            route(&Method::POST, "/api/sessions").unwrap(),
-            (Route::CreateSession, None)
-        );
+        assert_eq!(routed(&Method::POST, "/api/sessions"), Route::CreateSession);
         assert!(matches!(
             route(&Method::GET, "/api/sessions"),
             Err(ApiError::MethodNotAllowed(_))
@@ -546,19 +668,14 @@ mod tests {
             route(&Method::GET, "/api/network/tokensx"),
             Err(ApiError::RouteNotFound)
         ));
+        let forward_route = format!("/api/network/tokens/{id}/forward/adyen-payments");
         assert_eq!(
-            route(
-                &Method::POST,
-                &format!("/api/network/tokens/{id}/forward/adyen-payments")
-            )
-            .unwrap(),
-            (Route::ForwardRoute, Some(id))
+            routed(&Method::POST, &forward_route),
+            Route::ForwardRoute(token, "adyen-payments")
         );
         assert_eq!(
-            route(&Method::POST, &format!("/api/pci/tokens/{id}/forward/x"))
-                .unwrap()
-                .0,
-            Route::ForwardPciRoute
+            routed(&Method::POST, &format!("/api/pci/tokens/{id}/forward/x")),
+            Route::ForwardPciRoute(pci, "x")
         );
         for bad in [
             format!("/api/network/tokens/{id}/forward/"),
@@ -569,6 +686,64 @@ mod tests {
                 matches!(route(&Method::POST, &bad), Err(ApiError::RouteNotFound)),
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn a_malformed_id_keeps_its_route_kind_and_is_not_found() {
+        for (method, path, kind) in [
+            (Method::GET, "/api/network/tokens/x", RouteKind::GetToken),
+            (
+                Method::DELETE,
+                "/api/network/tokens/x",
+                RouteKind::DeleteToken,
+            ),
+            (
+                Method::POST,
+                "/api/network/tokens/x/cryptograms",
+                RouteKind::CreateCryptogram,
+            ),
+            (
+                Method::POST,
+                "/api/network/tokens/x/events",
+                RouteKind::TokenEvent,
+            ),
+            (
+                Method::GET,
+                "/api/network/tokens/x/forward",
+                RouteKind::Forward,
+            ),
+            (
+                Method::POST,
+                "/api/network/tokens/x/forward/r",
+                RouteKind::ForwardRoute,
+            ),
+        ] {
+            let (k, e) = unparsed(&method, path);
+            assert_eq!(k, kind, "{method} {path}");
+            assert!(matches!(e, ApiError::TokenNotFound), "{method} {path}");
+        }
+        for (method, path, kind) in [
+            (Method::GET, "/api/pci/tokens/x", RouteKind::GetPciToken),
+            (
+                Method::DELETE,
+                "/api/pci/tokens/x",
+                RouteKind::DeletePciToken,
+            ),
+            (
+                Method::POST,
+                "/api/pci/tokens/x/forward",
+                RouteKind::ForwardPci,
+            ),
+            (
+                Method::POST,
+                "/api/pci/tokens/x/forward/r",
+                RouteKind::ForwardPciRoute,
+            ),
+        ] {
+            let (k, e) = unparsed(&method, path);
+            assert_eq!(k, kind, "{method} {path}");
+            assert!(matches!(e, ApiError::PciTokenNotFound), "{method} {path}");
         }
     }
 }

@@ -11,7 +11,7 @@
 //! table and the document are compared by a test (`tests/openapi.rs`), and
 //! CI runs schemathesis against a live server with this document.
 //!
-//! Each operation carries `x-tokenrelay-route`, the [`crate::api::Route`]
+//! Each operation carries `x-tokenrelay-route`, the [`crate::api::RouteKind`]
 //! label it is served by, so that test can match them. The documents are
 //! built once, on first use, and served as shared bytes.
 

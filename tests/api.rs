@@ -825,6 +825,64 @@ async fn unknown_or_malformed_token_id_is_token_not_found() {
 }
 
 #[tokio::test]
+async fn a_malformed_id_is_not_found_on_every_route_after_the_scope_check() {
+    let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
+    for id in ["not-a-uuid", "4111111111111111"] {
+        let network = format!("{TOKENS}/{id}");
+        let pci = format!("/api/pci/tokens/{id}");
+        // No route is configured: the id is judged before the route name.
+        for (method, path, classifier) in [
+            (Method::POST, format!("{network}/events"), "token_not_found"),
+            (
+                Method::POST,
+                format!("{network}/forward"),
+                "token_not_found",
+            ),
+            (Method::GET, format!("{network}/forward"), "token_not_found"),
+            (
+                Method::POST,
+                format!("{network}/forward/no-such-route"),
+                "token_not_found",
+            ),
+            (Method::GET, pci.clone(), "pci_token_not_found"),
+            (Method::DELETE, pci.clone(), "pci_token_not_found"),
+            (
+                Method::POST,
+                format!("{pci}/forward"),
+                "pci_token_not_found",
+            ),
+            (
+                Method::POST,
+                format!("{pci}/forward/no-such-route"),
+                "pci_token_not_found",
+            ),
+        ] {
+            let r = s.req(method.clone(), &path).send().await.unwrap();
+            let body = assert_error(r, 404, classifier).await;
+            assert!(!body.to_string().contains(id), "{method} {path}: {body}");
+        }
+        // A key without the route's scope learns nothing about the id.
+        for path in [
+            format!("{network}/cryptograms"),
+            format!("{network}/events"),
+            format!("{network}/forward"),
+            format!("{network}/forward/no-such-route"),
+            format!("{pci}/forward"),
+        ] {
+            let r = s
+                .http
+                .post(s.url(&path))
+                .header("x-api-key", TOKENS_ONLY_KEY)
+                .send()
+                .await
+                .unwrap();
+            assert_error(r, 403, "forbidden").await;
+        }
+    }
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn deleting_a_token_marks_it_deleted_and_kills_its_references() {
     let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
     let id = s.provision(VISA).await["id"].as_str().unwrap().to_owned();

@@ -393,6 +393,17 @@ async fn vgs_errors_in_the_seed_shape_with_native_classifiers() {
         .await
         .unwrap();
     vgs_error(r, 403, "forbidden", None).await;
+    // The scope comes before the card: a malformed one is still 403.
+    let r = vgs(
+        &s,
+        Method::POST,
+        "/cards/not-a-card/cryptogram",
+        TOKENS_ONLY_KEY,
+    )
+    .send()
+    .await
+    .unwrap();
+    vgs_error(r, 403, "forbidden", None).await;
     // 404: an unknown or malformed card, on every operation.
     for path in [
         "/cards/6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11/network-tokens",
@@ -403,8 +414,10 @@ async fn vgs_errors_in_the_seed_shape_with_native_classifiers() {
             vgs_error(r, 404, "pci_token_not_found", None).await;
         }
     }
-    let r = fetch(&s, "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11", json!({})).await;
-    vgs_error(r, 404, "pci_token_not_found", None).await;
+    for card in ["6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11", "not-a-card"] {
+        let r = fetch(&s, card, json!({})).await;
+        vgs_error(r, 404, "pci_token_not_found", None).await;
+    }
     // 400: what CryptoFetchRequest does not allow.
     for (body, path) in [
         (

@@ -33,9 +33,10 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
 use super::auth::{self, ApiKey, Scope};
-use super::{check_content_length, json, read_body, ApiError, Family, Route, Trace};
+use super::{check_content_length, json, read_body, ApiError, Matched, RouteKind, Trace};
 use crate::card::CardNumber;
 use crate::config::{ComplianceLevel, Surfaces};
+use crate::vault::PciTokenId;
 use crate::{AppState, Body, X_RELAY_ERROR};
 
 pub mod jpmc;
@@ -64,13 +65,13 @@ impl Surface {
 }
 
 impl Surface {
-    /// The operation `method` and `path` name on this surface, and its
-    /// `{card_id}` segment where it has one.
-    pub fn route<'p>(
+    /// The operation `method` and `path` name on this surface, with the
+    /// card its path names where it names one.
+    pub fn route(
         self,
         method: &http::Method,
-        path: &'p str,
-    ) -> Result<(Operation, Option<&'p str>), ApiError> {
+        path: &str,
+    ) -> Result<Matched<OperationKind, Operation>, ApiError> {
         match self {
             Surface::VgsCmp => vgs_cmp::route(method, path),
             Surface::Jpmc => jpmc::route(method, path),
@@ -78,9 +79,10 @@ impl Surface {
     }
 }
 
-/// One operation of a surface; also its label in logs and metrics.
+/// One operation of a surface, without its ids; its label in logs and
+/// metrics.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
+pub enum OperationKind {
     /// `POST /cards/{card_id}/network-tokens`
     VgsProvision,
     /// `DELETE /cards/{card_id}/network-tokens`
@@ -91,33 +93,48 @@ pub enum Operation {
     JpmcCryptogram,
 }
 
-impl Operation {
+impl OperationKind {
     /// Stable label for logs and metrics.
     pub fn label(self) -> &'static str {
         match self {
-            Operation::VgsProvision => "vgs_cmp_provision",
-            Operation::VgsDelete => "vgs_cmp_delete",
-            Operation::VgsCryptogram => "vgs_cmp_cryptogram",
-            Operation::JpmcCryptogram => "jpmc_cryptogram",
+            OperationKind::VgsProvision => "vgs_cmp_provision",
+            OperationKind::VgsDelete => "vgs_cmp_delete",
+            OperationKind::VgsCryptogram => "vgs_cmp_cryptogram",
+            OperationKind::JpmcCryptogram => "jpmc_cryptogram",
         }
     }
 
     /// The scope it needs, as its native counterpart.
     pub(crate) fn scope(self) -> Scope {
         match self {
-            Operation::VgsProvision | Operation::VgsDelete => Scope::Tokens,
-            Operation::VgsCryptogram | Operation::JpmcCryptogram => Scope::Cryptograms,
+            OperationKind::VgsProvision | OperationKind::VgsDelete => Scope::Tokens,
+            OperationKind::VgsCryptogram | OperationKind::JpmcCryptogram => Scope::Cryptograms,
         }
     }
+}
 
-    /// What its path names: a card (PCI token) for VGS; JPMC names its
-    /// network token in the body.
-    pub(crate) fn family(self) -> Family {
+/// One operation of a surface with the card its path names: a VGS card is
+/// a PCI token; JPMC names its network token in the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Operation {
+    /// `POST /cards/{card_id}/network-tokens`
+    VgsProvision(PciTokenId),
+    /// `DELETE /cards/{card_id}/network-tokens`
+    VgsDelete(PciTokenId),
+    /// `POST /cards/{card_id}/cryptogram`
+    VgsCryptogram(PciTokenId),
+    /// `POST /cryptograms`
+    JpmcCryptogram,
+}
+
+impl Operation {
+    /// The operation without its ids.
+    pub fn kind(self) -> OperationKind {
         match self {
-            Operation::VgsProvision | Operation::VgsDelete | Operation::VgsCryptogram => {
-                Family::Pci
-            }
-            Operation::JpmcCryptogram => Family::Network,
+            Operation::VgsProvision(_) => OperationKind::VgsProvision,
+            Operation::VgsDelete(_) => OperationKind::VgsDelete,
+            Operation::VgsCryptogram(_) => OperationKind::VgsCryptogram,
+            Operation::JpmcCryptogram => OperationKind::JpmcCryptogram,
         }
     }
 }
@@ -172,25 +189,17 @@ pub async fn handle(
         let key = authenticate(&state.config.api_keys, req.headers())?;
         *key_name = Some(key.name.clone());
         let path = req.uri().path().to_owned();
-        let op = surface.route(req.method(), &path)?;
-        *route = Some(Route::Surface(op.0));
-        if !key.allows(op.0.scope()) {
-            return Err(ApiError::Forbidden(op.0.scope()).into());
+        let matched = surface.route(req.method(), &path)?;
+        *route = Some(RouteKind::Surface(matched.kind));
+        let scope = matched.kind.scope();
+        if !key.allows(scope) {
+            return Err(ApiError::Forbidden(scope).into());
         }
-        match op {
-            (Operation::VgsProvision, Some(card)) => vgs_cmp::provision(state, card, audit).await,
-            (Operation::VgsDelete, Some(card)) => vgs_cmp::delete(state, card, audit).await,
-            (Operation::VgsCryptogram, Some(card)) => {
-                vgs_cmp::cryptogram(state, card, req, audit).await
-            }
-            (Operation::JpmcCryptogram, None) => {
-                jpmc::cryptogram(state, &request_id, req, audit).await
-            }
-            (op, _) => Err(ApiError::Internal(format!(
-                "surface operation {} matched with a mismatched id",
-                op.label()
-            ))
-            .into()),
+        match matched.route? {
+            Operation::VgsProvision(card) => vgs_cmp::provision(state, card, audit).await,
+            Operation::VgsDelete(card) => vgs_cmp::delete(state, card, audit).await,
+            Operation::VgsCryptogram(card) => vgs_cmp::cryptogram(state, card, req, audit).await,
+            Operation::JpmcCryptogram => jpmc::cryptogram(state, &request_id, req, audit).await,
         }
     }
     .await;

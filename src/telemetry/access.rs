@@ -31,7 +31,7 @@ use http::{HeaderValue, Method};
 use http_body::{Body as HttpBody, Frame, SizeHint};
 
 use super::Metrics;
-use crate::api::{Route, Trace};
+use crate::api::{RouteKind, Trace};
 use crate::{Body, BoxError};
 
 /// How a request ended, as the access line's `outcome` names it.
@@ -136,7 +136,7 @@ impl AccessRecord {
         if std::mem::replace(&mut self.written, true) {
             return;
         }
-        let route = self.trace.route.map_or("none", Route::label);
+        let route = self.trace.route.map_or("none", RouteKind::label);
         let outcome = ending.label();
         // A request that never produced a head is counted as what the
         // client saw: nothing, a 5xx in effect.

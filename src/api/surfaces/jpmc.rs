@@ -20,9 +20,9 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
-use super::{body_object, token_number, Operation, SurfaceError};
+use super::{body_object, token_number, Operation, OperationKind, SurfaceError};
 use crate::api::cryptograms::{self, Mode};
-use crate::api::{json, ApiError, Audit, Subject};
+use crate::api::{json, ApiError, Audit, Matched, Subject};
 use crate::card::{Brand, CardNumber};
 use crate::tsp::{
     brand_rules, scheme_cryptogram_name, CryptogramKind, CryptogramParams, CryptogramType,
@@ -38,9 +38,12 @@ pub const CONTENT_TYPE: &str = "application/json";
 const REQUEST_ID: &str = "request-id";
 
 /// Matches `/cryptograms`.
-pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Operation, Option<&'p str>), ApiError> {
+pub fn route(method: &Method, path: &str) -> Result<Matched<OperationKind, Operation>, ApiError> {
     match (path, method) {
-        ("/cryptograms", &Method::POST) => Ok((Operation::JpmcCryptogram, None)),
+        ("/cryptograms", &Method::POST) => Ok(Matched {
+            kind: OperationKind::JpmcCryptogram,
+            route: Ok(Operation::JpmcCryptogram),
+        }),
         ("/cryptograms", _) => Err(ApiError::MethodNotAllowed("POST")),
         _ => Err(ApiError::RouteNotFound),
     }
@@ -396,10 +399,9 @@ mod tests {
 
     #[test]
     fn routes() {
-        assert_eq!(
-            route(&Method::POST, "/cryptograms").unwrap().0,
-            Operation::JpmcCryptogram
-        );
+        let m = route(&Method::POST, "/cryptograms").unwrap();
+        assert_eq!(m.kind, OperationKind::JpmcCryptogram);
+        assert_eq!(m.route.unwrap(), Operation::JpmcCryptogram);
         assert!(matches!(
             route(&Method::GET, "/cryptograms"),
             Err(ApiError::MethodNotAllowed(_))

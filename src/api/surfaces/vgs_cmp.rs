@@ -15,23 +15,24 @@ use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
 use time::OffsetDateTime;
 
-use super::{body_object, token_number, Operation, SurfaceError};
+use super::{body_object, token_number, Operation, OperationKind, SurfaceError};
 use crate::api::cryptograms::{self, Issued, Mode};
 use crate::api::tokens::{self, rfc3339};
-use crate::api::{json, pci, ApiError, Audit, Subject};
+use crate::api::{json, pci, ApiError, Audit, Matched, Subject};
 use crate::config::ComplianceLevel;
 use crate::tsp::{brand_rules, CryptogramKind, CryptogramParams, CryptogramType, SchemeRule};
 use crate::vault::{
-    IdempotencyRecord, Inserted, Metadata, NetworkToken, PciToken, TokenId, TokenLookup,
-    TokenStatus,
+    IdempotencyRecord, Inserted, Metadata, NetworkToken, PciToken, PciTokenId, TokenId,
+    TokenLookup, TokenStatus,
 };
 use crate::{AppState, Body};
 
 /// The JSON:API media type every answer carries.
 pub const CONTENT_TYPE: &str = "application/vnd.api+json";
 
-/// Matches a `/cards/…` path: `(operation, card id)`.
-pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Operation, Option<&'p str>), ApiError> {
+/// Matches a `/cards/…` path; a malformed card id is not found, as an
+/// unknown one.
+pub fn route(method: &Method, path: &str) -> Result<Matched<OperationKind, Operation>, ApiError> {
     let rest = path
         .strip_prefix("/cards/")
         .ok_or(ApiError::RouteNotFound)?;
@@ -39,24 +40,32 @@ pub fn route<'p>(method: &Method, path: &'p str) -> Result<(Operation, Option<&'
     if card.is_empty() {
         return Err(ApiError::RouteNotFound);
     }
-    let op = match (action, method) {
-        ("network-tokens", &Method::POST) => Operation::VgsProvision,
-        ("network-tokens", &Method::DELETE) => Operation::VgsDelete,
-        ("cryptogram", &Method::POST) => Operation::VgsCryptogram,
+    let card = pci::parse_id(card);
+    let (kind, route) = match (action, method) {
+        ("network-tokens", &Method::POST) => (
+            OperationKind::VgsProvision,
+            card.map(Operation::VgsProvision),
+        ),
+        ("network-tokens", &Method::DELETE) => {
+            (OperationKind::VgsDelete, card.map(Operation::VgsDelete))
+        }
+        ("cryptogram", &Method::POST) => (
+            OperationKind::VgsCryptogram,
+            card.map(Operation::VgsCryptogram),
+        ),
         ("network-tokens", _) => return Err(ApiError::MethodNotAllowed("POST, DELETE")),
         ("cryptogram", _) => return Err(ApiError::MethodNotAllowed("POST")),
         _ => return Err(ApiError::RouteNotFound),
     };
-    Ok((op, Some(card)))
+    Ok(Matched { kind, route })
 }
 
-/// The card named by the path; unknown or malformed → 404.
+/// The card named by the path; unknown → 404.
 async fn card(
     state: &AppState,
-    card_id: &str,
+    id: PciTokenId,
     audit: &mut Audit,
 ) -> Result<std::sync::Arc<PciToken>, SurfaceError> {
-    let id = pci::parse_id(card_id)?;
     audit.subject = Some(Subject::PciToken(id));
     Ok(state
         .tokens
@@ -79,7 +88,7 @@ fn newest(tokens: &[std::sync::Arc<NetworkToken>], status: TokenStatus) -> Optio
 /// network token already exists").
 pub async fn provision(
     state: &AppState,
-    card_id: &str,
+    card_id: PciTokenId,
     audit: &mut Audit,
 ) -> Result<Response<Body>, SurfaceError> {
     let card = card(state, card_id, audit).await?;
@@ -132,7 +141,7 @@ pub async fn provision(
 /// without a live token → 404.
 pub async fn delete(
     state: &AppState,
-    card_id: &str,
+    card_id: PciTokenId,
     audit: &mut Audit,
 ) -> Result<Response<Body>, SurfaceError> {
     let card = card(state, card_id, audit).await?;
@@ -273,7 +282,7 @@ fn rule_field(rule: SchemeRule) -> &'static str {
 /// `POST /cards/{card_id}/cryptogram` → 200 `NetworkTokenAndCryptogramResource`.
 pub async fn cryptogram(
     state: &AppState,
-    card_id: &str,
+    card_id: PciTokenId,
     req: Request<Incoming>,
     audit: &mut Audit,
 ) -> Result<Response<Body>, SurfaceError> {
@@ -439,24 +448,28 @@ pub fn error_response(e: SurfaceError) -> Response<Body> {
 mod tests {
     use super::*;
 
+    /// The operation `method` and `path` reach; its kind agrees.
+    fn routed(method: &Method, path: &str) -> Operation {
+        let m = route(method, path).unwrap();
+        let op = m.route.unwrap();
+        assert_eq!(op.kind(), m.kind, "{method} {path}");
+        op
+    }
+
     #[test]
     fn routes() {
         let card = "6f1c2a9e-9a43-4a53-9f35-4b1b2d6f5c11";
+        let id = pci::parse_id(card).unwrap();
         let p = format!("/cards/{card}/network-tokens");
-        assert_eq!(
-            route(&Method::POST, &p).unwrap(),
-            (Operation::VgsProvision, Some(card))
-        );
-        assert_eq!(route(&Method::DELETE, &p).unwrap().0, Operation::VgsDelete);
+        assert_eq!(routed(&Method::POST, &p), Operation::VgsProvision(id));
+        assert_eq!(routed(&Method::DELETE, &p), Operation::VgsDelete(id));
         assert!(matches!(
             route(&Method::GET, &p),
             Err(ApiError::MethodNotAllowed(_))
         ));
         assert_eq!(
-            route(&Method::POST, &format!("/cards/{card}/cryptogram"))
-                .unwrap()
-                .0,
-            Operation::VgsCryptogram
+            routed(&Method::POST, &format!("/cards/{card}/cryptogram")),
+            Operation::VgsCryptogram(id)
         );
         for bad in [
             "/cards/",
@@ -467,6 +480,31 @@ mod tests {
             assert!(
                 matches!(route(&Method::POST, bad), Err(ApiError::RouteNotFound)),
                 "{bad}"
+            );
+        }
+        // A malformed card keeps its operation and is not found.
+        for (method, path, kind) in [
+            (
+                Method::POST,
+                "/cards/x/network-tokens",
+                OperationKind::VgsProvision,
+            ),
+            (
+                Method::DELETE,
+                "/cards/x/network-tokens",
+                OperationKind::VgsDelete,
+            ),
+            (
+                Method::POST,
+                "/cards/x/cryptogram",
+                OperationKind::VgsCryptogram,
+            ),
+        ] {
+            let m = route(&method, path).unwrap();
+            assert_eq!(m.kind, kind, "{method} {path}");
+            assert!(
+                matches!(m.route, Err(ApiError::PciTokenNotFound)),
+                "{method} {path}"
             );
         }
     }
