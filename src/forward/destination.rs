@@ -137,6 +137,7 @@ pub fn parse(
 }
 
 fn split_host_port(authority: &str) -> Result<(String, Option<u16>), DestinationError> {
+    let bracketed = authority.starts_with('[');
     let (host, port) = if let Some(rest) = authority.strip_prefix('[') {
         let (h, after) = rest
             .split_once(']')
@@ -158,7 +159,11 @@ fn split_host_port(authority: &str) -> Result<(String, Option<u16>), Destination
     if host.is_empty() {
         return Err(invalid("host is empty"));
     }
-    if !host.contains(':')
+    // Only a bracketed IPv6 literal (checked above) may hold a `:`; a
+    // bare host is a name or IPv4 address. (A colon left in a bare host,
+    // as in `a.example:x.allowed.example:443`, once passed here unchecked
+    // and matched a `*.allowed.example` rule: found by fuzz/destination.)
+    if !bracketed
         && !host
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
@@ -377,6 +382,39 @@ mod tests {
         assert!(na("https://api.acquirer.example:444/"));
         assert!(na("https://127.0.0.1/"));
         assert!(na("https://evil.example/"));
+    }
+
+    /// fuzz/destination found that a colon outside brackets stayed in the
+    /// host: `evil.example:x` + `.acquirer.example` matched the wildcard,
+    /// and the outbound URL became `https://[evil.example:x…]:443`.
+    #[test]
+    fn a_colon_outside_brackets_is_never_part_of_the_host() {
+        for url in [
+            "https://evil.example:x.acquirer.example:443/",
+            "https://acquirer.exa1:m:8443/pay",
+            "https://::1/",
+            "https://1:2:3:4:5:6:7:8:443/",
+        ] {
+            assert!(
+                matches!(parse(url, &rules(), D), Err(DestinationError::Invalid(_))),
+                "{url}"
+            );
+        }
+        let d = parse(
+            "https://[::1]:8443/",
+            &[rule(
+                HostPattern::Exact("::1".into()),
+                8443,
+                DestScheme::Https,
+                true,
+            )],
+            D,
+        )
+        .unwrap();
+        assert_eq!(
+            (d.host.as_str(), d.origin()),
+            ("::1", "https://[::1]:8443".to_owned())
+        );
     }
 
     /// The classifier, one row per form: address, public?, why.
