@@ -17,6 +17,12 @@
 //! A CVC taken for a forward that never reached the acquirer is put back
 //! with [`CvcStore::restore`]: with its original expiry, and only if no
 //! newer CVC was held for the card meanwhile.
+//!
+//! Every expiry is decided on the store's [`Clock`](crate::clock::Clock).
+//! What evicts an entry is the backend's own timer: moka's `time_to_live`
+//! (process time) frees the memory, Redis's `PXAT` (wall time, the
+//! expiry written from the clock) drops the key; a read past the clock's
+//! expiry finds nothing either way.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +31,7 @@ use moka::sync::Cache;
 use time::OffsetDateTime;
 
 use crate::card::Secret;
+use crate::clock::SharedClock;
 use crate::references::redis::RedisReferenceStore;
 use crate::references::ReferenceStoreError;
 use crate::vault::PciTokenId;
@@ -58,25 +65,29 @@ enum Backend {
 pub struct CvcStore {
     backend: Backend,
     ttl: Duration,
+    clock: SharedClock,
 }
 
 impl CvcStore {
-    /// In this process: CVCs live for `ttl`; at most `max_entries` at once.
-    pub fn new(ttl: Duration, max_entries: u64) -> Self {
+    /// In this process: CVCs live for `ttl` on `clock`; at most
+    /// `max_entries` at once.
+    pub fn new(ttl: Duration, max_entries: u64, clock: SharedClock) -> Self {
         Self {
             backend: Backend::Memory {
                 cache: Cache::builder().time_to_live(ttl).build(),
                 max_entries,
             },
             ttl,
+            clock,
         }
     }
 
-    /// In the shared Redis reference store: CVCs live for `ttl`.
-    pub fn shared(ttl: Duration, store: Arc<RedisReferenceStore>) -> Self {
+    /// In the shared Redis reference store: CVCs live for `ttl` on `clock`.
+    pub fn shared(ttl: Duration, store: Arc<RedisReferenceStore>, clock: SharedClock) -> Self {
         Self {
             backend: Backend::Shared(store),
             ttl,
+            clock,
         }
     }
 
@@ -85,7 +96,7 @@ impl CvcStore {
     pub async fn hold(&self, id: PciTokenId, cvc: Secret) -> Result<bool, ReferenceStoreError> {
         let held = HeldCvc {
             cvc,
-            expires_at: OffsetDateTime::now_utc() + self.ttl,
+            expires_at: self.clock.now() + self.ttl,
         };
         match &self.backend {
             Backend::Memory { cache, max_entries } => {
@@ -117,7 +128,7 @@ impl CvcStore {
         match &self.backend {
             Backend::Memory { cache, .. } => Ok(cache
                 .get(&id)
-                .is_some_and(|h| h.expires_at > OffsetDateTime::now_utc())),
+                .is_some_and(|h| h.expires_at > self.clock.now())),
             Backend::Shared(store) => store.holds_sealed(KIND, &id.to_string()).await,
         }
     }
@@ -128,7 +139,7 @@ impl CvcStore {
         match &self.backend {
             Backend::Memory { cache, .. } => Ok(cache
                 .remove(&id)
-                .filter(|h| h.expires_at > OffsetDateTime::now_utc())),
+                .filter(|h| h.expires_at > self.clock.now())),
             Backend::Shared(store) => {
                 let Some(blob) = store.take_sealed(KIND, &id.to_string()).await? else {
                     return Ok(None);
@@ -136,10 +147,13 @@ impl CvcStore {
                 let cvc = std::str::from_utf8(&blob.plain).map_err(|_| {
                     ReferenceStoreError::Unavailable("a stored CVC is malformed".into())
                 })?;
+                // Redis drops the key at its expiry; this check holds the
+                // clock's word in between.
                 Ok(Some(HeldCvc {
                     cvc: Secret::new(cvc.to_owned()),
                     expires_at: blob.expires_at,
-                }))
+                })
+                .filter(|h| h.expires_at > self.clock.now()))
             }
         }
     }
@@ -148,7 +162,7 @@ impl CvcStore {
     /// the expiry it had, not a fresh one, and only if no CVC was held for
     /// the card since (a newer one wins). An expired one is dropped.
     pub async fn restore(&self, id: PciTokenId, held: HeldCvc) -> Result<(), ReferenceStoreError> {
-        if held.expires_at <= OffsetDateTime::now_utc() {
+        if held.expires_at <= self.clock.now() {
             return Ok(());
         }
         match &self.backend {
@@ -187,6 +201,7 @@ impl CvcStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::ManualClock;
 
     fn rt() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_current_thread()
@@ -195,18 +210,43 @@ mod tests {
             .unwrap()
     }
 
+    /// The TTL, on the manual clock; moka's own timer (the same 60 s of
+    /// process time) never fires within a test.
+    const TTL: Duration = Duration::from_secs(60);
+    const MS: time::Duration = time::Duration::milliseconds(1);
+
     #[test]
     fn single_use_and_expiry() {
         rt().block_on(async {
-            let s = CvcStore::new(Duration::from_millis(50), 10);
+            let clock = ManualClock::starting_now();
+            let s = CvcStore::new(TTL, 10, clock.clone());
             let id = uuid::Uuid::new_v4();
             assert!(s.hold(id, Secret::new("737".into())).await.unwrap());
             assert!(s.is_held(id).await.unwrap());
             assert_eq!(s.take(id).await.unwrap().unwrap().secret().expose(), "737");
             assert!(s.take(id).await.unwrap().is_none());
+
+            // Usable until the last millisecond of the TTL, not at it.
             assert!(s.hold(id, Secret::new("737".into())).await.unwrap());
-            std::thread::sleep(Duration::from_millis(80));
+            clock.advance(time::Duration::try_from(TTL).unwrap() - MS);
+            assert!(s.is_held(id).await.unwrap());
+            clock.advance(MS);
             assert!(!s.is_held(id).await.unwrap());
+            assert!(s.take(id).await.unwrap().is_none());
+        })
+    }
+
+    #[test]
+    fn an_expired_cvc_is_not_taken_even_while_still_cached() {
+        rt().block_on(async {
+            let clock = ManualClock::starting_now();
+            let s = CvcStore::new(TTL, 10, clock.clone());
+            let id = uuid::Uuid::new_v4();
+            assert!(s.hold(id, Secret::new("4321".into())).await.unwrap());
+            clock.advance(time::Duration::try_from(TTL).unwrap() - MS);
+            assert_eq!(s.take(id).await.unwrap().unwrap().secret().expose(), "4321");
+            assert!(s.hold(id, Secret::new("4321".into())).await.unwrap());
+            clock.advance(time::Duration::try_from(TTL).unwrap());
             assert!(s.take(id).await.unwrap().is_none());
         })
     }
@@ -214,7 +254,8 @@ mod tests {
     #[test]
     fn a_restored_cvc_keeps_its_expiry_and_never_replaces_a_newer_one() {
         rt().block_on(async {
-            let s = CvcStore::new(Duration::from_secs(60), 10);
+            let clock = ManualClock::starting_now();
+            let s = CvcStore::new(TTL, 10, clock.clone());
             let id = uuid::Uuid::new_v4();
             assert!(s.hold(id, Secret::new("111".into())).await.unwrap());
             let taken = s.take(id).await.unwrap().unwrap();
@@ -228,12 +269,15 @@ mod tests {
             s.restore(id, again).await.unwrap();
             assert_eq!(s.take(id).await.unwrap().unwrap().secret().expose(), "222");
 
-            // An expired one is not put back.
-            let stale = HeldCvc {
-                cvc: Secret::new("333".into()),
-                expires_at: OffsetDateTime::now_utc() - Duration::from_secs(1),
-            };
-            s.restore(id, stale).await.unwrap();
+            // One taken a millisecond before its expiry is put back; one
+            // restored at its expiry is not.
+            assert!(s.hold(id, Secret::new("333".into())).await.unwrap());
+            let taken = s.take(id).await.unwrap().unwrap();
+            clock.advance(time::Duration::try_from(TTL).unwrap() - MS);
+            s.restore(id, taken.clone()).await.unwrap();
+            assert!(s.take(id).await.unwrap().is_some());
+            clock.advance(MS);
+            s.restore(id, taken).await.unwrap();
             assert!(s.take(id).await.unwrap().is_none());
         })
     }

@@ -55,6 +55,7 @@ pub mod template;
 pub mod tsp;
 pub mod vault;
 
+use clock::{SharedClock, SystemClock};
 use config::{Config, ConfigError, ReferenceBackend, VaultBackend};
 use references::ReferenceStore;
 use tsp::TokenServiceProvider;
@@ -95,14 +96,29 @@ pub struct AppState {
     pub listen_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Access lines: one per request, written when it ends.
     pub access: Arc<telemetry::access::AccessLog>,
+    /// What every TTL (references in memory, CVCs, idempotency records,
+    /// sessions) reads "now" from: the system clock, unless a test built
+    /// the state with another.
+    pub clock: SharedClock,
 }
 
 impl AppState {
     /// Builds stores and clients from `config`: loads the master keys once
     /// (the vault and a Redis reference store seal under the same keyring),
     /// opens (and migrates) the vault, connects the reference store, loads
-    /// TLS material. Fails, naming the key where it can.
+    /// TLS material. Fails, naming the key where it can. Time is the
+    /// system clock's.
     pub async fn build(config: Config) -> Result<Arc<AppState>, StartError> {
+        AppState::build_with_clock(config, SystemClock::shared()).await
+    }
+
+    /// As [`AppState::build`], with every TTL on `clock`: how tests move
+    /// time by hand ([`clock::ManualClock`]). The binary always uses
+    /// [`AppState::build`].
+    pub async fn build_with_clock(
+        config: Config,
+        clock: SharedClock,
+    ) -> Result<Arc<AppState>, StartError> {
         let metrics = Arc::new(telemetry::Metrics::new());
         // Everything `check-config` builds comes first: a bad TLS file or
         // template stops the start before a store is opened.
@@ -112,7 +128,7 @@ impl AppState {
             true => Some(vault::load_keys(&config.vault)?),
         };
         let tokens: Arc<dyn TokenStore> = vault::open(&config.vault, keys.clone()).await?;
-        let cvcs = cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries);
+        let cvcs = cvc::CvcStore::new(config.cvc_ttl, config.reference_max_entries, clock.clone());
         let (references, cvcs, session_store): (
             Arc<dyn ReferenceStore>,
             _,
@@ -120,12 +136,16 @@ impl AppState {
         ) = match &config.references {
             ReferenceBackend::Memory => (
                 Arc::new(
-                    references::memory::MemoryReferenceStore::new(config.reference_max_entries)
-                        .map_err(StartError::Sweeper)?,
+                    references::memory::MemoryReferenceStore::with_clock(
+                        config.reference_max_entries,
+                        clock.clone(),
+                    )
+                    .map_err(StartError::Sweeper)?,
                 ),
                 cvcs,
                 Arc::new(session::memory::MemorySessionStore::new(
                     config.reference_max_entries,
+                    clock.clone(),
                 )),
             ),
             ReferenceBackend::Redis(redis) => {
@@ -147,7 +167,7 @@ impl AppState {
                     session::redis::RedisSessionStore::new(store.clone(), keys, &redis.key_prefix);
                 (
                     store.clone(),
-                    cvc::CvcStore::shared(config.cvc_ttl, store),
+                    cvc::CvcStore::shared(config.cvc_ttl, store, clock.clone()),
                     Arc::new(sessions),
                 )
             }
@@ -162,8 +182,9 @@ impl AppState {
         Ok(Arc::new(AppState {
             listen_tls,
             cvcs,
-            idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl),
-            sessions: session::Sessions::new(session_store, config.session_ttl),
+            idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl, clock.clone()),
+            sessions: session::Sessions::new(session_store, config.session_ttl, clock.clone()),
+            clock,
             config,
             tokens,
             references,

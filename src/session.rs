@@ -18,6 +18,11 @@
 //! when `references.backend = "redis"` ([`redis`]), so any replica can
 //! finish a session another one opened.
 //!
+//! A session's expiry is decided on the [`Clock`](crate::clock::Clock)
+//! [`Sessions`] holds: it sets `expires_at` and is the `now` every take is
+//! judged at. Eviction is the store's own (moka's per-entry timer, Redis's
+//! `PXAT`).
+//!
 //! Nothing here ever logs, prints or returns the plaintext: errors are the
 //! fixed reasons of [`SessionError`], and private keys have no `Debug`.
 
@@ -31,6 +36,7 @@ use p256::{PublicKey, SecretKey};
 use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
+use crate::clock::SharedClock;
 use crate::crypto::random_bytes;
 use crate::references::ReferenceStoreError;
 
@@ -188,25 +194,26 @@ impl From<TakeFailure> for SessionError {
     }
 }
 
-/// The sessions of this instance: a store and the TTL. Cheap to share.
+/// The sessions of this instance: a store, the TTL and the clock both are
+/// read on. Cheap to share.
 #[derive(Clone)]
 pub struct Sessions {
     store: Arc<dyn SessionStore>,
     ttl: Duration,
+    clock: SharedClock,
 }
 
 impl Sessions {
-    /// Sessions in `store`, each usable for `ttl`.
-    pub fn new(store: Arc<dyn SessionStore>, ttl: Duration) -> Sessions {
-        Sessions { store, ttl }
+    /// Sessions in `store`, each usable for `ttl` on `clock`.
+    pub fn new(store: Arc<dyn SessionStore>, ttl: Duration, clock: SharedClock) -> Sessions {
+        Sessions { store, ttl, clock }
     }
 
-    /// Opens a session as of `now` (the handler passes the wall clock;
-    /// tests pass another time to drive expiry without sleeping).
-    pub async fn open(&self, now: OffsetDateTime) -> Result<OpenedSession, ReferenceStoreError> {
+    /// Opens a session, usable until the clock reads `ttl` later.
+    pub async fn open(&self) -> Result<OpenedSession, ReferenceStoreError> {
         let id = SessionId::generate();
         let key = generate_key();
-        let expires_at = now + self.ttl;
+        let expires_at = self.clock.now() + self.ttl;
         self.store.insert(&id, &key, expires_at).await?;
         Ok(OpenedSession {
             id,
@@ -216,15 +223,15 @@ impl Sessions {
     }
 
     /// Spends session `id` and decrypts `compact` (a JWE) with its key. The
-    /// session is spent whatever the JWE holds (see the module docs).
+    /// session is spent whatever the JWE holds (see the module docs); one
+    /// whose expiry is not after the clock's now is not found.
     pub async fn open_card(
         &self,
         id: &str,
         compact: &str,
-        now: OffsetDateTime,
     ) -> Result<Zeroizing<Vec<u8>>, SessionError> {
         let id = SessionId::parse(id).ok_or(TakeError::NotFound)?;
-        let key = self.store.take(&id, now).await?;
+        let key = self.store.take(&id, self.clock.now()).await?;
         Ok(jwe::decrypt(compact, id.as_str(), &key)?)
     }
 }

@@ -468,20 +468,20 @@ pub trait TokenStore: Send + Sync + 'static {
     /// Deletes a PCI token and its card data; `false` if unknown.
     async fn delete_pci(&self, id: PciTokenId) -> Result<bool, StoreError>;
 
-    /// The live idempotency record under `key` (older than `max_age` counts
-    /// as absent).
+    /// The live idempotency record under `key`: one created at or before
+    /// `horizon` (the caller's clock minus the TTL) counts as absent.
     async fn get_idempotency(
         &self,
         key: &str,
-        max_age: std::time::Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
 
-    /// Records an answer unless the key is taken; returns the existing
-    /// record when it is.
+    /// Records an answer unless the key is taken by a live record (created
+    /// after `horizon`); returns the existing record when it is.
     async fn put_idempotency(
         &self,
         record: IdempotencyRecord,
-        max_age: std::time::Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
 
     /// Writes the answer of a claim (an [`IdempotencyRecord::IN_FLIGHT`]

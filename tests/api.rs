@@ -728,6 +728,42 @@ async fn same_idempotency_key_with_another_body_is_refused() {
 }
 
 #[tokio::test]
+async fn an_idempotency_record_lives_for_idempotency_ttl_on_the_clock() {
+    // Time moved by hand on the server's clock, not slept through: a
+    // millisecond before the TTL the key replays, at it the request runs
+    // again and the key stands for the new answer.
+    let clock = tokenrelay::clock::ManualClock::starting_now();
+    let mut c = config(ComplianceLevel::SaqD);
+    c.idempotency_ttl = std::time::Duration::from_secs(3600);
+    let s = TestServer::start_with_clock(c, clock.clone()).await;
+    let token = s.provision(VISA).await;
+    let path = cryptograms_path(token["id"].as_str().unwrap());
+    let send = || async {
+        let r = s
+            .req(Method::POST, &path)
+            .header("x-idempotency-key", "ttl-1")
+            .json(&json!({"type": "ecom", "mode": "reference", "amount": "10.00"}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()
+    };
+    let first = send().await;
+    let ms = time::Duration::milliseconds(1);
+    clock.advance(time::Duration::hours(1) - ms);
+    assert_eq!(send().await, first, "replayed until the TTL");
+    clock.advance(ms);
+    let fresh = send().await;
+    assert_ne!(
+        fresh["cryptogram_reference"], first["cryptogram_reference"],
+        "at the TTL the key is free again"
+    );
+    assert_eq!(send().await, fresh, "and now stands for the new answer");
+    s.stop().await;
+}
+
+#[tokio::test]
 async fn a_refused_request_does_not_bind_its_idempotency_key() {
     // "A failed request records nothing" (api/idempotency.rs): a merchant
     // that fixes a typo retries with the same key and gets its token.

@@ -522,7 +522,10 @@ async fn at_saq_a_the_replay_is_redacted_and_the_record_holds_no_secret() {
     let record = s
         .state
         .tokens
-        .get_idempotency("all\0forward\0saq-a", Duration::from_secs(3600))
+        .get_idempotency(
+            "all\0forward\0saq-a",
+            time::OffsetDateTime::now_utc() - Duration::from_secs(3600),
+        )
         .await
         .unwrap()
         .expect("the answer is recorded in the vault");

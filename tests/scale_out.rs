@@ -538,7 +538,11 @@ async fn a_cvc_in_redis_is_sealed_and_expires_with_cvc_ttl() {
         .await
         .unwrap(),
     );
-    let cvcs = tokenrelay::cvc::CvcStore::shared(Duration::from_secs(30), store.clone());
+    let cvcs = tokenrelay::cvc::CvcStore::shared(
+        Duration::from_secs(30),
+        store.clone(),
+        tokenrelay::clock::SystemClock::shared(),
+    );
     let id = Uuid::new_v4();
     assert!(cvcs
         .hold(id, tokenrelay::card::Secret::new("9731".into()))

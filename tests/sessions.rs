@@ -245,7 +245,8 @@ async fn a_session_is_a_fresh_p256_key_with_kid_alg_use_and_an_expiry() {
 
 #[tokio::test]
 async fn unknown_reused_and_expired_sessions() {
-    let s = TestServer::start(config(ComplianceLevel::SaqA)).await;
+    let clock = tokenrelay::clock::ManualClock::starting_now();
+    let s = TestServer::start_with_clock(config(ComplianceLevel::SaqA), clock.clone()).await;
     let (id, jwk) = open(&s).await;
     let data = encrypt(&jwk, &card(VISA));
 
@@ -286,27 +287,24 @@ async fn unknown_reused_and_expired_sessions() {
     )
     .await;
 
-    // Expired: a session opened 16 minutes ago (time driven through the
-    // library, not slept through).
-    let past = time::OffsetDateTime::now_utc() - time::Duration::minutes(16);
-    let old = s.state.sessions.open(past).await.unwrap();
-    let old_data = encrypt(&old.jwk(), &card(VISA));
+    // Expiry, on the server's clock moved by hand (not slept through):
+    // two sessions opened now; a millisecond before the 15-minute
+    // session_ttl one still works, at it the other is not found.
+    let (live_id, live_jwk) = open(&s).await;
+    let (old_id, old_jwk) = open(&s).await;
+    let ms = time::Duration::milliseconds(1);
+    clock.advance(time::Duration::minutes(15) - ms);
+    let r = pci_token(&s, &live_id, &encrypt(&live_jwk, &card(VISA))).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    clock.advance(ms);
+    let old_data = encrypt(&old_jwk, &card(VISA));
     assert_refused(
-        provision(&s, old.id.as_str(), &old_data).await,
+        provision(&s, &old_id, &old_data).await,
         404,
         "session_not_found",
         &old_data,
     )
     .await;
-    // One opened 14 minutes ago still works.
-    let recent = s
-        .state
-        .sessions
-        .open(time::OffsetDateTime::now_utc() - time::Duration::minutes(14))
-        .await
-        .unwrap();
-    let r = pci_token(&s, recent.id.as_str(), &encrypt(&recent.jwk(), &card(VISA))).await;
-    assert!(r.status().is_success(), "{}", r.status());
     s.stop().await;
 }
 
@@ -644,8 +642,10 @@ async fn a_session_opened_on_one_replica_is_finished_on_another_with_redis() {
         });
         c
     };
-    let a = TestServer::start(replica(true)).await;
-    let b = TestServer::start(replica(false)).await;
+    // Both replicas on one clock, moved by hand below.
+    let clock = tokenrelay::clock::ManualClock::starting_now();
+    let a = TestServer::start_with_clock(replica(true), clock.clone()).await;
+    let b = TestServer::start_with_clock(replica(false), clock.clone()).await;
 
     let (id, jwk) = open(&a).await;
     let data = encrypt(&jwk, &card(VISA));
@@ -683,16 +683,20 @@ async fn a_session_opened_on_one_replica_is_finished_on_another_with_redis() {
     let fields: Vec<String> = redis::cmd("HKEYS").arg(&keys[0]).query(&mut con).unwrap();
     assert_eq!(fields, ["e"]);
 
-    // Expired, across replicas too.
-    let old = a
-        .state
-        .sessions
-        .open(time::OffsetDateTime::now_utc() - time::Duration::minutes(20))
-        .await
-        .unwrap();
-    let old_data = encrypt(&old.jwk(), &card(VISA));
+    // Expiry across replicas, on the clock they share (Redis's own PXAT,
+    // kept as it is, is 15 real minutes away): of two sessions opened on
+    // A, one still finishes on B a millisecond before session_ttl, the
+    // other is not found at it.
+    let (live_id, live_jwk) = open(&a).await;
+    let (old_id, old_jwk) = open(&a).await;
+    let ms = time::Duration::milliseconds(1);
+    clock.advance(time::Duration::minutes(15) - ms);
+    let r = pci_token(&b, &live_id, &encrypt(&live_jwk, &card(VISA))).await;
+    assert!(r.status().is_success(), "{}", r.status());
+    clock.advance(ms);
+    let old_data = encrypt(&old_jwk, &card(VISA));
     assert_refused(
-        provision(&b, old.id.as_str(), &old_data).await,
+        provision(&b, &old_id, &old_data).await,
         404,
         "session_not_found",
         &old_data,

@@ -292,49 +292,57 @@ async fn exercise(store: Arc<dyn TokenStore>) {
     let key = format!("all\u{0}provision_token\u{0}k-%00%25%-{run}");
     let now = OffsetDateTime::now_utc();
     let first = idem(&key, br#"{"first":true,"number":"4895370012345678"}"#, now);
-    assert!(store.get_idempotency(&key, HOUR).await.unwrap().is_none());
     assert!(store
-        .put_idempotency(first.clone(), HOUR)
+        .get_idempotency(&key, now - HOUR)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(store
+        .put_idempotency(first.clone(), now - HOUR)
         .await
         .unwrap()
         .is_none());
     let second = idem(&key, b"{\"second\":true}", now);
     let existing = store
-        .put_idempotency(second, HOUR)
+        .put_idempotency(second, now - HOUR)
         .await
         .unwrap()
         .expect("second put returns the first record");
     assert_same_record(&existing, &first);
     assert_same_record(
-        &store.get_idempotency(&key, HOUR).await.unwrap().unwrap(),
+        &store
+            .get_idempotency(&key, now - HOUR)
+            .await
+            .unwrap()
+            .unwrap(),
         &first,
     );
 
-    // max_age: an old record reads as absent, and is replaced on put.
+    // horizon: an old record reads as absent, and is replaced on put.
     let old_key = format!("all\u{0}cryptogram\u{0}old-{run}");
     let old = idem(&old_key, b"{\"old\":1}", now - 2 * HOUR);
     assert!(store
-        .put_idempotency(old.clone(), 3 * HOUR)
+        .put_idempotency(old.clone(), now - 3 * HOUR)
         .await
         .unwrap()
         .is_none());
     assert_same_record(
         &store
-            .get_idempotency(&old_key, 3 * HOUR)
+            .get_idempotency(&old_key, now - 3 * HOUR)
             .await
             .unwrap()
             .unwrap(),
         &old,
     );
     assert!(store
-        .get_idempotency(&old_key, HOUR)
+        .get_idempotency(&old_key, now - HOUR)
         .await
         .unwrap()
         .is_none());
     let fresh = idem(&old_key, b"{\"fresh\":1}", now);
     assert!(
         store
-            .put_idempotency(fresh.clone(), HOUR)
+            .put_idempotency(fresh.clone(), now - HOUR)
             .await
             .unwrap()
             .is_none(),
@@ -342,7 +350,7 @@ async fn exercise(store: Arc<dyn TokenStore>) {
     );
     assert_same_record(
         &store
-            .get_idempotency(&old_key, HOUR)
+            .get_idempotency(&old_key, now - HOUR)
             .await
             .unwrap()
             .unwrap(),
@@ -364,7 +372,7 @@ async fn exercise(store: Arc<dyn TokenStore>) {
     assert_same_token(&store.get(with_rec_id).await.unwrap().unwrap(), &with_rec);
     assert_same_record(
         &store
-            .get_idempotency(&rec_key, HOUR)
+            .get_idempotency(&rec_key, now - HOUR)
             .await
             .unwrap()
             .unwrap(),
@@ -389,7 +397,7 @@ async fn exercise(store: Arc<dyn TokenStore>) {
     );
     assert_same_record(
         &store
-            .get_idempotency(&rec_key, HOUR)
+            .get_idempotency(&rec_key, now - HOUR)
             .await
             .unwrap()
             .unwrap(),
@@ -700,11 +708,11 @@ async fn tamper(db: &Db) {
     // Plain keys: the SQL below names them as stored.
     let (k1, k2) = (format!("tamper-1-{run}"), format!("tamper-2-{run}"));
     store
-        .put_idempotency(idem(&k1, b"{\"n\":1}", now), HOUR)
+        .put_idempotency(idem(&k1, b"{\"n\":1}", now), now - HOUR)
         .await
         .unwrap();
     store
-        .put_idempotency(idem(&k2, b"{\"n\":2}", now), HOUR)
+        .put_idempotency(idem(&k2, b"{\"n\":2}", now), now - HOUR)
         .await
         .unwrap();
     sqlx::query("UPDATE idempotency SET body = (SELECT body FROM idempotency WHERE key = $1) WHERE key = $2")
@@ -714,10 +722,14 @@ async fn tamper(db: &Db) {
         .await
         .unwrap();
     assert!(matches!(
-        store.get_idempotency(&k2, HOUR).await,
+        store.get_idempotency(&k2, now - HOUR).await,
         Err(StoreError::Corrupt(_))
     ));
-    assert!(store.get_idempotency(&k1, HOUR).await.unwrap().is_some());
+    assert!(store
+        .get_idempotency(&k1, now - HOUR)
+        .await
+        .unwrap()
+        .is_some());
     pool.close().await;
 }
 
@@ -754,7 +766,7 @@ async fn rotation_under_load(db: &Db) {
         .map(|i| format!("all\u{0}provision_token\u{0}{run}-{i}"))
         .collect();
     for k in &idem_keys {
-        old.put_idempotency(idem(k, k.as_bytes(), now), HOUR)
+        old.put_idempotency(idem(k, k.as_bytes(), now), now - HOUR)
             .await
             .unwrap();
     }
@@ -858,7 +870,11 @@ async fn rotation_under_load(db: &Db) {
         assert_eq!(t.tpan.expose(), tpan);
     }
     for k in &idem_keys {
-        let r = k2_only.get_idempotency(k, HOUR).await.unwrap().unwrap();
+        let r = k2_only
+            .get_idempotency(k, now - HOUR)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(r.body, k.as_bytes());
     }
     let k1_only = db.store(&k1).await;
@@ -866,7 +882,7 @@ async fn rotation_under_load(db: &Db) {
         assert_corrupt(k1_only.as_ref(), *id, "read under k1 after rotation").await;
     }
     assert!(matches!(
-        k1_only.get_idempotency(&idem_keys[0], HOUR).await,
+        k1_only.get_idempotency(&idem_keys[0], now - HOUR).await,
         Err(StoreError::Corrupt(_))
     ));
     let again = both

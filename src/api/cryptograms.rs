@@ -128,7 +128,7 @@ pub async fn issue(
     match mode {
         Mode::Inline => Ok(Issued::Inline(minted)),
         Mode::Reference => {
-            let expires_at = OffsetDateTime::now_utc() + state.config.reference_ttl;
+            let expires_at = state.clock.now() + state.config.reference_ttl;
             let (cryptogram_type, eci) = (minted.cryptogram_type, minted.eci);
             let id = state
                 .references
@@ -348,8 +348,12 @@ async fn create_inner(
         body: body.into(),
     };
     if let Some(p) = pending {
-        let ttl = state.config.idempotency_ttl;
-        if let Some(existing) = state.tokens.put_idempotency(p.record(&stored), ttl).await? {
+        let horizon = state.idempotency.horizon(state.config.idempotency_ttl);
+        if let Some(existing) = state
+            .tokens
+            .put_idempotency(p.record(&stored), horizon)
+            .await?
+        {
             // Another replica answered this key first; its answer stands.
             return p.replay(existing);
         }

@@ -12,6 +12,9 @@
 //! bytes ([`MAX_CACHE_BYTES`]: an inline cryptogram's record carries a TPAN
 //! and a cryptogram, and a sidecar's pod has little memory). A record
 //! evicted from memory is still replayed from the vault's durable copy.
+//! Whether a record is live is decided on the state's clock
+//! ([`crate::clock`]), in memory and in the vault alike; moka's own
+//! `time_to_live` (process time) only frees the memory.
 //!
 //! A forward's answer streams, so it cannot wait in a cell: [`forward`]
 //! records it in the same vault table, claimed before the send and
@@ -25,9 +28,11 @@ use bytes::Bytes;
 use http::{HeaderMap, Method, Response, StatusCode};
 use moka::sync::Cache;
 use ring::digest;
+use time::OffsetDateTime;
 
 use super::auth::ApiKey;
 use super::{bytes_response, check_content_length, read_body, ApiError, X_IDEMPOTENCY_KEY};
+use crate::clock::SharedClock;
 use crate::vault::{IdempotencyRecord, TokenStore};
 use crate::{AppState, Body};
 use http::Request;
@@ -79,7 +84,7 @@ const ENTRY_OVERHEAD: usize = 256;
 /// its body too (re-weighed when it is filled, see [`Idempotency::run`]).
 #[allow(clippy::ptr_arg)] // moka's weigher signature
 fn weight(key: &String, slot: &Arc<Slot>) -> u32 {
-    let body = slot.get().map_or(0, |(_, s)| s.body.len());
+    let body = slot.get().map_or(0, |a| a.stored.body.len());
     u32::try_from(key.len() + body + ENTRY_OVERHEAD).unwrap_or(u32::MAX)
 }
 /// Longest accepted idempotency key.
@@ -99,17 +104,18 @@ pub struct Stored {
 pub struct Pending {
     key: String,
     fingerprint: [u8; 32],
+    clock: SharedClock,
 }
 
 impl Pending {
-    /// The durable record of `stored` as this request's answer.
+    /// The durable record of `stored` as this request's answer, made now.
     pub fn record(&self, stored: &Stored) -> IdempotencyRecord {
         IdempotencyRecord {
             key: self.key.clone(),
             fingerprint: self.fingerprint,
             status: stored.status.as_u16(),
             body: stored.body.to_vec(),
-            created_at: time::OffsetDateTime::now_utc(),
+            created_at: self.clock.now(),
         }
     }
 
@@ -135,11 +141,26 @@ fn stored_from(r: IdempotencyRecord) -> Result<Stored, ApiError> {
 /// that produced it. The fingerprint is set together with the answer, not
 /// when the slot is created: a failed request must leave the key free for
 /// whatever request comes next, with this body or another.
-type Slot = tokio::sync::OnceCell<([u8; 32], Stored)>;
+type Slot = tokio::sync::OnceCell<Answered>;
+
+/// A slot's content.
+struct Answered {
+    fingerprint: [u8; 32],
+    stored: Stored,
+    /// When the answer was recorded (the durable record's `created_at`
+    /// when it came from the vault): it is live for the TTL from then.
+    at: OffsetDateTime,
+}
+
+/// Whether `slot` holds an answer that is no longer live at `now`.
+fn expired(slot: &Slot, now: OffsetDateTime, ttl: Duration) -> bool {
+    slot.get().is_some_and(|a| a.at + ttl <= now)
+}
 
 /// The idempotency record cache.
 pub struct Idempotency {
     cache: Cache<String, Arc<Slot>>,
+    clock: SharedClock,
     /// Forwards in flight on this replica, by record key.
     pub flights: forward::Flights,
 }
@@ -169,16 +190,23 @@ pub fn record_key(scope: (&str, &str), client_key: &str) -> String {
 }
 
 impl Idempotency {
-    /// Records kept for `ttl`.
-    pub fn new(ttl: Duration) -> Self {
+    /// Records live for `ttl` on `clock`.
+    pub fn new(ttl: Duration, clock: SharedClock) -> Self {
         Self {
             cache: Cache::builder()
                 .max_capacity(MAX_CACHE_BYTES.min(MAX_RECORDS * ENTRY_OVERHEAD as u64))
                 .weigher(weight)
                 .time_to_live(ttl)
                 .build(),
+            clock,
             flights: forward::Flights::default(),
         }
+    }
+
+    /// The clock's now minus `ttl`: a record created at or before it is no
+    /// longer live (the vault's idempotency calls take it as `horizon`).
+    pub fn horizon(&self, ttl: Duration) -> OffsetDateTime {
+        self.clock.now() - ttl
     }
 
     /// Runs `f` under the request's idempotency key, if it has one. A
@@ -216,33 +244,56 @@ impl Idempotency {
             fp
         };
         let record_key = record_key(scope, client_key);
+        let now = self.clock.now();
+        // An answer past its TTL on the clock is replaced by an empty slot
+        // (atomically: concurrent requests get the same new slot).
         let slot = self
             .cache
-            .get_with(record_key.clone(), || Arc::new(Slot::new()));
+            .entry(record_key.clone())
+            .or_insert_with_if(|| Arc::new(Slot::new()), |s| expired(s, now, ttl))
+            .into_value();
         let was_empty = !slot.initialized();
         let cache_key = was_empty.then(|| record_key.clone());
+        let clock = self.clock.clone();
+        let horizon = now - ttl;
         // Concurrent requests with one key queue here; the first to succeed
         // records its answer, and the others compare against it.
-        let (recorded, stored) = slot
+        let answered = slot
             .get_or_try_init(|| async move {
-                if let Some(r) = store.get_idempotency(&record_key, ttl).await? {
-                    return Ok((r.fingerprint, stored_from(r)?));
+                if let Some(r) = store.get_idempotency(&record_key, horizon).await? {
+                    let at = r.created_at;
+                    return Ok(Answered {
+                        fingerprint: r.fingerprint,
+                        stored: stored_from(r)?,
+                        at,
+                    });
                 }
                 let pending = Pending {
                     key: record_key,
                     fingerprint,
+                    clock,
                 };
-                f(Some(pending)).await.map(|s| (fingerprint, s))
+                let stored = f(Some(pending)).await?;
+                // The request's arrival, not after its record's
+                // `created_at`: memory never outlives the vault's copy.
+                Ok::<_, ApiError>(Answered {
+                    fingerprint,
+                    stored,
+                    at: now,
+                })
             })
             .await?;
         if let Some(k) = cache_key {
             // Filled now: insert again so the byte bound weighs the body.
             self.cache.insert(k, slot.clone());
         }
-        if *recorded != fingerprint {
+        if answered.fingerprint != fingerprint {
             return Err(ApiError::IdempotencyKeyReused);
         }
-        Ok(bytes_response(stored.status, stored.body.clone()))
+        Ok(bytes_response(
+            answered.stored.status,
+            answered.stored.body.clone(),
+        ))
     }
 }
 
@@ -252,7 +303,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_cache_is_bounded_in_bytes_and_weighs_the_bodies() {
-        let idem = Idempotency::new(Duration::from_secs(3600));
+        let idem = Idempotency::new(
+            Duration::from_secs(3600),
+            crate::clock::SystemClock::shared(),
+        );
         let store = crate::vault::memory::MemoryTokenStore::new();
         let body = Bytes::from(vec![b'x'; 256 << 10]);
         // 50 MiB of answers, over the bound.

@@ -10,7 +10,6 @@
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
-use time::OffsetDateTime;
 use zeroize::Zeroize;
 
 use super::tokens::rfc3339;
@@ -39,7 +38,7 @@ pub async fn create(
     if !body.iter().all(u8::is_ascii_whitespace) {
         json::only_fields(&json::object(&body)?, &[], "")?;
     }
-    let session = state.sessions.open(OffsetDateTime::now_utc()).await?;
+    let session = state.sessions.open().await?;
     audit.session = Some(session.id.clone());
     json_response(
         StatusCode::CREATED,
@@ -67,10 +66,7 @@ pub async fn card_from_source(
     };
     let (id, data) = (field("id")?, field("data")?);
     audit.session = SessionId::parse(id);
-    let plain = state
-        .sessions
-        .open_card(id, data, OffsetDateTime::now_utc())
-        .await?;
+    let plain = state.sessions.open_card(id, data).await?;
     let mut card = Scrubbed(match serde_json::from_slice::<Value>(&plain) {
         Ok(Value::Object(m)) => m,
         _ => return Err(NOT_A_CARD),

@@ -5,6 +5,10 @@
 //! admission policy could silently drop a session) — the bound is
 //! enforced here, and a full store refuses to open a session.
 //!
+//! moka evicts an entry when the store's clock says it has expired (its
+//! timer is set from `expires_at` on that clock at insertion); whether a
+//! take finds it is decided by the `now` it is given.
+//!
 //! An entry's private key is dropped (and zeroized, by `p256`) the moment
 //! the session is taken; the entry stays, empty, until its expiry so that a
 //! retry answers `session_already_used`.
@@ -19,6 +23,7 @@ use p256::SecretKey;
 use time::OffsetDateTime;
 
 use super::{SessionId, SessionStore, TakeError, TakeFailure};
+use crate::clock::SharedClock;
 use crate::references::ReferenceStoreError;
 
 struct Slot {
@@ -27,11 +32,12 @@ struct Slot {
     key: Mutex<Option<SecretKey>>,
 }
 
-struct ByExpiresAt;
+/// moka's timer for an entry: what is left of it on the store's clock.
+struct ByExpiresAt(SharedClock);
 
 impl Expiry<SessionId, Arc<Slot>> for ByExpiresAt {
     fn expire_after_create(&self, _: &SessionId, s: &Arc<Slot>, _: Instant) -> Option<Duration> {
-        let left = s.expires_at - OffsetDateTime::now_utc();
+        let left = s.expires_at - self.0.now();
         Some(left.try_into().unwrap_or(Duration::ZERO))
     }
 }
@@ -43,10 +49,11 @@ pub struct MemorySessionStore {
 }
 
 impl MemorySessionStore {
-    /// At most `max_entries` sessions (open or spent, until they expire).
-    pub fn new(max_entries: u64) -> Self {
+    /// At most `max_entries` sessions (open or spent, until they expire on
+    /// `clock`).
+    pub fn new(max_entries: u64, clock: SharedClock) -> Self {
         Self {
-            cache: Cache::builder().expire_after(ByExpiresAt).build(),
+            cache: Cache::builder().expire_after(ByExpiresAt(clock)).build(),
             max_entries,
         }
     }
@@ -98,11 +105,12 @@ impl SessionStore for MemorySessionStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clock::SystemClock;
     use crate::session::generate_key;
 
     #[tokio::test]
     async fn single_use_expiry_and_bound() {
-        let store = MemorySessionStore::new(2);
+        let store = MemorySessionStore::new(2, SystemClock::shared());
         let now = OffsetDateTime::now_utc();
         let ttl = time::Duration::minutes(15);
         let (a, b) = (SessionId::generate(), SessionId::generate());
@@ -140,7 +148,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let store = Arc::new(MemorySessionStore::new(10));
+            let store = Arc::new(MemorySessionStore::new(10, SystemClock::shared()));
             let id = SessionId::generate();
             let now = OffsetDateTime::now_utc();
             store

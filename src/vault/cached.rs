@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use time::OffsetDateTime;
 
 use crate::card::CardNumber;
 
@@ -175,17 +176,17 @@ impl TokenStore for CachedTokenStore {
     async fn get_idempotency(
         &self,
         key: &str,
-        max_age: Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.get_idempotency(key, max_age).await
+        self.inner.get_idempotency(key, horizon).await
     }
 
     async fn put_idempotency(
         &self,
         record: IdempotencyRecord,
-        max_age: Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        self.inner.put_idempotency(record, max_age).await
+        self.inner.put_idempotency(record, horizon).await
     }
 
     async fn finish_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
@@ -283,14 +284,14 @@ mod tests {
         async fn get_idempotency(
             &self,
             k: &str,
-            a: Duration,
+            a: OffsetDateTime,
         ) -> Result<Option<IdempotencyRecord>, StoreError> {
             self.store.get_idempotency(k, a).await
         }
         async fn put_idempotency(
             &self,
             r: IdempotencyRecord,
-            a: Duration,
+            a: OffsetDateTime,
         ) -> Result<Option<IdempotencyRecord>, StoreError> {
             self.store.put_idempotency(r, a).await
         }

@@ -43,8 +43,8 @@ struct Inner {
     pci: HashMap<PciTokenId, Arc<PciToken>>,
 }
 
-fn live(r: &IdempotencyRecord, max_age: std::time::Duration) -> bool {
-    r.created_at + max_age > OffsetDateTime::now_utc()
+fn live(r: &IdempotencyRecord, horizon: OffsetDateTime) -> bool {
+    r.created_at > horizon
 }
 
 impl MemoryTokenStore {
@@ -81,7 +81,7 @@ impl TokenStore for MemoryTokenStore {
     async fn get_idempotency(
         &self,
         key: &str,
-        max_age: std::time::Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let inner = self
             .inner
@@ -90,17 +90,17 @@ impl TokenStore for MemoryTokenStore {
         Ok(inner
             .idempotency
             .get(key)
-            .filter(|r| live(r, max_age))
+            .filter(|r| live(r, horizon))
             .cloned())
     }
 
     async fn put_idempotency(
         &self,
         record: IdempotencyRecord,
-        max_age: std::time::Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         let mut inner = self.write()?;
-        inner.idempotency.retain(|_, r| live(r, max_age));
+        inner.idempotency.retain(|_, r| live(r, horizon));
         if let Some(existing) = inner.idempotency.get(&record.key) {
             return Ok(Some(existing.clone()));
         }

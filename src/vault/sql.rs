@@ -902,22 +902,21 @@ impl TokenStore for SqlTokenStore {
     async fn get_idempotency(
         &self,
         key: &str,
-        max_age: Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         Ok(self
             .read_idempotency(key)
             .await?
-            .filter(|r| r.created_at + max_age > OffsetDateTime::now_utc()))
+            .filter(|r| r.created_at > horizon))
     }
 
     async fn put_idempotency(
         &self,
         record: IdempotencyRecord,
-        max_age: Duration,
+        horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        let horizon = (OffsetDateTime::now_utc() - max_age).unix_timestamp();
         sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
-            .bind(horizon)
+            .bind(horizon.unix_timestamp())
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;

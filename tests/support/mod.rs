@@ -76,11 +76,22 @@ pub struct TestServer {
 
 impl TestServer {
     pub async fn start(config: Config) -> TestServer {
+        TestServer::start_with_clock(config, tokenrelay::clock::SystemClock::shared()).await
+    }
+
+    /// As [`TestServer::start`], with every TTL on `clock` (a
+    /// `ManualClock` the test moves by hand).
+    pub async fn start_with_clock(
+        config: Config,
+        clock: tokenrelay::clock::SharedClock,
+    ) -> TestServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let admin_addr = admin.local_addr().unwrap();
-        let state = tokenrelay::AppState::build(config).await.unwrap();
+        let state = tokenrelay::AppState::build_with_clock(config, clock)
+            .await
+            .unwrap();
         let (tx, rx) = watch::channel(false);
         let s = state.clone();
         let task = tokio::spawn(async move {

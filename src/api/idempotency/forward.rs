@@ -308,10 +308,10 @@ impl<'a> Reader<'a> {
 pub struct Bound(pub Duration);
 
 impl Bound {
-    /// What remains of the bound for a claim made at `claimed_at`, plus
-    /// the grace.
-    fn remaining(self, claimed_at: OffsetDateTime) -> Duration {
-        let age = OffsetDateTime::now_utc() - claimed_at;
+    /// What remains at `now` of the bound for a claim made at
+    /// `claimed_at`, plus the grace.
+    fn remaining(self, claimed_at: OffsetDateTime, now: OffsetDateTime) -> Duration {
+        let age = now - claimed_at;
         let age = Duration::try_from(age).unwrap_or(Duration::ZERO);
         self.0.saturating_sub(age) + GRACE
     }
@@ -395,7 +395,7 @@ impl Ticket {
             fingerprint: self.fingerprint,
             status: answer.status().as_u16(),
             body: answer.encode(),
-            created_at: OffsetDateTime::now_utc(),
+            created_at: self.state.clock.now(),
         };
         let mut pause = Duration::from_millis(100);
         for attempt in 1..=3 {
@@ -408,7 +408,12 @@ impl Ticket {
                     if let Ok(Some(r)) = self
                         .state
                         .tokens
-                        .get_idempotency(&self.key, self.state.config.idempotency_ttl)
+                        .get_idempotency(
+                            &self.key,
+                            self.state
+                                .idempotency
+                                .horizon(self.state.config.idempotency_ttl),
+                        )
                         .await
                     {
                         if let Some(recorded) = Answer::decode(&r.body) {
@@ -517,10 +522,11 @@ pub async fn begin(
             fingerprint,
             status: IdempotencyRecord::IN_FLIGHT,
             body: Vec::new(),
-            created_at: OffsetDateTime::now_utc(),
+            created_at: state.clock.now(),
         };
         let ttl = state.config.idempotency_ttl;
-        let Some(mut existing) = state.tokens.put_idempotency(claim, ttl).await? else {
+        let horizon = || state.idempotency.horizon(ttl);
+        let Some(mut existing) = state.tokens.put_idempotency(claim, horizon()).await? else {
             return Ok(Begun::Owner(ticket));
         };
         if existing.fingerprint != fingerprint {
@@ -528,7 +534,8 @@ pub async fn begin(
         }
         if existing.is_in_flight() {
             // Held by another replica, or by one that died: poll it.
-            let deadline = tokio::time::Instant::now() + bound.remaining(existing.created_at);
+            let deadline = tokio::time::Instant::now()
+                + bound.remaining(existing.created_at, state.clock.now());
             let mut pause = POLL_FIRST;
             loop {
                 if tokio::time::Instant::now() >= deadline {
@@ -549,7 +556,7 @@ pub async fn begin(
                 let left = deadline.saturating_duration_since(tokio::time::Instant::now());
                 tokio::time::sleep(pause.min(left).max(Duration::from_millis(1))).await;
                 pause = (pause * 2).min(POLL_MAX);
-                match state.tokens.get_idempotency(&key, ttl).await? {
+                match state.tokens.get_idempotency(&key, horizon()).await? {
                     // Released: the key is free, claim it again.
                     None => break,
                     Some(r) if r.fingerprint != fingerprint => {
