@@ -40,11 +40,11 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use crate::auth::{self, Scope};
 use crate::template::Namespace;
 use crate::vault::{PciTokenId, TokenId};
 use crate::{AppState, Body};
 
-pub mod auth;
 pub mod cryptograms;
 pub mod error;
 pub mod idempotency;
@@ -55,8 +55,6 @@ pub mod surfaces;
 pub mod tokens;
 
 pub use error::ApiError;
-
-use auth::Scope;
 
 /// Header carrying the API key.
 pub const X_API_KEY: &str = "x-api-key";

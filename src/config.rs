@@ -30,7 +30,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use crate::api::auth::ApiKey;
+use crate::auth::ApiKey;
 
 mod api_keys;
 mod duration;

@@ -19,7 +19,7 @@ use hyper_util::rt::TokioExecutor;
 use serde_json::{json, Value};
 use tokio::net::TcpListener;
 
-use crate::api::auth::{ApiKey, KeyHash, Scope};
+use crate::auth::{ApiKey, KeyHash, Scope};
 use crate::config::{ComplianceLevel, Config, DestScheme, DestinationRule, HostPattern};
 use crate::sandbox_acquirer::{generate_pki, SandboxAcquirer};
 use crate::tsp::sandbox::DEFAULT_SANDBOX_KEY;

@@ -42,10 +42,10 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::auth::ApiKey;
 use crate::api::{
     check_content_length, idempotency, json_response, read_body, ApiError, Audit, Subject,
 };
+use crate::auth::ApiKey;
 use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use tokenrelay::api::auth::KeyHash;
+use tokenrelay::auth::KeyHash;
 use tokenrelay::config::Config;
 
 /// mimalloc instead of glibc malloc: the forward path allocates and frees

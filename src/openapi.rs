@@ -21,8 +21,8 @@ use std::sync::OnceLock;
 use bytes::Bytes;
 use serde_json::{json, Map, Value};
 
-use crate::api::auth::Scope;
 use crate::api::ApiError;
+use crate::auth::Scope;
 
 /// The main listener's document, serialised once.
 pub fn main_document() -> Bytes {

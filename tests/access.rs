@@ -15,7 +15,7 @@ use std::time::Duration;
 use serde_json::Value;
 use support::binary::Binary;
 use support::*;
-use tokenrelay::api::auth::KeyHash;
+use tokenrelay::auth::KeyHash;
 use tokenrelay::config::{ComplianceLevel, DestScheme, DestinationRule, HostPattern};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

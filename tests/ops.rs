@@ -11,7 +11,7 @@ use std::time::Duration;
 use reqwest::Method;
 use support::binary::Binary;
 use support::*;
-use tokenrelay::api::auth::KeyHash;
+use tokenrelay::auth::KeyHash;
 use tokenrelay::config::ComplianceLevel;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

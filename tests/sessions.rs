@@ -176,7 +176,7 @@ async fn saq_a_makes_a_pci_token_from_a_session_but_not_from_card_fields() {
 #[tokio::test]
 async fn a_session_is_a_fresh_p256_key_with_kid_alg_use_and_an_expiry() {
     let mut c = config(ComplianceLevel::SaqA);
-    c.api_keys[1].scopes = vec![tokenrelay::api::auth::Scope::Forward];
+    c.api_keys[1].scopes = vec![tokenrelay::auth::Scope::Forward];
     let s = TestServer::start(c).await;
     let before = time::OffsetDateTime::now_utc();
     let r = s.req(Method::POST, "/api/sessions").send().await.unwrap();

@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use support::binary::Binary;
 use support::*;
 use time::OffsetDateTime;
-use tokenrelay::api::auth::KeyHash;
+use tokenrelay::auth::KeyHash;
 use tokenrelay::card::{Brand, CardNumber};
 use tokenrelay::config::{ComplianceLevel, VaultBackend, VaultConfig};
 use tokenrelay::crypto::{random_bytes, random_digits};

@@ -13,10 +13,10 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use super::auth::ApiKey;
 use super::idempotency::{self, Pending, Stored};
 use super::tokens::rfc3339;
 use super::{json, ApiError, Audit};
+use crate::auth::ApiKey;
 use crate::config::ComplianceLevel;
 use crate::references::{Payload, Reference, ReferenceId};
 use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType, Minted};

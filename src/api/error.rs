@@ -13,7 +13,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use crate::api::auth::Scope;
+use crate::auth::Scope;
 use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
 use crate::session::jwe::JweError;
 use crate::session::{SessionError, TakeError as SessionTakeError};

@@ -30,8 +30,8 @@ use moka::sync::Cache;
 use ring::digest;
 use time::OffsetDateTime;
 
-use super::auth::ApiKey;
 use super::{bytes_response, check_content_length, read_body, ApiError, X_IDEMPOTENCY_KEY};
+use crate::auth::ApiKey;
 use crate::clock::SharedClock;
 use crate::vault::{IdempotencyRecord, TokenStore};
 use crate::{AppState, Body};

@@ -32,8 +32,8 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use super::auth::{self, ApiKey, Scope};
 use super::{check_content_length, json, read_body, ApiError, Matched, RouteKind, Trace};
+use crate::auth::{self, ApiKey, Scope};
 use crate::card::CardNumber;
 use crate::config::{ComplianceLevel, Surfaces};
 use crate::vault::PciTokenId;

@@ -9,12 +9,12 @@ use serde::Serialize;
 use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
-use super::auth::ApiKey;
 use super::idempotency::{self, Pending, Stored};
 use super::{
     check_content_length, empty_response, json_response, read_body, ApiError, Audit, Subject,
 };
 use super::{json, pci};
+use crate::auth::ApiKey;
 use crate::card::validate_expiry;
 use crate::tsp::ProvisionRequest;
 use crate::vault::{

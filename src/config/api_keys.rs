@@ -4,7 +4,7 @@ use std::collections::HashSet;
 
 use super::raw::RawApiKey;
 use super::ConfigError;
-use crate::api::auth::{ApiKey, KeyHash, Scope};
+use crate::auth::{ApiKey, KeyHash, Scope};
 
 pub(super) fn validate(raw: &[RawApiKey]) -> Result<Vec<ApiKey>, ConfigError> {
     let mut api_keys = Vec::with_capacity(raw.len());

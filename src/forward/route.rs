@@ -41,8 +41,8 @@ use minijinja::{AutoEscape, Environment, ErrorKind, Output, State, UndefinedBeha
 use super::destination::{self, Destination, DestinationError};
 use super::record::Origin;
 use super::{check_headers, finish, keyed_by, read_and_parse};
-use crate::api::auth::ApiKey;
 use crate::api::{idempotency, ApiError, Audit, Subject};
+use crate::auth::ApiKey;
 use crate::config::{Config, ConfigError, DestinationRule, RouteSubject};
 use crate::references::ReferenceId;
 use crate::template::{self as placeholders, Field, Filter, Namespace, Value, Values};

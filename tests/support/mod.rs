@@ -22,7 +22,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use serde_json::{json, Value};
-use tokenrelay::api::auth::{ApiKey, KeyHash, Scope};
+use tokenrelay::auth::{ApiKey, KeyHash, Scope};
 use tokenrelay::config::{ComplianceLevel, Config, DestScheme, DestinationRule, HostPattern};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
