@@ -9,7 +9,8 @@
 //! cross-process scheduling noise of `scripts/load.sh`. References are
 //! minted before each timed batch and are not part of the figure.
 //!
-//! `json_fresh_reference_keyed` adds a fresh `x-idempotency-key` to each
+//! `json_fresh_reference_redacted` streams the answer through response
+//! redaction (on by default at SAQ-A). `json_fresh_reference_keyed` adds a fresh `x-idempotency-key` to each
 //! forward (contract §9), the `_sqlite` pair runs on a SQLite vault, where
 //! the key's claim and record are two durable writes.
 //!
@@ -113,6 +114,11 @@ fn forward(c: &mut Criterion) {
         c.vault.create_key_file = true;
     })));
 
+    // SAQ-A's default: the answer streamed through response redaction.
+    let redacted = rt.block_on(merchant(Sandbox::start_with(|c| {
+        c.redact_responses = true;
+    })));
+
     let mut g = c.benchmark_group("forward");
     g.throughput(Throughput::Elements(1))
         .sample_size(20)
@@ -122,6 +128,7 @@ fn forward(c: &mut Criterion) {
     for (name, merchant, keyed) in [
         ("json_fresh_reference", &memory, false),
         ("json_fresh_reference_keyed", &memory, true),
+        ("json_fresh_reference_redacted", &redacted, false),
         ("json_fresh_reference_sqlite", &sqlite, false),
         ("json_fresh_reference_sqlite_keyed", &sqlite, true),
     ] {
@@ -144,6 +151,7 @@ fn forward(c: &mut Criterion) {
     }
     g.finish();
     rt.block_on(memory.sandbox.stop());
+    rt.block_on(redacted.sandbox.stop());
     rt.block_on(sqlite.sandbox.stop());
 }
 
