@@ -273,7 +273,7 @@ impl Field {
         match self {
             Field::Metadata | Field::SchemeMetadata | Field::NetworkTokenMetadata => {
                 if keyed {
-                    4 * crate::api::json::METADATA_MAX_VALUE
+                    4 * crate::vault::METADATA_MAX_VALUE
                 } else {
                     MAX_MAP_BYTES
                 }
@@ -455,9 +455,9 @@ const MAX_EXPANSION: usize = 8;
 
 /// Most bytes of a metadata map's compact JSON form before escaping:
 /// braces, and per pair two quoted strings, a colon and a comma (limits of
-/// [`crate::api::json::metadata`], four UTF-8 bytes per character).
-const MAX_MAP_BYTES: usize = 2 + crate::api::json::METADATA_MAX_PAIRS
-    * (4 * (crate::api::json::METADATA_MAX_KEY + crate::api::json::METADATA_MAX_VALUE) + 6);
+/// `api::json::metadata`, four UTF-8 bytes per character).
+const MAX_MAP_BYTES: usize = 2 + crate::vault::METADATA_MAX_PAIRS
+    * (4 * (crate::vault::METADATA_MAX_KEY + crate::vault::METADATA_MAX_VALUE) + 6);
 
 /// A parsed template: literal ranges of the input and the holes between
 /// them. Holds no input bytes: render with the same input given to parse.
@@ -1709,7 +1709,7 @@ mod tests {
     fn max_rendered_len_bounds_every_render() {
         let long = "\u{1}\"é".repeat(26); // 80 characters, the worst bytes
         let mut meta = BTreeMap::new();
-        for i in 0..crate::api::json::METADATA_MAX_PAIRS {
+        for i in 0..crate::vault::METADATA_MAX_PAIRS {
             meta.insert(format!("{i:0>20}"), long.clone());
         }
         let meta: &'static BTreeMap<String, String> = Box::leak(Box::new(meta));

@@ -80,6 +80,15 @@ pub enum NetworkTokenType {
 /// String-to-string metadata, validated at the API edge.
 pub type Metadata = BTreeMap<String, String>;
 
+/// Most metadata pairs. Here, beside [`Metadata`], because
+/// both the API (which enforces them) and the template renderer (which
+/// sizes its output from them) need them.
+pub const METADATA_MAX_PAIRS: usize = 20;
+/// Longest metadata key, in characters.
+pub const METADATA_MAX_KEY: usize = 20;
+/// Longest metadata value, in characters.
+pub const METADATA_MAX_VALUE: usize = 80;
+
 /// A network token as kept in the vault.
 #[derive(Debug, Clone)]
 pub struct NetworkToken {

@@ -9,13 +9,8 @@ use serde_json::{Map, Value};
 
 use super::ApiError;
 use crate::vault::Metadata;
-
-/// Most metadata pairs.
-pub const METADATA_MAX_PAIRS: usize = 20;
-/// Longest metadata key, in characters.
-pub const METADATA_MAX_KEY: usize = 20;
-/// Longest metadata value, in characters.
-pub const METADATA_MAX_VALUE: usize = 80;
+/// The limits [`metadata`] enforces, defined beside [`Metadata`].
+pub use crate::vault::{METADATA_MAX_KEY, METADATA_MAX_PAIRS, METADATA_MAX_VALUE};
 
 /// Parses a body as a JSON object.
 pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
