@@ -75,7 +75,7 @@ pub async fn handle(state: Arc<AppState>, req: Request<Incoming>) -> Response<Bo
             )
         }
         crate::api::OPENAPI_PATH => {
-            crate::api::bytes_response(StatusCode::OK, crate::openapi::admin_document())
+            crate::body::bytes_response(StatusCode::OK, crate::openapi::admin_document())
         }
         _ => text(StatusCode::NOT_FOUND, "text/plain", "not found\n".into()),
     }

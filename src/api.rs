@@ -34,13 +34,11 @@
 
 use std::sync::Arc;
 
-use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde::Serialize;
 
 use crate::auth::{self, Scope};
+use crate::body::bytes_response;
 use crate::template::Namespace;
 use crate::vault::{PciTokenId, TokenId};
 use crate::{AppState, Body};
@@ -499,62 +497,6 @@ pub async fn handle(
     }
     .await;
     result.unwrap_or_else(ApiError::into_response)
-}
-
-/// Reads a request body, refusing more than `limit` bytes.
-pub async fn read_body(body: Incoming, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(ApiError::BodyTooLarge(limit)),
-        Err(_) => Err(ApiError::InvalidRequest(
-            "request body could not be read".into(),
-        )),
-    }
-}
-
-/// Refuses early when `content-length` already says the body is too large.
-pub fn check_content_length<B>(req: &Request<B>, limit: usize) -> Result<(), ApiError> {
-    let declared = req
-        .headers()
-        .get(http::header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    match declared {
-        Some(n) if n > limit as u64 => Err(ApiError::BodyTooLarge(limit)),
-        _ => Ok(()),
-    }
-}
-
-/// A JSON response.
-pub fn json_response<T: Serialize>(
-    status: StatusCode,
-    value: &T,
-) -> Result<Response<Body>, ApiError> {
-    let bytes = serde_json::to_vec(value)
-        .map_err(|e| ApiError::Internal(format!("serialising a response: {e}")))?;
-    Ok(bytes_response(status, Bytes::from(bytes)))
-}
-
-/// A JSON response from serialised bytes.
-pub fn bytes_response(status: StatusCode, bytes: Bytes) -> Response<Body> {
-    let mut resp = Response::new(Full::new(bytes).map_err(|never| match never {}).boxed());
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/json"),
-    );
-    resp
-}
-
-/// An empty response.
-pub fn empty_response(status: StatusCode) -> Response<Body> {
-    let mut resp = Response::new(
-        Full::new(Bytes::new())
-            .map_err(|never| match never {})
-            .boxed(),
-    );
-    *resp.status_mut() = status;
-    resp
 }
 
 #[cfg(test)]

@@ -42,10 +42,9 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::{
-    check_content_length, idempotency, json_response, read_body, ApiError, Audit, Subject,
-};
+use crate::api::{idempotency, ApiError, Audit, Subject};
 use crate::auth::ApiKey;
+use crate::body::{check_content_length, json_response, read_body};
 use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
 use crate::references::{Payload, Reference, ReferenceId};
@@ -901,7 +900,7 @@ fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiErr
                 .into(),
         );
     }
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({
             "method": parsed.method.as_str(),
@@ -909,7 +908,7 @@ fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiErr
             "headers": headers,
             "body": String::from_utf8_lossy(&parsed.masked_body()?),
         }),
-    )
+    )?)
 }
 
 /// The values of a network-token forward.

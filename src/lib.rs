@@ -20,6 +20,8 @@
 //! - [`openapi`] holds the OpenAPI 3.1 documents of both listeners;
 //! - [`session`] keeps card-capture sessions (browser-encrypted cards,
 //!   JWE) beside the references;
+//! - [`body`] reads request bodies under a limit and builds JSON
+//!   responses, for both [`api`] and [`forward`];
 //! - [`auth`] holds the API-key types and the constant-time key check
 //!   (below [`api`] and [`config`], which both use it);
 //! - [`card`] and [`crypto`] hold the card rules, secret types and crypto
@@ -41,6 +43,7 @@ use tokio::sync::watch;
 pub mod admin;
 pub mod api;
 pub mod auth;
+pub mod body;
 pub mod card;
 pub mod clock;
 pub mod config;

@@ -286,6 +286,17 @@ impl ApiError {
     }
 }
 
+impl From<crate::body::Error> for ApiError {
+    fn from(e: crate::body::Error) -> Self {
+        use crate::body::Error as B;
+        match e {
+            B::TooLarge(limit) => ApiError::BodyTooLarge(limit),
+            B::Unreadable(_) => ApiError::InvalidRequest("request body could not be read".into()),
+            B::Serialise(e) => ApiError::Internal(format!("serialising a response: {e}")),
+        }
+    }
+}
+
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
         match e {

@@ -30,8 +30,9 @@ use moka::sync::Cache;
 use ring::digest;
 use time::OffsetDateTime;
 
-use super::{bytes_response, check_content_length, read_body, ApiError, X_IDEMPOTENCY_KEY};
+use super::{ApiError, X_IDEMPOTENCY_KEY};
 use crate::auth::ApiKey;
+use crate::body::{bytes_response, check_content_length, read_body};
 use crate::clock::SharedClock;
 use crate::vault::{IdempotencyRecord, TokenStore};
 use crate::{AppState, Body};

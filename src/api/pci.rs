@@ -21,9 +21,8 @@ use time::OffsetDateTime;
 use uuid::Uuid;
 
 use super::tokens::rfc3339;
-use super::{
-    check_content_length, empty_response, json, json_response, read_body, ApiError, Audit, Subject,
-};
+use super::{json, ApiError, Audit, Subject};
+use crate::body::{check_content_length, empty_response, json_response, read_body};
 use crate::card::{validate_card, Brand, CardNumber, Secret};
 use crate::vault::{Metadata, PciToken, PciTokenId};
 use crate::{AppState, Body};
@@ -201,14 +200,17 @@ pub async fn create(
     audit.subject = Some(Subject::PciToken(token.id));
     audit.created = Some(created);
     if created {
-        return json_response(StatusCode::CREATED, &PciView::from(token.as_ref()));
+        return Ok(json_response(
+            StatusCode::CREATED,
+            &PciView::from(token.as_ref()),
+        )?);
     }
     // The card was stored before (and, if this request carried a later
     // expiry, now holds it). Knowing its number proves nothing about the
     // rest of what was stored with it, so the answer carries only what the
     // number itself gives (and the id), never the stored expiry or
     // cardholder name.
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         &serde_json::json!({
             "id": token.id,
@@ -217,7 +219,7 @@ pub async fn create(
             "scheme": token.scheme.as_str(),
             "created_at": rfc3339(token.created_at),
         }),
-    )
+    )?)
 }
 
 /// `GET /api/pci/tokens/{id}`
@@ -227,7 +229,10 @@ pub async fn get(state: &AppState, id: PciTokenId) -> Result<Response<Body>, Api
         .get_pci(id)
         .await?
         .ok_or(ApiError::PciTokenNotFound)?;
-    json_response(StatusCode::OK, &PciView::from(token.as_ref()))
+    Ok(json_response(
+        StatusCode::OK,
+        &PciView::from(token.as_ref()),
+    )?)
 }
 
 /// `DELETE /api/pci/tokens/{id}`: the card data is destroyed.

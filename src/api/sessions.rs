@@ -13,7 +13,8 @@ use serde_json::{Map, Value};
 use zeroize::Zeroize;
 
 use super::tokens::rfc3339;
-use super::{check_content_length, json, json_response, pci, read_body, ApiError, Audit};
+use super::{json, pci, ApiError, Audit};
+use crate::body::{check_content_length, json_response, read_body};
 use crate::session::SessionId;
 use crate::{AppState, Body};
 
@@ -40,14 +41,14 @@ pub async fn create(
     }
     let session = state.sessions.open().await?;
     audit.session = Some(session.id.clone());
-    json_response(
+    Ok(json_response(
         StatusCode::CREATED,
         &serde_json::json!({
             "id": session.id.as_str(),
             "public_key": session.jwk(),
             "expires_at": rfc3339(session.expires_at),
         }),
-    )
+    )?)
 }
 
 /// A `{"type": "session", "id", "data"}` source: spends the session,

@@ -32,8 +32,9 @@ use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use serde_json::{Map, Value};
 
-use super::{check_content_length, json, read_body, ApiError, Matched, RouteKind, Trace};
+use super::{json, ApiError, Matched, RouteKind, Trace};
 use crate::auth::{self, ApiKey, Scope};
+use crate::body::{check_content_length, read_body};
 use crate::card::CardNumber;
 use crate::config::{ComplianceLevel, Surfaces};
 use crate::vault::PciTokenId;

@@ -10,11 +10,10 @@ use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::idempotency::{self, Pending, Stored};
-use super::{
-    check_content_length, empty_response, json_response, read_body, ApiError, Audit, Subject,
-};
 use super::{json, pci};
+use super::{ApiError, Audit, Subject};
 use crate::auth::ApiKey;
+use crate::body::{check_content_length, empty_response, json_response, read_body};
 use crate::card::validate_expiry;
 use crate::tsp::ProvisionRequest;
 use crate::vault::{
@@ -235,7 +234,10 @@ pub fn new_token(
 /// `GET /api/network/tokens/{id}`
 pub async fn get(state: &AppState, id: TokenId) -> Result<Response<Body>, ApiError> {
     let token = state.tokens.get(id).await?.ok_or(ApiError::TokenNotFound)?;
-    json_response(StatusCode::OK, &TokenView::from(token.as_ref()))
+    Ok(json_response(
+        StatusCode::OK,
+        &TokenView::from(token.as_ref()),
+    )?)
 }
 
 /// `DELETE /api/network/tokens/{id}`: the token becomes `deleted` (kept as a
@@ -329,5 +331,8 @@ pub async fn event(
         state.references.revoke_token(id).await?;
     }
     audit.change = Some(name);
-    json_response(StatusCode::OK, &TokenView::from(token.as_ref()))
+    Ok(json_response(
+        StatusCode::OK,
+        &TokenView::from(token.as_ref()),
+    )?)
 }

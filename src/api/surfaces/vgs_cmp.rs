@@ -157,7 +157,7 @@ pub async fn delete(
         tokens::delete_token(state, t.id).await?;
     }
     audit.change = Some("delete");
-    Ok(crate::api::empty_response(StatusCode::NO_CONTENT))
+    Ok(crate::body::empty_response(StatusCode::NO_CONTENT))
 }
 
 /// `CryptoFetchRequest`, read into the native parameters.
