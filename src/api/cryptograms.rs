@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
 use super::idempotency::{self, Pending, Stored};
-use super::tokens::rfc3339;
+use super::json::rfc3339;
 use super::{json, ApiError, Audit};
 use crate::auth::ApiKey;
 use crate::config::ComplianceLevel;

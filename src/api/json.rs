@@ -4,13 +4,21 @@
 //! \"4111…\""), which would put card numbers into error messages. So bodies
 //! are parsed into a `serde_json::Value` (syntax errors quote nothing) and
 //! fields are taken out by these helpers, whose errors name the field only.
+//! Timestamps go out through [`rfc3339`], shared by every resource.
 
 use serde_json::{Map, Value};
+use time::format_description::well_known::Rfc3339;
+use time::OffsetDateTime;
 
 use super::ApiError;
 use crate::vault::Metadata;
 /// The limits [`metadata`] enforces, defined beside [`Metadata`].
 pub use crate::vault::{METADATA_MAX_KEY, METADATA_MAX_PAIRS, METADATA_MAX_VALUE};
+
+/// RFC 3339 text of a timestamp, the one form every response writes.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.format(&Rfc3339).unwrap_or_default()
+}
 
 /// Parses a body as a JSON object.
 pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {

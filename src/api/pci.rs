@@ -20,7 +20,7 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
 
-use super::tokens::rfc3339;
+use super::json::rfc3339;
 use super::{json, ApiError, Audit, Subject};
 use crate::body::{check_content_length, empty_response, json_response, read_body};
 use crate::card::{validate_card, Brand, CardNumber, Secret};

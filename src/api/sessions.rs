@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde_json::{Map, Value};
 use zeroize::Zeroize;
 
-use super::tokens::rfc3339;
+use super::json::rfc3339;
 use super::{json, pci, ApiError, Audit};
 use crate::body::{check_content_length, json_response, read_body};
 use crate::session::SessionId;

@@ -6,11 +6,11 @@
 use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Serialize;
-use time::format_description::well_known::Rfc3339;
 use time::OffsetDateTime;
 
 use super::idempotency::{self, Pending, Stored};
-use super::{json, pci};
+use super::json::{self, rfc3339};
+use super::pci;
 use super::{ApiError, Audit, Subject};
 use crate::auth::ApiKey;
 use crate::body::{check_content_length, empty_response, json_response, read_body};
@@ -38,11 +38,6 @@ pub struct TokenView<'a> {
     metadata: &'a Metadata,
     created_at: String,
     updated_at: String,
-}
-
-/// RFC 3339 text of a timestamp.
-pub fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&Rfc3339).unwrap_or_default()
 }
 
 impl<'a> From<&'a NetworkToken> for TokenView<'a> {

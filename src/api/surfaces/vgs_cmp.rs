@@ -17,7 +17,8 @@ use time::OffsetDateTime;
 
 use super::{body_object, token_number, Operation, OperationKind, SurfaceError};
 use crate::api::cryptograms::{self, Issued, Mode};
-use crate::api::tokens::{self, rfc3339};
+use crate::api::json::rfc3339;
+use crate::api::tokens;
 use crate::api::{json, pci, ApiError, Audit, Matched, Subject};
 use crate::config::ComplianceLevel;
 use crate::tsp::{brand_rules, CryptogramKind, CryptogramParams, CryptogramType, SchemeRule};
