@@ -2,10 +2,11 @@
 //! limit, refusing early when `content-length` already exceeds it, and
 //! building JSON and empty responses.
 //!
-//! Below both [`crate::api`] and [`crate::forward`], which both use it; it
-//! knows neither's error type. Its [`Error`] says only which of three things
-//! went wrong, and `api::error` turns it into HTTP. Nothing here ever looks
-//! at what a body contains, so no error can carry a card number.
+//! Below both `api` and `forward`, which both use it; it knows neither's
+//! error type (so it does not even link to them). Its [`Error`] says only
+//! which of three things went wrong, and `api::error` turns it into HTTP.
+//! Nothing here ever looks at what a body contains, so no error can carry
+//! a card number.
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
