@@ -405,11 +405,15 @@ pub struct RotationStep {
 #[async_trait]
 pub trait TokenStore: Send + Sync + 'static {
     /// Stores a new token and, in the same transaction, the idempotency
-    /// record of the request that created it.
+    /// record of the request that created it, given with its `horizon`
+    /// (the caller's clock minus the TTL, as for
+    /// [`TokenStore::get_idempotency`]). A live record under the key (one
+    /// created after `horizon`) wins: nothing is written and it is
+    /// returned. An expired one is replaced in the same transaction.
     async fn insert(
         &self,
         token: NetworkToken,
-        idempotency: Option<IdempotencyRecord>,
+        idempotency: Option<(IdempotencyRecord, OffsetDateTime)>,
     ) -> Result<Inserted, StoreError>;
 
     /// Reads a token, including deleted ones. May come from a cache that

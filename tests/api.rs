@@ -1387,3 +1387,119 @@ fn hash_key_prints_the_hash_in_the_shipped_config() {
     );
     assert_eq!(String::from_utf8(out.stdout).unwrap().trim(), expected);
 }
+
+/// Provisions with one key across `idempotency_ttl` on the server's clock:
+/// a millisecond before it the key replays the first token (and refuses
+/// another body); at it the key makes a new token. `vault` picks the
+/// backend the record lives in.
+async fn a_provision_key_past_its_ttl_makes_a_new_token(vault: tokenrelay::config::VaultConfig) {
+    let clock = tokenrelay::clock::ManualClock::starting_now();
+    let mut c = config(ComplianceLevel::SaqD);
+    c.vault = vault;
+    let ttl = time::Duration::try_from(c.idempotency_ttl).unwrap();
+    assert_eq!(ttl, time::Duration::hours(24), "the default TTL");
+    let s = TestServer::start_with_clock(c, clock.clone()).await;
+    let send = |pan: &str| {
+        s.req(Method::POST, TOKENS)
+            .header("x-idempotency-key", "provision-ttl")
+            .json(&json!({ "source": pan_source(pan) }))
+            .send()
+    };
+    let created = |r: reqwest::Response| async move {
+        assert_eq!(r.status(), 201);
+        r.json::<Value>().await.unwrap()
+    };
+    let first = created(send(VISA).await.unwrap()).await;
+    let ms = time::Duration::milliseconds(1);
+
+    clock.advance(ttl - ms);
+    let replay = created(send(VISA).await.unwrap()).await;
+    assert_eq!(replay["id"], first["id"], "replayed until the TTL");
+    let body = assert_error(
+        send(MASTERCARD).await.unwrap(),
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    assert!(!body.to_string().contains(MASTERCARD));
+
+    clock.advance(ms);
+    let fresh = created(send(VISA).await.unwrap()).await;
+    assert_ne!(fresh["id"], first["id"], "at the TTL the key is free again");
+    let again = created(send(VISA).await.unwrap()).await;
+    assert_eq!(again["id"], fresh["id"], "and now stands for the new token");
+    assert_error(
+        send(MASTERCARD).await.unwrap(),
+        422,
+        "idempotency_key_reused",
+    )
+    .await;
+    s.stop().await;
+}
+
+fn vault_config(
+    backend: tokenrelay::config::VaultBackend,
+    dir: &std::path::Path,
+) -> tokenrelay::config::VaultConfig {
+    tokenrelay::config::VaultConfig {
+        backend,
+        key_file: Some(dir.join("master.key")),
+        create_key_file: true,
+        cache_ttl: Duration::from_secs(5),
+    }
+}
+
+#[tokio::test]
+async fn a_provision_key_past_its_ttl_makes_a_new_token_on_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let vault = vault_config(tokenrelay::config::VaultBackend::Memory, dir.path());
+    a_provision_key_past_its_ttl_makes_a_new_token(vault).await;
+}
+
+#[tokio::test]
+async fn a_provision_key_past_its_ttl_makes_a_new_token_on_sqlite() {
+    let dir = tempfile::tempdir().unwrap();
+    let backend = tokenrelay::config::VaultBackend::Sqlite {
+        path: dir.path().join("vault.db"),
+    };
+    a_provision_key_past_its_ttl_makes_a_new_token(vault_config(backend, dir.path())).await;
+}
+
+/// Runs when `TOKENRELAY_TEST_POSTGRES_URL` is set (in a fresh schema,
+/// dropped after); set but unreachable is a failure, not a skip.
+#[tokio::test]
+async fn a_provision_key_past_its_ttl_makes_a_new_token_on_postgres() {
+    const ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
+    let base = match std::env::var(ENV) {
+        Ok(url) => url,
+        Err(std::env::VarError::NotPresent) => {
+            println!("PostgreSQL run skipped: {ENV} is unset");
+            return;
+        }
+        Err(e) => panic!("{ENV} is set but unusable: {e}"),
+    };
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(&base)
+        .await
+        .unwrap_or_else(|e| panic!("{ENV} is set but PostgreSQL cannot be reached: {e}"));
+    let schema = format!("tokenrelay_idem_ttl_{}", uuid::Uuid::new_v4().simple());
+    sqlx::query(&format!("CREATE SCHEMA {schema}"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    let sep = if base.contains('?') { '&' } else { '?' };
+    let dir = tempfile::tempdir().unwrap();
+    let backend = tokenrelay::config::VaultBackend::Postgres {
+        url: format!("{base}{sep}options[search_path]={schema}"),
+        password_file: None,
+    };
+    a_provision_key_past_its_ttl_makes_a_new_token(vault_config(backend, dir.path())).await;
+    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+        .execute(&pool)
+        .await
+        .unwrap();
+    pool.close().await;
+}

@@ -364,7 +364,7 @@ async fn exercise(store: Arc<dyn TokenStore>) {
     let rec = idem(&rec_key, b"{\"id\":\"a\"}", now);
     assert!(matches!(
         store
-            .insert(with_rec.clone(), Some(rec.clone()))
+            .insert(with_rec.clone(), Some((rec.clone(), now - HOUR)))
             .await
             .unwrap(),
         Inserted::Stored
@@ -384,7 +384,10 @@ async fn exercise(store: Arc<dyn TokenStore>) {
     let loser = token(&random_tpan());
     let loser_id = loser.id;
     match store
-        .insert(loser, Some(idem(&rec_key, b"{\"id\":\"b\"}", now)))
+        .insert(
+            loser,
+            Some((idem(&rec_key, b"{\"id\":\"b\"}", now), now - HOUR)),
+        )
         .await
         .unwrap()
     {
@@ -402,6 +405,41 @@ async fn exercise(store: Arc<dyn TokenStore>) {
             .unwrap()
             .unwrap(),
         &rec,
+    );
+
+    // Insert whose idempotency key holds only an expired record (created
+    // at or before the horizon): the record is replaced and the token
+    // stored, in one transaction.
+    let expired_key = format!("all\u{0}provision_token\u{0}expired-{run}");
+    let expired = idem(&expired_key, b"{\"id\":\"old\"}", now - 2 * HOUR);
+    assert!(matches!(
+        store
+            .insert(token(&random_tpan()), Some((expired, now - 3 * HOUR)))
+            .await
+            .unwrap(),
+        Inserted::Stored
+    ));
+    let renewed = token(&random_tpan());
+    let renewed_id = renewed.id;
+    let renewed_rec = idem(&expired_key, b"{\"id\":\"new\"}", now);
+    assert!(
+        matches!(
+            store
+                .insert(renewed, Some((renewed_rec.clone(), now - HOUR)))
+                .await
+                .unwrap(),
+            Inserted::Stored
+        ),
+        "an expired idempotency record must give way to a new insert"
+    );
+    assert!(store.get(renewed_id).await.unwrap().is_some());
+    assert_same_record(
+        &store
+            .get_idempotency(&expired_key, now - HOUR)
+            .await
+            .unwrap()
+            .unwrap(),
+        &renewed_rec,
     );
 
     // Many tokens, each readable with its own TPAN.

@@ -159,7 +159,8 @@ async fn provision_inner(
         status: StatusCode::CREATED,
         body: body.into(),
     };
-    let record = pending.as_ref().map(|p| p.record(&stored));
+    let horizon = state.idempotency.horizon(state.config.idempotency_ttl);
+    let record = pending.as_ref().map(|p| (p.record(&stored), horizon));
     match (state.tokens.insert(token, record).await?, pending) {
         (Inserted::IdempotencyExists(existing), Some(p)) => return p.replay(existing),
         (Inserted::IdempotencyExists(_), None) => {

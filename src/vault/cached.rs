@@ -81,7 +81,7 @@ impl TokenStore for CachedTokenStore {
     async fn insert(
         &self,
         token: NetworkToken,
-        idempotency: Option<IdempotencyRecord>,
+        idempotency: Option<(IdempotencyRecord, OffsetDateTime)>,
     ) -> Result<Inserted, StoreError> {
         let id = token.id;
         let inserted = self.inner.insert(token, idempotency).await?;
@@ -241,7 +241,7 @@ mod tests {
         async fn insert(
             &self,
             t: NetworkToken,
-            i: Option<IdempotencyRecord>,
+            i: Option<(IdempotencyRecord, OffsetDateTime)>,
         ) -> Result<Inserted, StoreError> {
             self.store.insert(t, i).await
         }

@@ -65,12 +65,15 @@ impl TokenStore for MemoryTokenStore {
     async fn insert(
         &self,
         token: NetworkToken,
-        idempotency: Option<IdempotencyRecord>,
+        idempotency: Option<(IdempotencyRecord, OffsetDateTime)>,
     ) -> Result<Inserted, StoreError> {
         let mut inner = self.write()?;
-        if let Some(rec) = idempotency {
+        if let Some((rec, horizon)) = idempotency {
+            // An expired record is overwritten below, under the same lock.
             if let Some(existing) = inner.idempotency.get(&rec.key) {
-                return Ok(Inserted::IdempotencyExists(existing.clone()));
+                if live(existing, horizon) {
+                    return Ok(Inserted::IdempotencyExists(existing.clone()));
+                }
             }
             inner.idempotency.insert(rec.key.clone(), rec);
         }

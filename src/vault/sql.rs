@@ -223,6 +223,14 @@ fn idem_aad(key: &str) -> Vec<u8> {
     format!("tokenrelay/idempotency/{key}").into_bytes()
 }
 
+/// The latest `created_at` column value (whole seconds) of a record that
+/// is dead at `horizon`: [`TokenStore::get_idempotency`] reads a row back as
+/// created at its whole second `s` and keeps it only when `s > horizon`,
+/// so exactly the rows with `s <= floor(horizon)` are dead.
+fn dead_at_or_before(horizon: OffsetDateTime) -> i64 {
+    horizon.unix_timestamp()
+}
+
 /// An idempotency key as the `key` column holds it: `%` and NUL escaped,
 /// since PostgreSQL text cannot hold NUL and the API's keys contain it.
 fn db_key(key: &str) -> String {
@@ -631,7 +639,7 @@ impl TokenStore for SqlTokenStore {
     async fn insert(
         &self,
         token: NetworkToken,
-        idempotency: Option<IdempotencyRecord>,
+        idempotency: Option<(IdempotencyRecord, OffsetDateTime)>,
     ) -> Result<Inserted, StoreError> {
         let id = token.id.to_string();
         let public = public_json(&token)?;
@@ -640,7 +648,15 @@ impl TokenStore for SqlTokenStore {
             .seal(&token_aad(&id), token.tpan.expose().as_bytes())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
-        if let Some(rec) = &idempotency {
+        if let Some((rec, horizon)) = &idempotency {
+            // An expired record under the key gives way, in this
+            // transaction; a live one makes the insert below conflict.
+            sqlx::query("DELETE FROM idempotency WHERE key = $1 AND created_at <= $2")
+                .bind(db_key(&rec.key))
+                .bind(dead_at_or_before(*horizon))
+                .execute(&mut *tx)
+                .await
+                .map_err(unavailable)?;
             if !self.insert_idempotency(&mut *tx, rec).await? {
                 tx.rollback().await.map_err(unavailable)?;
                 return match self.read_idempotency(&rec.key).await? {
@@ -915,8 +931,8 @@ impl TokenStore for SqlTokenStore {
         record: IdempotencyRecord,
         horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
-        sqlx::query("DELETE FROM idempotency WHERE created_at < $1")
-            .bind(horizon.unix_timestamp())
+        sqlx::query("DELETE FROM idempotency WHERE created_at <= $1")
+            .bind(dead_at_or_before(horizon))
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;

@@ -13,7 +13,6 @@
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde_json::{json, Map, Value};
-use time::OffsetDateTime;
 
 use super::{body_object, token_number, Operation, OperationKind, SurfaceError};
 use crate::api::cryptograms::{self, Issued, Mode};
@@ -114,9 +113,15 @@ pub async fn provision(
         fingerprint: [0; 32],
         status: StatusCode::CREATED.as_u16(),
         body: token.id.to_string().into_bytes(),
-        created_at: OffsetDateTime::now_utc(),
+        created_at: state.clock.now(),
     };
-    match state.tokens.insert(token.clone(), Some(guard)).await? {
+    // A guard past the idempotency TTL is no race any more: it gives way.
+    let horizon = state.idempotency.horizon(state.config.idempotency_ttl);
+    match state
+        .tokens
+        .insert(token.clone(), Some((guard, horizon)))
+        .await?
+    {
         Inserted::Stored => {
             audit.scheme = Some(token.scheme.as_str());
             audit.card = Some(card.pan.to_string());
