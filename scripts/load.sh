@@ -36,6 +36,8 @@
 #   VAULT=memory          tokenrelay's vault: memory, or sqlite (the product
 #                         default, a file in the run dir)
 #   TR_LOG=info           tokenrelay's RUST_LOG
+#   TR_WORKERS=           tokenrelay's `workers` (unset: one per core); 1
+#                         compares it with nginx's 1 worker, haproxy's 1 thread
 #   SKIP_INSTALL=0 SKIP_BUILD=0
 set -euo pipefail
 
@@ -54,6 +56,7 @@ SKIP_BUILD="${SKIP_BUILD:-0}"
 QUICK="${QUICK:-0}"
 VAULT="${VAULT:-memory}"
 TR_LOG="${TR_LOG:-info}"
+TR_WORKERS="${TR_WORKERS:-}"
 case "$VAULT" in sqlite|memory) ;; *) echo "VAULT must be sqlite or memory" >&2; exit 1 ;; esac
 
 UP_PORT=18443
@@ -324,6 +327,7 @@ max_connections = 4096
 header_read_timeout = "10s"
 shutdown_grace = "5s"
 tsp = "sandbox"
+${TR_WORKERS:+workers = $TR_WORKERS}
 
 [[api_keys]]
 name = "load-test"
