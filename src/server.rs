@@ -440,7 +440,7 @@ impl Workers {
     }
 
     /// Runs `task` on the next worker, round-robin.
-    fn spawn<F: Future<Output = ()> + Send + 'static>(&self, task: F) {
+    pub(crate) fn spawn<F: Future<Output = ()> + Send + 'static>(&self, task: F) {
         let i = self.next.fetch_add(1, Ordering::Relaxed) % self.handles.len();
         self.handles[i].spawn(task);
     }

@@ -413,3 +413,49 @@ const REFUSALS: [rustls::AlertDescription; 9] = [
 fn is_refusal(r: &rustls::Error) -> bool {
     matches!(r, rustls::Error::AlertReceived(a) if REFUSALS.contains(a))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::server::{current_worker, Workers};
+
+    #[test]
+    fn each_worker_has_its_own_pool_and_other_threads_share_the_last() {
+        let config = UpstreamConfig {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(1),
+            pool_idle_timeout: Duration::from_secs(1),
+            pool_max_idle_per_host: 1,
+        };
+        let clients = Arc::new(
+            Clients::new(
+                Arc::from([]),
+                &config,
+                Resolver::new(Duration::from_secs(1)),
+                Arc::new(Metrics::new()),
+                2,
+            )
+            .unwrap(),
+        );
+        let address = |c: &UpstreamClient| c as *const UpstreamClient as usize;
+        let workers = Workers::start(2).unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        for _ in 0..2 {
+            let (clients, tx) = (clients.clone(), tx.clone());
+            workers.spawn(async move {
+                let _ = tx.send((current_worker(), address(clients.get())));
+            });
+        }
+        let mut seen: Vec<_> = (0..2).map(|_| rx.recv().unwrap()).collect();
+        seen.sort();
+        let pools = &clients.per_worker;
+        assert_eq!(pools.len(), 3);
+        assert_eq!(
+            seen,
+            [(Some(0), address(&pools[0])), (Some(1), address(&pools[1]))]
+        );
+        assert_eq!(current_worker(), None);
+        assert_eq!(address(clients.get()), address(&pools[2]));
+        workers.stop();
+    }
+}
