@@ -63,6 +63,25 @@ fn redaction(c: &mut Criterion) {
         });
     }
     g.finish();
+    // What redaction costs a typical forward: the redactor for a TPAN, a
+    // cryptogram and a CVC built, then a 1 KB answer echoing none of them.
+    let answer: Bytes = line
+        .iter()
+        .copied()
+        .cycle()
+        .take(1024)
+        .collect::<Vec<u8>>()
+        .into();
+    c.bench_function("redaction_per_forward_1KB_answer", |b| {
+        b.iter(|| {
+            let redactor = Redactor::new([tpan, "AAAABWdpJA9VbNnRDnhXAAAAAAA=", "737"]);
+            let frames = futures_util::stream::iter([Ok::<_, std::convert::Infallible>(
+                Frame::data(answer.clone()),
+            )]);
+            let body = RedactingBody::new(StreamBody::new(frames), redactor);
+            black_box(rt.block_on(body.collect()).unwrap().to_bytes().len())
+        })
+    });
 }
 
 fn references(c: &mut Criterion) {

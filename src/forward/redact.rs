@@ -37,6 +37,8 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use aho_corasick::{packed, Span};
+use std::sync::OnceLock;
+
 use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
@@ -66,10 +68,13 @@ enum Searcher {
     Forms {
         /// All forms at once, leftmost-first, with aho-corasick's SIMD
         /// multi-substring search (Teddy): finds the next position where
-        /// any form starts, so a body echoing nothing costs one fast pass.
-        /// `None` where the CPU has no Teddy (then each form is searched
-        /// on its own).
-        any: Option<packed::Searcher>,
+        /// any form starts, so a large body echoing nothing costs one fast
+        /// pass. Built on the first window of [`TEDDY_FROM`] bytes or more:
+        /// its ~4 µs would be most of a small answer's redaction (the
+        /// per-form finders scan a 1 KB answer in well under that). Holds
+        /// `None` where the CPU has no Teddy (then each form is searched on
+        /// its own, whatever the size).
+        any: OnceLock<Option<packed::Searcher>>,
         /// Each form on its own: checks which forms start at a position
         /// `any` found (every one, overlapping ones included, as the union
         /// of ranges needs), or searches the whole window without `any`.
@@ -139,14 +144,8 @@ impl Redactor {
             .filter(|&l| l < MIN_FREE_MATCH)
             .max()
             .unwrap_or(0);
-        // Teddy, not a full Aho-Corasick automaton: built in a few
-        // microseconds (once per forward; the automata took ~65 µs), and
-        // the overlapping matches come from the per-form finders anyway.
-        let mut any = packed::Config::new()
-            .match_kind(packed::MatchKind::LeftmostFirst)
-            .builder();
         let searcher = Searcher::Forms {
-            any: any.extend(&forms).build(),
+            any: OnceLock::new(),
             each: forms
                 .iter()
                 .map(|f| memchr::memmem::Finder::new(f).into_owned())
@@ -195,31 +194,30 @@ impl Redactor {
         };
         match &self.searcher {
             Searcher::Nothing => return,
-            Searcher::Forms {
-                any: Some(any),
-                each,
-            } => {
-                // Every position where some form starts, left to right.
-                let mut at = 0;
-                while let Some(m) = any.find_in(hay, Span::from(at..hay.len())) {
-                    let start = m.start();
+            Searcher::Forms { any, each } => match teddy(any, each, hay.len()) {
+                Some(any) => {
+                    // Every position where some form starts, left to right.
+                    let mut at = 0;
+                    while let Some(m) = any.find_in(hay, Span::from(at..hay.len())) {
+                        let start = m.start();
+                        for form in each {
+                            if hay[start..].starts_with(form.needle()) {
+                                found(start, form.needle().len());
+                            }
+                        }
+                        at = start + 1;
+                    }
+                }
+                None => {
                     for form in each {
-                        if hay[start..].starts_with(form.needle()) {
-                            found(start, form.needle().len());
+                        let mut at = 0;
+                        while let Some(pos) = hay.get(at..).and_then(|rest| form.find(rest)) {
+                            found(at + pos, form.needle().len());
+                            at += pos + 1;
                         }
                     }
-                    at = start + 1;
                 }
-            }
-            Searcher::Forms { any: None, each } => {
-                for form in each {
-                    let mut at = 0;
-                    while let Some(pos) = hay.get(at..).and_then(|rest| form.find(rest)) {
-                        found(at + pos, form.needle().len());
-                        at += pos + 1;
-                    }
-                }
-            }
+            },
         }
         if scan.long.is_empty() && scan.short.is_empty() {
             return;
@@ -270,6 +268,31 @@ impl Redactor {
 }
 
 /// Sorts `ranges` and merges those that overlap or touch.
+/// Windows this long or longer are searched with Teddy.
+pub const TEDDY_FROM: usize = 4096;
+
+/// The Teddy searcher for a window of `len` bytes, built on first use; `None`
+/// for a shorter window or where the CPU has no Teddy.
+fn teddy<'a>(
+    any: &'a OnceLock<Option<packed::Searcher>>,
+    each: &[memchr::memmem::Finder<'static>],
+    len: usize,
+) -> Option<&'a packed::Searcher> {
+    if len < TEDDY_FROM {
+        return None;
+    }
+    // Teddy, not a full Aho-Corasick automaton: built in a few
+    // microseconds (the automata took ~65 µs), and the overlapping matches
+    // come from the per-form finders anyway.
+    any.get_or_init(|| {
+        let mut builder = packed::Config::new()
+            .match_kind(packed::MatchKind::LeftmostFirst)
+            .builder();
+        builder.extend(each.iter().map(|f| f.needle())).build()
+    })
+    .as_ref()
+}
+
 fn merge(ranges: &mut Vec<(usize, usize)>) {
     if ranges.len() < 2 {
         return;
@@ -582,10 +605,10 @@ mod tests {
     #[test]
     fn without_the_simd_search_the_same_is_masked() {
         let values = ["4895370012345678", "AAAAI2sO+a/b=", "737", "1="];
-        let teddy = Redactor::new(values);
-        let mut alone = teddy.clone();
-        if let Searcher::Forms { any, .. } = &mut alone.searcher {
-            *any = None;
+        let alone = Redactor::new(values);
+        let teddy = alone.clone();
+        if let Searcher::Forms { any, .. } = &alone.searcher {
+            assert!(any.set(None).is_ok());
         }
         for body in [
             &b"x=4895370012345678737&y=737&z=1737&w=7374895370012345678"[..],
@@ -593,9 +616,31 @@ mod tests {
             b"1=1==1=7371=48953700123456781=",
             b"nothing here",
         ] {
+            // Padded past TEDDY_FROM, so `teddy` really uses Teddy (where
+            // the CPU has it) and `alone` cannot.
+            let mut padded = body.to_vec();
+            padded.extend(std::iter::repeat_n(b' ', TEDDY_FROM));
+            padded.extend_from_slice(body);
+            assert_eq!(alone.mask_all(&padded), teddy.mask_all(&padded));
             assert_eq!(alone.mask_all(body), teddy.mask_all(body));
             assert!(teddy.mask_all(body).is_some() || body == b"nothing here");
         }
+    }
+
+    #[test]
+    fn teddy_is_built_only_for_a_window_long_enough_to_pay_it_back() {
+        let r = Redactor::new(["4895370012345678", "AAAAI2sO+a/b="]);
+        let built = |r: &Redactor| match &r.searcher {
+            Searcher::Forms { any, .. } => any.get().is_some(),
+            Searcher::Nothing => unreachable!(),
+        };
+        let small = b"{\"pan\":\"4895370012345678\"}";
+        assert!(r.mask_all(small).is_some());
+        assert!(!built(&r), "a small answer paid for Teddy");
+        let mut large = small.to_vec();
+        large.resize(TEDDY_FROM, b' ');
+        assert!(r.mask_all(&large).is_some());
+        assert!(built(&r));
     }
 
     #[test]
