@@ -243,24 +243,51 @@ fn is_public_v4(ip: Ipv4Addr) -> bool {
         || o[0] >= 240) // reserved
 }
 
+/// Where host names become addresses: the system's resolver in
+/// production ([`SystemLookup`]); tests give the [`Resolver`] their own
+/// answers (a name that rebinds, one that points at loopback).
+#[async_trait::async_trait]
+pub trait Lookup: Send + Sync + 'static {
+    /// The addresses of `host:port`, in the order to try them.
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>>;
+}
+
+/// The system's resolver (`getaddrinfo`, through tokio).
+pub struct SystemLookup;
+
+#[async_trait::async_trait]
+impl Lookup for SystemLookup {
+    async fn lookup(&self, host: &str, port: u16) -> std::io::Result<Vec<SocketAddr>> {
+        Ok(tokio::net::lookup_host((host, port)).await?.collect())
+    }
+}
+
 /// Resolves hosts and pins the answer for a short while, so the address
-/// the allow-list checked is the address the connector dials.
+/// the allow-list checked is the address the connector dials (a name that
+/// rebinds between the check and the connect changes nothing).
 #[derive(Clone)]
 pub struct Resolver {
     pinned: Cache<(String, u16), Arc<[SocketAddr]>>,
+    lookup: Arc<dyn Lookup>,
 }
 
 /// Most pinned resolutions; beyond it the least used are re-resolved.
 const RESOLVER_CAPACITY: u64 = 10_000;
 
 impl Resolver {
-    /// Answers are pinned for `ttl`.
+    /// The system's answers, pinned for `ttl`.
     pub fn new(ttl: Duration) -> Self {
+        Self::with_lookup(ttl, Arc::new(SystemLookup))
+    }
+
+    /// `lookup`'s answers, pinned for `ttl`.
+    pub fn with_lookup(ttl: Duration, lookup: Arc<dyn Lookup>) -> Self {
         Self {
             pinned: Cache::builder()
                 .max_capacity(RESOLVER_CAPACITY)
                 .time_to_live(ttl)
                 .build(),
+            lookup,
         }
     }
 
@@ -273,7 +300,7 @@ impl Resolver {
         if let Some(hit) = self.pinned.get(&key) {
             return Ok(hit);
         }
-        let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+        let addrs = self.lookup.lookup(host, port).await?;
         if addrs.is_empty() {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -305,6 +332,47 @@ pub fn check_addresses(addrs: &[SocketAddr], allow_private: bool) -> Result<(), 
 mod tests {
     use super::*;
     use crate::config::HostPattern;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// Answers each lookup with the next of `answers` (the last one again
+    /// once they run out), counting the lookups.
+    struct Rebinding {
+        answers: Vec<SocketAddr>,
+        calls: AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl Lookup for Rebinding {
+        async fn lookup(&self, _: &str, _: u16) -> std::io::Result<Vec<SocketAddr>> {
+            let n = self.calls.fetch_add(1, Ordering::SeqCst);
+            Ok(vec![self.answers[n.min(self.answers.len() - 1)]])
+        }
+    }
+
+    #[tokio::test]
+    async fn a_name_that_rebinds_keeps_its_pinned_answer() {
+        let public: SocketAddr = "8.8.8.8:443".parse().unwrap();
+        let loopback: SocketAddr = "127.0.0.1:443".parse().unwrap();
+        let lookup = Arc::new(Rebinding {
+            answers: vec![public, loopback],
+            calls: AtomicUsize::new(0),
+        });
+        let resolver = Resolver::with_lookup(Duration::from_secs(60), lookup.clone());
+        for _ in 0..3 {
+            let addrs = resolver.resolve("rebind.example", 443).await.unwrap();
+            assert_eq!(&addrs[..], [public]);
+            check_addresses(&addrs, false).unwrap();
+        }
+        assert_eq!(lookup.calls.load(Ordering::SeqCst), 1, "re-resolved");
+        // IP literals are never looked up.
+        resolver.resolve("127.0.0.1", 443).await.unwrap();
+        assert_eq!(lookup.calls.load(Ordering::SeqCst), 1);
+        // The name, looked up again now, would point at loopback: that is
+        // what the pin keeps the connector from dialling.
+        let fresh = Resolver::with_lookup(Duration::from_secs(60), lookup.clone());
+        let rebound = fresh.resolve("rebind.example", 443).await.unwrap();
+        assert!(check_addresses(&rebound, false).is_err());
+    }
 
     fn rule(
         host: HostPattern,
