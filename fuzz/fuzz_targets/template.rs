@@ -323,6 +323,14 @@ fn json(u: &mut Unstructured<'_>) -> Result<()> {
         Err(e) => panic!("a well-formed template was refused: {e}"),
     };
     let out = t.render_to_vec(&input, &vals);
+    // serde_json reserves object keys that start with this for its own
+    // types (RawValue, and Number under arbitrary_precision; sqlx turns
+    // the features on): such a key, rendered from metadata, is valid JSON
+    // that `serde_json::Value` cannot read back. The checker's limit, not
+    // the renderer's: the acquirer gets the same valid JSON either way.
+    if memchr::memmem::find(&out, b"$serde_json::private::").is_some() {
+        return Ok(());
+    }
     let doc: serde_json::Value = match serde_json::from_slice(&out) {
         Ok(d) => d,
         Err(e) => panic!(
