@@ -6,6 +6,10 @@
 #   FUZZ_SECONDS   seconds per target (default 60)
 #   FUZZ_TARGETS   targets to run (default: all of `cargo fuzz list`)
 #   FUZZ_SANITIZER address (default) or none
+#   FUZZ_SEED      libFuzzer's -seed (default 1: CI explores the same inputs
+#                  each run, so a red step means the code changed, not the
+#                  dice; a finding is then reproducible. 0 = a random seed,
+#                  for longer local runs that look further)
 #
 # The machine has one stable toolchain; cargo-fuzz passes nightly-only
 # flags (-Z sanitizer, -Cpasses=sancov-module), which RUSTC_BOOTSTRAP=1
@@ -20,6 +24,7 @@ cd "$(dirname "$0")/.."
 
 seconds="${FUZZ_SECONDS:-60}"
 sanitizer="${FUZZ_SANITIZER:-address}"
+seed="${FUZZ_SEED:-1}"
 target_dir="$PWD/target/fuzz"
 export RUSTC_BOOTSTRAP=1
 
@@ -39,6 +44,6 @@ for t in $targets; do
     # -timeout: one input taking over 10 s is a hang, and fails the step.
     cargo fuzz run -s "$sanitizer" --target-dir "$target_dir" "$t" \
         "$target_dir/corpus/$t" "corpus/$t" -- \
-        -max_total_time="$seconds" -timeout=10 -print_final_stats=1
+        -max_total_time="$seconds" -timeout=10 -seed="$seed" -print_final_stats=1
 done
 echo "fuzz: done in $(( $(date +%s) - start )) s"
