@@ -148,6 +148,9 @@ pub struct SqlTokenStore {
     /// Transaction counters reserved in the database and not yet handed
     /// out, per token (see [`ATC_BLOCK`]).
     atc: std::sync::Mutex<std::collections::HashMap<TokenId, AtcBlock>>,
+    /// SQLite only: this process's writers take turns here (see
+    /// [`SqlTokenStore::write_turn`]).
+    writers: Option<tokio::sync::Mutex<()>>,
 }
 
 /// Counters reserved by one database write (hi-lo). The `atc` column holds
@@ -292,10 +295,28 @@ impl SqlTokenStore {
             is_sqlite,
             keys,
             atc: Default::default(),
+            writers: is_sqlite.then(|| tokio::sync::Mutex::new(())),
         };
         store.migrate().await?;
         store.backfill_lookups().await?;
         Ok(store)
+    }
+
+    /// A turn to write, on SQLite. A file has one writer at a time, and
+    /// SQLite's busy handler makes the others poll with growing sleeps, in
+    /// no order: under a steady stream of writes (a rotation beside
+    /// provisioning, with an fsync per commit) one writer can lose every
+    /// race until `busy_timeout` runs out and fail with "database is
+    /// locked". This process's writers queue here instead — tokio's mutex
+    /// is fair, first come first served — each for one statement or one
+    /// transaction, so the file's lock is only contended by other
+    /// processes sharing it, which `busy_timeout` still arbitrates.
+    /// PostgreSQL has row locks and needs no turn (`None`).
+    async fn write_turn(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.writers {
+            Some(writers) => Some(writers.lock().await),
+            None => None,
+        }
     }
 
     fn atc_blocks(
@@ -580,6 +601,7 @@ impl SqlTokenStore {
                 .seal(&aad, &plain)
                 .map_err(|e| StoreError::Unavailable(e.to_string()))?;
             // Compare-and-set: a concurrent writer's change wins.
+            let turn = self.write_turn().await;
             let r = sqlx::query(&format!(
                 "UPDATE {table} SET key_id = $1, secret = $2 WHERE id = $3 AND key_id = $4 AND secret = $5"
             ))
@@ -591,6 +613,7 @@ impl SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+            drop(turn);
             step.rotated += r.rows_affected() as usize;
         }
         Ok(())
@@ -647,6 +670,8 @@ impl TokenStore for SqlTokenStore {
             .keys
             .seal(&token_aad(&id), token.tpan.expose().as_bytes())
             .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+        // One turn for the whole transaction, released when `turn` drops.
+        let turn = self.write_turn().await;
         let mut tx = self.pool.begin().await.map_err(unavailable)?;
         if let Some((rec, horizon)) = &idempotency {
             // An expired record under the key gives way, in this
@@ -659,6 +684,7 @@ impl TokenStore for SqlTokenStore {
                 .map_err(unavailable)?;
             if !self.insert_idempotency(&mut *tx, rec).await? {
                 tx.rollback().await.map_err(unavailable)?;
+                drop(turn);
                 return match self.read_idempotency(&rec.key).await? {
                     Some(existing) => Ok(Inserted::IdempotencyExists(existing)),
                     None => Err(StoreError::Unavailable(
@@ -759,6 +785,7 @@ impl TokenStore for SqlTokenStore {
             if !change.apply(&mut token)? {
                 return Ok(Some(Arc::new(token)));
             }
+            let turn = self.write_turn().await;
             let done = sqlx::query(
                 "UPDATE network_tokens SET status = $1, public_json = $2, updated_at = $3
                  WHERE id = $4 AND public_json = $5 AND status = $6 AND status <> 'deleted'",
@@ -772,6 +799,7 @@ impl TokenStore for SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+            drop(turn);
             if done.rows_affected() == 1 {
                 return Ok(Some(Arc::new(token)));
             }
@@ -795,6 +823,7 @@ impl TokenStore for SqlTokenStore {
         let mut insert = true;
         for _ in 0..PCI_REISSUE_ATTEMPTS {
             if insert {
+                let turn = self.write_turn().await;
                 let done = sqlx::query(
                     "INSERT INTO pci_tokens (id, fingerprint, public_json, key_id, secret, created_at)
                      VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT DO NOTHING",
@@ -808,6 +837,7 @@ impl TokenStore for SqlTokenStore {
                 .execute(&self.pool)
                 .await
                 .map_err(unavailable)?;
+                drop(turn);
                 if done.rows_affected() == 1 {
                     return Ok((Arc::new(token), true));
                 }
@@ -835,6 +865,7 @@ impl TokenStore for SqlTokenStore {
             // Sealed afresh under the active key, bound to the stored row's
             // id as every PCI row is.
             let (new_public, new_key_id, new_secret) = self.seal_pci(&stored)?;
+            let turn = self.write_turn().await;
             let done = sqlx::query(
                 "UPDATE pci_tokens SET public_json = $1, key_id = $2, secret = $3
                  WHERE id = $4 AND public_json = $5 AND key_id = $6 AND secret = $7",
@@ -849,6 +880,7 @@ impl TokenStore for SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+            drop(turn);
             if done.rows_affected() == 1 {
                 return Ok((Arc::new(stored), false));
             }
@@ -870,6 +902,7 @@ impl TokenStore for SqlTokenStore {
     }
 
     async fn delete_pci(&self, id: PciTokenId) -> Result<bool, StoreError> {
+        let _turn = self.write_turn().await;
         let done = sqlx::query("DELETE FROM pci_tokens WHERE id = $1")
             .bind(id.to_string())
             .execute(&self.pool)
@@ -885,6 +918,7 @@ impl TokenStore for SqlTokenStore {
                 return Ok(b.next - 1);
             }
         }
+        let turn = self.write_turn().await;
         let row =
             sqlx::query("UPDATE network_tokens SET atc = atc + $2 WHERE id = $1 RETURNING atc")
                 .bind(id.to_string())
@@ -893,6 +927,7 @@ impl TokenStore for SqlTokenStore {
                 .await
                 .map_err(unavailable)?
                 .ok_or_else(|| corrupt("token vanished"))?;
+        drop(turn);
         let last = row.try_get::<i64, _>(0).map_err(unavailable)? as u64;
         let first = last + 1 - ATC_BLOCK;
         let mut blocks = self.atc_blocks();
@@ -931,12 +966,15 @@ impl TokenStore for SqlTokenStore {
         record: IdempotencyRecord,
         horizon: OffsetDateTime,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
+        let turn = self.write_turn().await;
         sqlx::query("DELETE FROM idempotency WHERE created_at <= $1")
             .bind(dead_at_or_before(horizon))
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
-        if self.insert_idempotency(&self.pool, &record).await? {
+        let inserted = self.insert_idempotency(&self.pool, &record).await?;
+        drop(turn);
+        if inserted {
             return Ok(None);
         }
         self.read_idempotency(&record.key).await
@@ -944,6 +982,7 @@ impl TokenStore for SqlTokenStore {
 
     async fn finish_idempotency(&self, record: IdempotencyRecord) -> Result<bool, StoreError> {
         let (key_id, body) = self.sealed_idempotency(&record)?;
+        let turn = self.write_turn().await;
         let done = sqlx::query(
             "UPDATE idempotency SET status = $1, key_id = $2, body = $3
              WHERE key = $4 AND fingerprint = $5 AND status = $6",
@@ -957,6 +996,7 @@ impl TokenStore for SqlTokenStore {
         .execute(&self.pool)
         .await
         .map_err(unavailable)?;
+        drop(turn);
         Ok(done.rows_affected() == 1)
     }
 
@@ -965,6 +1005,7 @@ impl TokenStore for SqlTokenStore {
         key: &str,
         fingerprint: &[u8; 32],
     ) -> Result<(), StoreError> {
+        let turn = self.write_turn().await;
         sqlx::query("DELETE FROM idempotency WHERE key = $1 AND fingerprint = $2 AND status = $3")
             .bind(db_key(key))
             .bind(hex::encode(fingerprint))
@@ -972,6 +1013,7 @@ impl TokenStore for SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+        drop(turn);
         Ok(())
     }
 
@@ -1011,6 +1053,7 @@ impl TokenStore for SqlTokenStore {
                 }
             };
             let (key_id, body) = self.sealed_idempotency(&rec)?;
+            let turn = self.write_turn().await;
             let r = sqlx::query(
                 "UPDATE idempotency SET key_id = $1, body = $2 WHERE key = $3 AND key_id = $4 AND body = $5",
             )
@@ -1022,6 +1065,7 @@ impl TokenStore for SqlTokenStore {
             .execute(&self.pool)
             .await
             .map_err(unavailable)?;
+            drop(turn);
             step.rotated += r.rows_affected() as usize;
         }
         Ok(step)
