@@ -19,11 +19,13 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use uuid::Uuid;
+use zeroize::Zeroize;
 
 use super::json::rfc3339;
 use super::{json, ApiError, Audit, Subject};
 use crate::body::{check_content_length, empty_response, json_response, read_body};
 use crate::card::{validate_card, Brand, CardNumber, Secret};
+use crate::session::SessionId;
 use crate::vault::{Metadata, PciToken, PciTokenId};
 use crate::{AppState, Body};
 
@@ -175,7 +177,7 @@ pub async fn create(
                     ))
                 }
             };
-            super::sessions::card_from_source(state, source, audit).await?
+            card_from_source(state, source, audit).await?
         }
         None => {
             if !state.config.compliance_level.handles_card_data() {
@@ -242,4 +244,68 @@ pub async fn delete(state: &AppState, id: PciTokenId) -> Result<Response<Body>, 
     }
     state.cvcs.forget(id).await?;
     Ok(empty_response(StatusCode::NO_CONTENT))
+}
+
+/// The fields the browser may encrypt.
+const CARD_FIELDS: &[&str] = &[
+    "number",
+    "expiry_month",
+    "expiry_year",
+    "cvc",
+    "cardholder_name",
+];
+
+/// A `{"type": "session", "id", "data"}` source, which network tokens and
+/// PCI tokens accept at every compliance level (contract §11): spends the
+/// session, decrypts its JWE, and validates the card in it as a PAN would
+/// be ([`card_input`]). Until then the card is bytes in a zeroizing
+/// buffer, and whatever is wrong with it is answered with a fixed text —
+/// never a value, a length or a field name taken from the plaintext.
+pub async fn card_from_source(
+    state: &AppState,
+    source: &Map<String, Value>,
+    audit: &mut Audit,
+) -> Result<CardInput, ApiError> {
+    json::only_fields(source, &["type", "id", "data"], "source.")?;
+    let field = |k: &'static str| {
+        json::opt_str(source, k)
+            .ok()
+            .flatten()
+            .ok_or_else(|| ApiError::InvalidRequest(format!("`source.{k}` must be a string")))
+    };
+    let (id, data) = (field("id")?, field("data")?);
+    audit.session = SessionId::parse(id);
+    let plain = state.sessions.open_card(id, data).await?;
+    let mut card = Scrubbed(match serde_json::from_slice::<Value>(&plain) {
+        Ok(Value::Object(m)) => m,
+        _ => return Err(NOT_A_CARD),
+    });
+    if card.0.keys().any(|k| !CARD_FIELDS.contains(&k.as_str())) {
+        return Err(NOT_A_CARD);
+    }
+    let input = card_input(&card.0);
+    card.scrub();
+    input
+}
+
+const NOT_A_CARD: ApiError =
+    ApiError::InvalidSessionData("the decrypted data is not a card object");
+
+/// The decrypted card as JSON, its strings zeroized when it goes.
+struct Scrubbed(Map<String, Value>);
+
+impl Scrubbed {
+    fn scrub(&mut self) {
+        for v in self.0.values_mut() {
+            if let Value::String(s) = v {
+                s.zeroize();
+            }
+        }
+    }
+}
+
+impl Drop for Scrubbed {
+    fn drop(&mut self) {
+        self.scrub();
+    }
 }

@@ -141,7 +141,7 @@ async fn provision_inner(
         }
         "session" => {
             // Every compliance level: the merchant only ever held ciphertext.
-            let card = super::sessions::card_from_source(state, source, audit).await?;
+            let card = pci::card_from_source(state, source, audit).await?;
             let (card, _) = pci::store_card(state, card, Metadata::new()).await?;
             card
         }
