@@ -37,15 +37,14 @@ use std::sync::Arc;
 use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 
+use crate::audit::{Audit, Subject};
 use crate::auth::{self, Scope};
 use crate::body::bytes_response;
-use crate::template::Namespace;
 use crate::vault::{PciTokenId, TokenId};
 use crate::{AppState, Body};
 
 pub mod cryptograms;
 pub mod error;
-pub mod idempotency;
 pub mod json;
 pub mod pci;
 pub mod sessions;
@@ -56,8 +55,6 @@ pub use error::ApiError;
 
 /// Header carrying the API key.
 pub const X_API_KEY: &str = "x-api-key";
-/// Header carrying an idempotency key.
-pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
 
 /// The OpenAPI document's path, on both listeners (no key needed).
 pub const OPENAPI_PATH: &str = "/openapi.json";
@@ -348,69 +345,6 @@ enum Family {
     Pci,
 }
 
-/// Whom a request is about: the token in its path, or the one it created.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Subject {
-    /// A network token.
-    NetworkToken(TokenId),
-    /// A PCI token (FPAN fallback).
-    PciToken(PciTokenId),
-}
-
-impl Subject {
-    /// A forward for a network token spends a cryptogram reference.
-    pub(crate) fn needs_reference(self) -> bool {
-        matches!(self, Subject::NetworkToken(_))
-    }
-
-    /// The placeholder namespace a forward for this subject renders.
-    pub(crate) fn namespace(self) -> Namespace {
-        match self {
-            Subject::NetworkToken(_) => Namespace::NetworkToken,
-            Subject::PciToken(_) => Namespace::PciToken,
-        }
-    }
-}
-
-impl std::fmt::Display for Subject {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Subject::NetworkToken(id) => write!(f, "network_token:{id}"),
-            Subject::PciToken(id) => write!(f, "pci_token:{id}"),
-        }
-    }
-}
-
-/// What a request did beyond its route and status, for its one log line.
-/// Handlers fill in what applies; nothing here is secret (a card number
-/// only ever as its masked `Display`).
-#[derive(Debug, Default)]
-pub struct Audit {
-    /// The token the request is about: from the path, or the one created.
-    pub subject: Option<Subject>,
-    /// The card scheme of a provisioned token.
-    pub scheme: Option<&'static str>,
-    /// The provisioned card, masked (first6…last4).
-    pub card: Option<String>,
-    /// A PCI token store: whether the card was new.
-    pub created: Option<bool>,
-    /// A cryptogram's kind.
-    pub kind: Option<&'static str>,
-    /// A cryptogram's delivery: `inline` or `reference`.
-    pub mode: Option<&'static str>,
-    /// A lifecycle event applied to a token.
-    pub change: Option<&'static str>,
-    /// A forward's destination host.
-    pub destination_host: Option<String>,
-    /// The card-capture session a request opened or spent (not a secret).
-    pub session: Option<crate::session::SessionId>,
-    /// A route forward's route name (from the config).
-    pub forward_route: Option<String>,
-    /// A forward's request was handed to the upstream connection: from
-    /// here on the acquirer may have it, whatever happens to the client.
-    pub sent_upstream: bool,
-}
-
 /// What the access line needs about an API request, filled in while it
 /// runs. The caller owns it, so a request cut short (a drain deadline,
 /// a panic) still leaves a line with what it had done so far.
@@ -476,18 +410,24 @@ pub async fn handle(
             Route::CreateCryptogram(id) => cryptograms::create(&state, key, id, req, a).await,
             Route::TokenEvent(id) => tokens::event(&state, id, req, a).await,
             Route::Forward(id) => {
-                crate::forward::handle(&state, key, Subject::NetworkToken(id), req, a).await
+                Ok(crate::forward::handle(&state, key, Subject::NetworkToken(id), req, a).await?)
             }
             Route::ForwardPci(id) => {
-                crate::forward::handle(&state, key, Subject::PciToken(id), req, a).await
+                Ok(crate::forward::handle(&state, key, Subject::PciToken(id), req, a).await?)
             }
             Route::ForwardRoute(id, name) => {
                 let subject = Subject::NetworkToken(id);
-                crate::forward::route::handle(&state, key, subject, name, req, a).await
+                let result = crate::forward::route::handle(&state, key, subject, name, req, a)
+                    .await
+                    .map_err(ApiError::from);
+                route_forwarded(&state, a, result)
             }
             Route::ForwardPciRoute(id, name) => {
                 let subject = Subject::PciToken(id);
-                crate::forward::route::handle(&state, key, subject, name, req, a).await
+                let result = crate::forward::route::handle(&state, key, subject, name, req, a)
+                    .await
+                    .map_err(ApiError::from);
+                route_forwarded(&state, a, result)
             }
             Route::CreatePciToken => pci::create(&state, req, a).await,
             Route::GetPciToken(id) => pci::get(&state, id).await,
@@ -497,6 +437,23 @@ pub async fn handle(
     }
     .await;
     result.unwrap_or_else(ApiError::into_response)
+}
+
+/// Counts a route forward under its route (when one was found) and the
+/// status it answers.
+fn route_forwarded(
+    state: &AppState,
+    audit: &Audit,
+    result: Result<Response<Body>, ApiError>,
+) -> Result<Response<Body>, ApiError> {
+    if let Some(route) = &audit.forward_route {
+        let status = match &result {
+            Ok(r) => r.status(),
+            Err(e) => e.status_and_classifier().0,
+        };
+        state.metrics.count_route_forward(route, status.as_u16());
+    }
+    result
 }
 
 #[cfg(test)]

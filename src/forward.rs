@@ -30,6 +30,10 @@
 //! Every forward endpoint passes its request through that hook once it is
 //! checked and parsed, naming what it spends ([`record::Origin`]).
 //!
+//! Its failures are [`Error`]s, classified by source (the merchant's
+//! request, the acquirer, ours; see [`error`]): the module knows nothing of
+//! `api`, whose `error` module alone turns them into HTTP.
+//!
 //! This module never logs a rendered body or header, and its errors name
 //! placeholders and hosts, never values.
 
@@ -42,22 +46,27 @@ use http::{HeaderMap, Method, Request, Response, StatusCode, Uri};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 
-use crate::api::{idempotency, ApiError, Audit, Subject};
+use crate::audit::{Audit, Subject};
 use crate::auth::ApiKey;
 use crate::body::{check_content_length, json_response, read_body};
 use crate::card::Secret;
 use crate::config::{Config, DestinationRule, PlaceholderSyntax};
-use crate::references::{Payload, Reference, ReferenceId};
+use crate::idempotency;
+use crate::references::{Payload, Reference, ReferenceId, TakeError};
 use crate::template::{Context, Field, Namespace, Syntax, Template, Value, Values};
 use crate::vault::{NetworkToken, PciToken, TokenStatus};
 use crate::{AppState, Body};
 
+pub mod claim;
 pub mod destination;
+pub mod error;
 pub mod headers;
 pub mod record;
 pub mod redact;
 pub mod route;
 pub mod upstream;
+
+pub use error::{ClientError, Error, InternalError, UpstreamError};
 
 use destination::{Destination, DestinationError, Resolver};
 use headers::{
@@ -82,6 +91,8 @@ pub struct Forwarder {
     response_timeout: Duration,
     /// The operator's `[[routes]]`, compiled.
     pub routes: route::Routes,
+    /// Keyed forwards in flight on this replica, by record key.
+    pub flights: claim::Flights,
 }
 
 impl Forwarder {
@@ -106,6 +117,7 @@ impl Forwarder {
         let routes = route::Routes::build(config, &rules, delims)?;
         Ok(Self {
             routes,
+            flights: claim::Flights::default(),
             rules,
             resolver,
             clients,
@@ -137,7 +149,7 @@ impl Part {
         ns: Namespace,
         ctx: Context,
         what: &dyn std::fmt::Display,
-    ) -> Result<Part, ApiError> {
+    ) -> Result<Part, Error> {
         if memchr::memmem::find(&input, fwd.delims.0.as_bytes()).is_none() {
             return Ok(Part {
                 input,
@@ -145,7 +157,7 @@ impl Part {
             });
         }
         let t = Template::parse(&input, fwd.syntax, ctx, ns)
-            .map_err(|e| ApiError::InvalidTemplate(format!("{what}: {e}")))?;
+            .map_err(|e| ClientError::InvalidTemplate(format!("{what}: {e}")))?;
         Ok(Part {
             template: (!t.is_static()).then_some(t),
             input,
@@ -201,7 +213,7 @@ impl Parsed {
     }
 
     /// The outbound body with `values`.
-    fn body(&self, values: &dyn Values) -> Result<Bytes, ApiError> {
+    fn body(&self, values: &dyn Values) -> Result<Bytes, Error> {
         match &self.route {
             None => Ok(self.body.render(values)),
             Some(r) => r.render(values),
@@ -209,7 +221,7 @@ impl Parsed {
     }
 
     /// The outbound body with every value masked (dry run).
-    fn masked_body(&self) -> Result<Bytes, ApiError> {
+    fn masked_body(&self) -> Result<Bytes, Error> {
         match &self.route {
             None => Ok(self.body.render(&Masked)),
             Some(r) => r.render_masked(),
@@ -237,6 +249,19 @@ impl Parsed {
     }
 }
 
+/// A forward for a network token spends a cryptogram reference.
+fn needs_reference(subject: Subject) -> bool {
+    matches!(subject, Subject::NetworkToken(_))
+}
+
+/// The placeholder namespace a forward for `subject` renders.
+fn namespace(subject: Subject) -> Namespace {
+    match subject {
+        Subject::NetworkToken(_) => Namespace::NetworkToken,
+        Subject::PciToken(_) => Namespace::PciToken,
+    }
+}
+
 /// The methods a forward relays.
 const FORWARD_METHODS: [Method; 7] = [
     Method::GET,
@@ -258,22 +283,22 @@ pub async fn handle(
     subject: Subject,
     req: Request<Incoming>,
     audit: &mut Audit,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Error> {
     let started = Instant::now();
     if state.config.routes_only {
-        return Err(ApiError::FreeFormForwardDisabled);
+        return Err(ClientError::FreeFormForwardDisabled.into());
     }
     let fwd = &state.forwarder;
     // The methods an acquirer API takes, and nothing else: CONNECT would
     // open a tunnel, TRACE/TRACK echo the request (with its rendered values)
     // back, and an extension method is no payment either.
     if !FORWARD_METHODS.contains(req.method()) {
-        return Err(ApiError::MethodNotAllowed(FORWARD_ALLOW));
+        return Err(ClientError::MethodNotAllowed(FORWARD_ALLOW).into());
     }
     let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
-    let checked = check_headers(fwd, req.headers(), subject.needs_reference(), None).await?;
+    let checked = check_headers(fwd, req.headers(), needs_reference(subject), None).await?;
     audit.destination_host = Some(checked.destination.host.clone());
-    let parsed = read_and_parse(state, &checked, req, subject.namespace(), true).await?;
+    let parsed = read_and_parse(state, &checked, req, namespace(subject), true).await?;
     let reference = checked.reference.as_ref().map(ReferenceId::as_str);
     let keyed = keyed_by(
         key,
@@ -315,7 +340,7 @@ async fn finish(
     parsed: Parsed,
     audit: &mut Audit,
     started: Instant,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Error> {
     let result = match keyed {
         Some((record_key, fingerprint)) => {
             let sent = &mut audit.sent_upstream;
@@ -387,7 +412,7 @@ async fn execute(
     };
     match result {
         Ok(r) => Executed::Sent(Ok(r)),
-        Err(failure) if failure.nothing_sent => {
+        Err(e) if !e.sent() => {
             *sent_upstream = false;
             // The payment was never attempted: what it used is usable again.
             match bound {
@@ -409,9 +434,9 @@ async fn execute(
                 }
                 Bound::Pci { cvc: None, .. } => {}
             }
-            Executed::NotSent(Err(failure.error))
+            Executed::NotSent(Err(e))
         }
-        Err(failure) => Executed::Sent(Err(failure.error)),
+        Err(e) => Executed::Sent(Err(e)),
     }
 }
 
@@ -424,28 +449,31 @@ async fn check_headers(
     headers: &HeaderMap,
     needs_reference: bool,
     fixed: Option<&Destination>,
-) -> Result<Checked, ApiError> {
+) -> Result<Checked, Error> {
     let reference = match headers.get(&X_CRYPTOGRAM_REFERENCE) {
         Some(r) => Some(r),
-        None if needs_reference => return Err(ApiError::MissingHeader("x-cryptogram-reference")),
+        None if needs_reference => {
+            return Err(ClientError::MissingHeader("x-cryptogram-reference").into())
+        }
         None => None,
     };
     let destination = match fixed {
         Some(_) if headers.contains_key(&X_DESTINATION_URL) => {
-            return Err(ApiError::InvalidDestination(
+            return Err(ClientError::InvalidDestination(
                 "a route's destination is fixed; send no x-destination-url".into(),
-            ))
+            )
+            .into())
         }
         Some(d) => d.clone(),
         None => {
             let url = headers
                 .get(&X_DESTINATION_URL)
-                .ok_or(ApiError::MissingHeader("x-destination-url"))?
+                .ok_or(ClientError::MissingHeader("x-destination-url"))?
                 .to_str()
-                .map_err(|_| ApiError::InvalidDestination("URL must be ASCII".into()))?;
+                .map_err(|_| ClientError::InvalidDestination("URL must be ASCII".into()))?;
             destination::parse(url, &fwd.rules, fwd.delims).map_err(|e| match e {
-                DestinationError::Invalid(m) => ApiError::InvalidDestination(m),
-                DestinationError::NotAllowed(m) => ApiError::DestinationNotAllowed(m),
+                DestinationError::Invalid(m) => ClientError::InvalidDestination(m),
+                DestinationError::NotAllowed(m) => ClientError::DestinationNotAllowed(m),
             })?
         }
     };
@@ -454,12 +482,15 @@ async fn check_headers(
         .resolve(&destination.host, destination.port)
         .await
         .map_err(|e| {
-            ApiError::DestinationUnreachable(format!("cannot resolve {}: {e}", destination.host))
+            Error::unsent(UpstreamError::Unreachable(format!(
+                "cannot resolve {}: {e}",
+                destination.host
+            )))
         })?;
     destination::check_addresses(&addrs, fwd.rules[destination.rule].allow_private).map_err(
         |e| match e {
             DestinationError::Invalid(m) | DestinationError::NotAllowed(m) => {
-                ApiError::DestinationNotAllowed(m)
+                ClientError::DestinationNotAllowed(m)
             }
         },
     )?;
@@ -476,22 +507,20 @@ async fn check_headers(
 
 /// `x-relay-dry-run`: absent, `true` or `false` (any case); anything else
 /// is refused, so a typo never sends a real payment.
-fn dry_run_flag(headers: &HeaderMap) -> Result<bool, ApiError> {
+fn dry_run_flag(headers: &HeaderMap) -> Result<bool, Error> {
     let mut values = headers.get_all(&X_RELAY_DRY_RUN).iter();
     let flag = match values.next() {
         None => false,
         Some(v) if v.as_bytes().eq_ignore_ascii_case(b"true") => true,
         Some(v) if v.as_bytes().eq_ignore_ascii_case(b"false") => false,
         Some(_) => {
-            return Err(ApiError::InvalidRequest(
-                "x-relay-dry-run must be `true` or `false`".into(),
-            ))
+            return Err(
+                ClientError::InvalidRequest("x-relay-dry-run must be `true` or `false`").into(),
+            )
         }
     };
     if values.next().is_some() {
-        return Err(ApiError::InvalidRequest(
-            "x-relay-dry-run given more than once".into(),
-        ));
+        return Err(ClientError::InvalidRequest("x-relay-dry-run given more than once").into());
     }
     Ok(flag)
 }
@@ -504,7 +533,7 @@ async fn read_and_parse(
     req: Request<Incoming>,
     ns: Namespace,
     body_template: bool,
-) -> Result<Parsed, ApiError> {
+) -> Result<Parsed, Error> {
     let fwd = &state.forwarder;
     check_content_length(&req, state.config.max_body_bytes)?;
     let (parts, body) = req.into_parts();
@@ -571,14 +600,15 @@ async fn read_and_parse(
         (None, None) => {}
         (Some(n), Some(v)) => {
             let name = HeaderName::from_bytes(n.as_bytes()).map_err(|_| {
-                ApiError::InvalidRequest("x-relay-header-name is not a valid header name".into())
+                ClientError::InvalidRequest("x-relay-header-name is not a valid header name")
             })?;
             if !headers::escapable(&name) {
-                return Err(ApiError::HeaderNotAllowed(format!(
+                return Err(ClientError::HeaderNotAllowed(format!(
                     "x-relay-header-name may only name a header tokenrelay reserves \
                      (x-api-key, x-cryptogram-reference, x-destination-url, x-relay-dry-run, \
                      x-relay-header-name, x-relay-header-value), not `{name}`"
-                )));
+                ))
+                .into());
             }
             let part = Part::parse(
                 Bytes::copy_from_slice(v.as_bytes()),
@@ -590,9 +620,10 @@ async fn read_and_parse(
             headers.push((name, part));
         }
         _ => {
-            return Err(ApiError::MissingHeader(
+            return Err(ClientError::MissingHeader(
                 "x-relay-header-name and x-relay-header-value go together",
-            ))
+            )
+            .into())
         }
     }
     let parsed = Parsed {
@@ -609,7 +640,7 @@ async fn read_and_parse(
         .map(Part::max_len)
         .fold(0usize, usize::saturating_add);
     if bound > limit {
-        return Err(ApiError::RenderedTooLarge(limit));
+        return Err(ClientError::RenderedTooLarge(limit).into());
     }
     Ok(parsed)
 }
@@ -634,7 +665,7 @@ async fn consume(
     subject: Subject,
     checked: &Checked,
     parsed: &Parsed,
-) -> Result<Bound, ApiError> {
+) -> Result<Bound, Error> {
     let token_id = match subject {
         Subject::NetworkToken(id) => id,
         Subject::PciToken(id) => {
@@ -642,7 +673,7 @@ async fn consume(
                 .tokens
                 .get_pci(id)
                 .await?
-                .ok_or(ApiError::PciTokenNotFound)?;
+                .ok_or(ClientError::PciTokenNotFound)?;
             let wants_cvc = parsed.fields().any(|f| f == Field::SecurityCode);
             let cvc = match (wants_cvc, checked.dry_run) {
                 (false, _) => None,
@@ -652,9 +683,9 @@ async fn consume(
                         .cvcs
                         .take(id)
                         .await?
-                        .ok_or(ApiError::SecurityCodeUnavailable)?,
+                        .ok_or(ClientError::SecurityCodeUnavailable)?,
                 ),
-                (true, true) => return Err(ApiError::SecurityCodeUnavailable),
+                (true, true) => return Err(ClientError::SecurityCodeUnavailable.into()),
             };
             return Ok(Bound::Pci { card, cvc });
         }
@@ -663,13 +694,13 @@ async fn consume(
         .tokens
         .get_current(token_id)
         .await?
-        .ok_or(ApiError::TokenNotFound)?;
+        .ok_or(ClientError::TokenNotFound)?;
     if token.status != TokenStatus::Active {
-        return Err(ApiError::TokenNotActive(token.status.as_str()));
+        return Err(ClientError::TokenNotActive(token.status.as_str()).into());
     }
     let Some(rid) = &checked.reference else {
         state.metrics.references_refused.inc();
-        return Err(ApiError::ReferenceNotFound);
+        return Err(ClientError::Reference(TakeError::NotFound).into());
     };
     let taken = if checked.dry_run {
         state.references.peek(rid, token_id).await
@@ -690,25 +721,16 @@ async fn consume(
     }
 }
 
-/// A failed send, and whether the reference may be restored.
-struct SendFailure {
-    error: ApiError,
-    nothing_sent: bool,
-}
-
-/// Step 5 and 6: render, send, relay.
+/// Step 5 and 6: render, send, relay. An error says whether anything
+/// was sent ([`Error::sent`]): only then is what was consumed kept spent.
 async fn send(
     state: &AppState,
     checked: &Checked,
     parsed: &Parsed,
     values: &(dyn Values + Sync),
-) -> Result<Response<Body>, SendFailure> {
+) -> Result<Response<Body>, Error> {
     let fwd = &state.forwarder;
     let dest = &checked.destination;
-    let fail = |error, nothing_sent| SendFailure {
-        error,
-        nothing_sent,
-    };
     let redactor = if state.config.redact_responses {
         parsed.redactor(values)
     } else {
@@ -716,36 +738,25 @@ async fn send(
     };
     let path = parsed.path.render(values);
     let query = parsed.query.as_ref().map(|q| q.render(values));
-    let uri = outbound_uri(dest, &path, query.as_deref()).map_err(|e| fail(e, true))?;
-    let body = parsed.body(values).map_err(|e| fail(e, true))?;
+    let uri = outbound_uri(dest, &path, query.as_deref())?;
+    let body = parsed.body(values)?;
     // The parse-time bound covers the vault's limits; this catches a value
     // beyond them (e.g. a token service's metadata) before anything is sent.
     if body.len() > state.config.max_rendered_bytes {
-        return Err(fail(
-            ApiError::RenderedTooLarge(state.config.max_rendered_bytes),
-            true,
-        ));
+        return Err(ClientError::RenderedTooLarge(state.config.max_rendered_bytes).into());
     }
     let mut req = Request::builder()
         .method(parsed.method.clone())
         .uri(uri)
         .body(Full::new(body))
-        .map_err(|e| {
-            fail(
-                ApiError::Internal(format!("building the request: {e}")),
-                true,
-            )
-        })?;
+        .map_err(|e| Error::bug(format!("building the request: {e}")))?;
     let out = req.headers_mut();
     for (name, part) in &parsed.headers {
         if !redactor.is_empty() && name == header::ACCEPT_ENCODING {
             continue;
         }
         let value = HeaderValue::from_maybe_shared(part.render(values)).map_err(|_| {
-            fail(
-                ApiError::InvalidTemplate(format!("header {name} renders to an invalid value")),
-                true,
-            )
+            ClientError::InvalidTemplate(format!("header {name} renders to an invalid value"))
         })?;
         out.append(name.clone(), value);
     }
@@ -763,42 +774,32 @@ async fn send(
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
             return Err(match upstream::connect_error(&e) {
-                Some(ConnectError::Timeout) => fail(
-                    ApiError::DestinationTimeout(format!("connecting to {} timed out", dest.host)),
-                    true,
-                ),
-                Some(c) => fail(
-                    ApiError::DestinationUnreachable(format!("{}: {c}", dest.host)),
-                    true,
-                ),
-                None if e.is_connect() => fail(
-                    ApiError::DestinationUnreachable(format!("{}: connection failed", dest.host)),
-                    true,
-                ),
-                None if upstream::tls_refused(&e) => fail(
-                    ApiError::DestinationUnreachable(format!(
+                Some(ConnectError::Timeout) => Error::unsent(UpstreamError::Timeout(format!(
+                    "connecting to {} timed out",
+                    dest.host
+                ))),
+                Some(c) => Error::unsent(UpstreamError::Unreachable(format!("{}: {c}", dest.host))),
+                None if e.is_connect() => Error::unsent(UpstreamError::Unreachable(format!(
+                    "{}: connection failed",
+                    dest.host
+                ))),
+                None if upstream::tls_refused(&e) => {
+                    Error::unsent(UpstreamError::Unreachable(format!(
                         "{}: TLS refused (client certificate missing or not accepted)",
                         dest.host
-                    )),
-                    true,
-                ),
-                None => fail(
-                    ApiError::DestinationFailed(format!(
-                        "{}: the connection failed after the request was sent; it may have reached the acquirer",
-                        dest.host
-                    )),
-                    false,
-                ),
+                    )))
+                }
+                None => Error::sent_then(UpstreamError::Failed(format!(
+                    "{}: the connection failed after the request was sent; it may have reached the acquirer",
+                    dest.host
+                ))),
             })
         }
         Err(_) => {
-            return Err(fail(
-                ApiError::DestinationTimeout(format!(
-                    "{} sent no response within {:?}",
-                    dest.host, fwd.response_timeout
-                )),
-                false,
-            ))
+            return Err(Error::sent_then(UpstreamError::Timeout(format!(
+                "{} sent no response within {:?}",
+                dest.host, fwd.response_timeout
+            ))))
         }
     };
     let upstream_elapsed = sent_at.elapsed();
@@ -808,13 +809,10 @@ async fn send(
         .observe(upstream_elapsed.as_secs_f64());
     let h = response.headers();
     if h.contains_key(header::CONTENT_LENGTH) && h.contains_key(header::TRANSFER_ENCODING) {
-        return Err(fail(
-            ApiError::InvalidUpstreamResponse(format!(
-                "{} framed its answer with both content-length and transfer-encoding",
-                dest.host
-            )),
-            false,
-        ));
+        return Err(Error::sent_then(UpstreamError::InvalidResponse(format!(
+            "{} framed its answer with both content-length and transfer-encoding",
+            dest.host
+        ))));
     }
     if !redactor.is_empty() {
         let identity = h.get_all(header::CONTENT_ENCODING).iter().all(|v| {
@@ -823,14 +821,11 @@ async fn send(
                 .all(|c| c.trim_ascii().eq_ignore_ascii_case(b"identity"))
         });
         if !identity {
-            return Err(fail(
-                ApiError::ResponseNotRedactable(format!(
-                    "{} answered with a content-encoding other than identity; \
-                     its echoes could not be masked, so the answer was not relayed",
-                    dest.host
-                )),
-                false,
-            ));
+            return Err(Error::sent_then(UpstreamError::NotRedactable(format!(
+                "{} answered with a content-encoding other than identity; \
+                 its echoes could not be masked, so the answer was not relayed",
+                dest.host
+            ))));
         }
     }
     Ok(relay(response, upstream_elapsed, redactor))
@@ -864,29 +859,30 @@ fn relay(
     Response::from_parts(parts, body)
 }
 
-fn outbound_uri(dest: &Destination, path: &[u8], query: Option<&[u8]>) -> Result<Uri, ApiError> {
+fn outbound_uri(dest: &Destination, path: &[u8], query: Option<&[u8]>) -> Result<Uri, Error> {
     let mut s = dest.origin();
     s.reserve(path.len() + query.map_or(0, |q| q.len() + 1));
     let path = std::str::from_utf8(path)
-        .map_err(|_| ApiError::InvalidDestination("path is not valid UTF-8".into()))?;
+        .map_err(|_| ClientError::InvalidDestination("path is not valid UTF-8".into()))?;
     s.push_str(path);
     if let Some(q) = query {
         s.push('?');
         s.push_str(
             std::str::from_utf8(q)
-                .map_err(|_| ApiError::InvalidDestination("query is not valid UTF-8".into()))?,
+                .map_err(|_| ClientError::InvalidDestination("query is not valid UTF-8".into()))?,
         );
     }
     Uri::try_from(s).map_err(|_| {
-        ApiError::InvalidDestination(
+        ClientError::InvalidDestination(
             "path or query contains characters not allowed in a URL".into(),
         )
+        .into()
     })
 }
 
 /// The dry run's answer: the request as it would go out, every injected
 /// value masked.
-fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, ApiError> {
+fn dry_run(dest: &Destination, parsed: &Parsed) -> Result<Response<Body>, Error> {
     let masked = Masked;
     let path = parsed.path.render(&masked);
     let query = parsed.query.as_ref().map(|q| q.render(&masked));

@@ -11,7 +11,12 @@
 //! - [`api`] authenticates, routes, and holds one file per resource, with
 //!   [`api::error`] the one place errors become HTTP;
 //! - [`forward`] is the proxy pipeline (checks → consume → render → relay),
-//!   rendering with [`template`];
+//!   rendering with [`template`]; its own [`forward::Error`] says whose
+//!   fault a failure is, and [`api::error`] makes it HTTP (`api` calls
+//!   `forward`, never the other way);
+//! - [`audit`] holds what a request is about and did ([`audit::Subject`],
+//!   [`audit::Audit`]), filled in by [`api`] and [`forward`] for the access
+//!   line; [`idempotency`] holds the `x-idempotency-key` records both use;
 //! - [`vault`] keeps tokens behind the `TokenStore` trait, [`references`]
 //!   keeps cryptogram references behind `ReferenceStore`, [`tsp`] mints
 //!   tokens and cryptograms behind `TokenServiceProvider`;
@@ -42,6 +47,7 @@ use tokio::sync::watch;
 
 pub mod admin;
 pub mod api;
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod card;
@@ -51,6 +57,7 @@ pub mod crypto;
 pub mod cvc;
 pub mod demo;
 pub mod forward;
+pub mod idempotency;
 pub mod openapi;
 pub mod references;
 pub mod sandbox_acquirer;
@@ -91,7 +98,7 @@ pub struct AppState {
     /// Token service provider.
     pub tsp: Arc<dyn TokenServiceProvider>,
     /// Idempotency records.
-    pub idempotency: api::idempotency::Idempotency,
+    pub idempotency: idempotency::Idempotency,
     /// CVCs held in memory for one forward.
     pub cvcs: cvc::CvcStore,
     /// Allow-list, resolver and upstream client.
@@ -188,7 +195,7 @@ impl AppState {
         Ok(Arc::new(AppState {
             listen_tls,
             cvcs,
-            idempotency: api::idempotency::Idempotency::new(config.idempotency_ttl, clock.clone()),
+            idempotency: idempotency::Idempotency::new(config.idempotency_ttl, clock.clone()),
             sessions: session::Sessions::new(session_store, config.session_ttl, clock.clone()),
             clock,
             config,

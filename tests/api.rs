@@ -765,7 +765,7 @@ async fn an_idempotency_record_lives_for_idempotency_ttl_on_the_clock() {
 
 #[tokio::test]
 async fn a_refused_request_does_not_bind_its_idempotency_key() {
-    // "A failed request records nothing" (api/idempotency.rs): a merchant
+    // "A failed request records nothing" (src/idempotency.rs): a merchant
     // that fixes a typo retries with the same key and gets its token.
     let s = TestServer::start(config(ComplianceLevel::SaqD)).await;
     let send = |source: Value| {

@@ -15,9 +15,9 @@ use std::time::Duration;
 use reqwest::Method;
 use serde_json::{json, Value};
 use support::*;
-use tokenrelay::api::idempotency::forward::Answer;
 use tokenrelay::config::{ComplianceLevel, Config, DestScheme, DestinationRule, HostPattern};
 use tokenrelay::config::{VaultBackend, VaultConfig};
+use tokenrelay::forward::claim::Answer;
 
 const AUTH_BODY: &str = r#"{"card":{"number":"<< number >>","exp_month":"<< expiry_month | unwrap >>","cryptogram":"<< cryptogram >>","eci":"<< eci >>"},"amount":"10.00"}"#;
 const REPLAY: &str = "x-relay-idempotent-replay";
@@ -158,7 +158,7 @@ async fn a_retry_gets_the_recorded_answer_and_spends_nothing() {
         .await
         .unwrap();
     assert_error(resp, 400, "invalid_request").await;
-    assert!(s.state.idempotency.flights.is_empty());
+    assert!(s.state.forwarder.flights.is_empty());
 }
 
 #[tokio::test]
@@ -378,7 +378,7 @@ async fn fifty_concurrent_requests_with_one_key_send_one() {
     }
     assert_eq!(acq.count(), 1, "exactly one request reached the acquirer");
     assert_eq!(firsts, 1, "one answer first-hand, 49 replays");
-    assert!(s.state.idempotency.flights.is_empty());
+    assert!(s.state.forwarder.flights.is_empty());
 }
 
 #[tokio::test]

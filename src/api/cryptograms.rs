@@ -13,11 +13,12 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use time::OffsetDateTime;
 
-use super::idempotency::{self, Pending, Stored};
 use super::json::rfc3339;
-use super::{json, ApiError, Audit};
+use super::{json, ApiError};
+use crate::audit::Audit;
 use crate::auth::ApiKey;
 use crate::config::ComplianceLevel;
+use crate::idempotency::{self, Pending, Stored};
 use crate::references::{Payload, Reference, ReferenceId};
 use crate::tsp::{check_scheme_rules, CryptogramKind, CryptogramParams, CryptogramType, Minted};
 use crate::vault::{Metadata, NetworkToken, TokenId, TokenStatus};
@@ -355,7 +356,7 @@ async fn create_inner(
             .await?
         {
             // Another replica answered this key first; its answer stands.
-            return p.replay(existing);
+            return Ok(p.replay(existing)?);
         }
     }
     Ok(stored)

@@ -3,7 +3,11 @@
 //! Every error tokenrelay produces is `{"code", "classifier", "message"}`
 //! with `x-relay-error: <classifier>` (contract §3). The mapping from
 //! [`ApiError`] to status and classifier is one exhaustive `match` with no
-//! catch-all arm, pinned by a unit test. Messages are written here or by the
+//! catch-all arm, pinned by a unit test. The layers below bring their own
+//! error types (the forward's [`forward::Error`], the stores',
+//! [`idempotency::Error`], …) and each becomes an [`ApiError`] here, in a
+//! `From` with every variant written out; a test pins every forward
+//! error's answer. Messages are written here or by the
 //! layers below from names and reasons only — never from request values — so
 //! no PAN, TPAN, cryptogram, CVC or key can reach a client through them.
 //! Faults on our side (store down, internal bugs) answer with a fixed text;
@@ -14,6 +18,9 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use crate::auth::Scope;
+use crate::forward::claim::X_RELAY_IDEMPOTENT_REPLAY;
+use crate::forward::{self, ClientError, InternalError, UpstreamError};
+use crate::idempotency;
 use crate::references::{ReferenceStoreError, TakeError, TakeFailure};
 use crate::session::jwe::JweError;
 use crate::session::{SessionError, TakeError as SessionTakeError};
@@ -176,6 +183,10 @@ pub enum ApiError {
     /// A bug or an impossible state: ours.
     #[error("internal error")]
     Internal(String),
+    /// A keyed forward's recorded error, given again to a retry: answered
+    /// as the error itself, marked `x-relay-idempotent-replay: true`.
+    #[error("{0}")]
+    Replayed(Box<ApiError>),
 }
 
 impl ApiError {
@@ -234,12 +245,16 @@ impl ApiError {
             E::FreeFormForwardDisabled => (StatusCode::FORBIDDEN, "free_form_forward_disabled"),
             E::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "service_unavailable"),
             E::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal_error"),
+            E::Replayed(e) => e.status_and_classifier(),
         }
     }
 
     /// Whether the fault is on our side (logged at error level).
     pub fn is_ours(&self) -> bool {
-        matches!(self, ApiError::Unavailable(_) | ApiError::Internal(_))
+        matches!(
+            self.replayed(),
+            ApiError::Unavailable(_) | ApiError::Internal(_)
+        )
     }
 
     /// Status, classifier and the message a client may read; a fault on
@@ -249,13 +264,21 @@ impl ApiError {
     pub fn describe(&self) -> (StatusCode, &'static str, String) {
         let (status, classifier) = self.status_and_classifier();
         if self.is_ours() {
-            let detail = match self {
+            let detail = match self.replayed() {
                 ApiError::Unavailable(d) | ApiError::Internal(d) => d.as_str(),
                 _ => "",
             };
             tracing::error!(classifier, detail, "request failed on our side");
         }
         (status, classifier, self.to_string())
+    }
+
+    /// The error itself, a replay's or not.
+    fn replayed(&self) -> &ApiError {
+        match self {
+            ApiError::Replayed(e) => e.replayed(),
+            e => e,
+        }
     }
 
     /// The JSON error response.
@@ -279,8 +302,14 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         h.insert(X_RELAY_ERROR.clone(), HeaderValue::from_static(classifier));
-        if let ApiError::MethodNotAllowed(allow) = &self {
+        if let ApiError::MethodNotAllowed(allow) = self.replayed() {
             h.insert(http::header::ALLOW, HeaderValue::from_static(allow));
+        }
+        if let ApiError::Replayed(_) = self {
+            h.insert(
+                X_RELAY_IDEMPOTENT_REPLAY.clone(),
+                HeaderValue::from_static("true"),
+            );
         }
         resp
     }
@@ -350,13 +379,100 @@ impl From<SessionError> for ApiError {
     }
 }
 
+impl From<TakeError> for ApiError {
+    fn from(e: TakeError) -> Self {
+        match e {
+            TakeError::NotFound => ApiError::ReferenceNotFound,
+            TakeError::AlreadyUsed => ApiError::ReferenceAlreadyUsed,
+            TakeError::TokenMismatch => ApiError::ReferenceTokenMismatch,
+        }
+    }
+}
+
 impl From<TakeFailure> for ApiError {
     fn from(e: TakeFailure) -> Self {
         match e {
-            TakeFailure::Refused(TakeError::NotFound) => ApiError::ReferenceNotFound,
-            TakeFailure::Refused(TakeError::AlreadyUsed) => ApiError::ReferenceAlreadyUsed,
-            TakeFailure::Refused(TakeError::TokenMismatch) => ApiError::ReferenceTokenMismatch,
+            TakeFailure::Refused(r) => r.into(),
             TakeFailure::Store(s) => s.into(),
+        }
+    }
+}
+
+impl From<idempotency::Error> for ApiError {
+    fn from(e: idempotency::Error) -> Self {
+        use idempotency::Error as I;
+        match e {
+            I::MalformedKey => ApiError::InvalidRequest(I::MalformedKey.to_string()),
+            I::KeyReused => ApiError::IdempotencyKeyReused,
+            I::Store(s) => s.into(),
+            I::BadRecord => ApiError::Internal("bad status in idempotency record".into()),
+        }
+    }
+}
+
+/// A forward's failure as HTTP: by source, every variant, no catch-all.
+impl From<forward::Error> for ApiError {
+    fn from(e: forward::Error) -> Self {
+        use forward::Error as F;
+        match e {
+            F::Client(c) => c.into(),
+            F::Upstream { error, sent: _ } => error.into(),
+            F::Internal(i) => i.into(),
+            F::Replayed(e) => ApiError::Replayed(Box::new((*e).into())),
+        }
+    }
+}
+
+impl From<ClientError> for ApiError {
+    fn from(e: ClientError) -> Self {
+        use ClientError as C;
+        match e {
+            C::FreeFormForwardDisabled => ApiError::FreeFormForwardDisabled,
+            C::MethodNotAllowed(allow) => ApiError::MethodNotAllowed(allow),
+            C::InvalidRequest(m) => ApiError::InvalidRequest(m.to_owned()),
+            C::MalformedIdempotencyKey => idempotency::Error::MalformedKey.into(),
+            C::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            C::MissingHeader(h) => ApiError::MissingHeader(h),
+            C::InvalidDestination(m) => ApiError::InvalidDestination(m),
+            C::DestinationNotAllowed(m) => ApiError::DestinationNotAllowed(m),
+            C::Body(b) => b.into(),
+            C::InvalidTemplate(m) => ApiError::InvalidTemplate(m),
+            C::HeaderNotAllowed(m) => ApiError::HeaderNotAllowed(m),
+            C::RenderedTooLarge(limit) => ApiError::RenderedTooLarge(limit),
+            C::TokenNotFound => ApiError::TokenNotFound,
+            C::PciTokenNotFound => ApiError::PciTokenNotFound,
+            C::TokenNotActive(status) => ApiError::TokenNotActive(status),
+            C::SecurityCodeUnavailable => ApiError::SecurityCodeUnavailable,
+            C::Reference(r) => r.into(),
+            C::UnknownRoute => ApiError::UnknownRoute,
+            C::RouteNotPermitted(m) => ApiError::RouteNotPermitted(m),
+            C::InvalidRouteInput(m) => ApiError::InvalidRouteInput(m),
+        }
+    }
+}
+
+impl From<UpstreamError> for ApiError {
+    fn from(e: UpstreamError) -> Self {
+        use UpstreamError as U;
+        match e {
+            U::Unreachable(d) => ApiError::DestinationUnreachable(d),
+            U::Failed(d) => ApiError::DestinationFailed(d),
+            U::Timeout(d) => ApiError::DestinationTimeout(d),
+            U::NotRedactable(d) => ApiError::ResponseNotRedactable(d),
+            U::InvalidResponse(d) => ApiError::InvalidUpstreamResponse(d),
+        }
+    }
+}
+
+impl From<InternalError> for ApiError {
+    fn from(e: InternalError) -> Self {
+        use InternalError as I;
+        match e {
+            I::Tokens(s) => s.into(),
+            I::References(r) => r.into(),
+            I::Body(b) => b.into(),
+            I::OutcomeUnknown => ApiError::ForwardOutcomeUnknown,
+            I::Bug(d) => ApiError::Internal(d),
         }
     }
 }
@@ -440,6 +556,7 @@ mod tests {
         E::InvalidUpstreamResponse("x".into()) => E::InvalidUpstreamResponse(_) => 502 "invalid_upstream_response",
         E::Unavailable("x".into()) => E::Unavailable(_) => 503 "service_unavailable",
         E::Internal("x".into()) => E::Internal(_) => 500 "internal_error",
+        E::Replayed(Box::new(E::DestinationTimeout("x".into()))) => E::Replayed(_) => 504 "destination_timeout",
     }
 
     /// Pins the contract's table for every variant: the status, the body's
@@ -469,6 +586,188 @@ mod tests {
                 serde_json::json!({"code": code, "classifier": classifier, "message": message})
             );
         }
+    }
+
+    /// Writes the forward's errors once, one sample per variant, each with
+    /// the answer it must get; `forward_row` is an exhaustive `match` with
+    /// no `_ =>` over every variant (nested ones too), so a new one does not
+    /// compile until it has a row here.
+    macro_rules! forward_table {
+        ($($sample:expr => $pattern:pat => $code:literal $classifier:literal $message:literal,)*) => {
+            fn forward_row(e: &forward::Error) -> (u16, &'static str, &'static str) {
+                match e {
+                    $($pattern => ($code, $classifier, $message),)*
+                }
+            }
+
+            fn one_forward_error_of_each() -> Vec<forward::Error> {
+                let samples: Vec<forward::Error> = vec![$($sample.into()),*];
+                let mut i = 0;
+                $(
+                    assert!(matches!(samples[i], $pattern), "{} is not {}", $classifier, stringify!($sample));
+                    i += 1;
+                )*
+                assert_eq!(i, samples.len());
+                samples
+            }
+        };
+    }
+
+    fn serde_error() -> serde_json::Error {
+        serde_json::from_str::<u8>("x").unwrap_err()
+    }
+
+    use crate::body::Error as B;
+    use crate::forward::Error as F;
+    use ClientError as C;
+    use InternalError as I;
+    use UpstreamError as U;
+
+    // The forward's errors as the wire sees them: status, classifier and
+    // the message, byte for byte (sample => pattern => status classifier
+    // message).
+    forward_table! {
+        C::FreeFormForwardDisabled => F::Client(C::FreeFormForwardDisabled) => 403 "free_form_forward_disabled"
+            "free-form forwards are disabled (routes_only); use a route: POST …/forward/{route}",
+        C::MethodNotAllowed("POST") => F::Client(C::MethodNotAllowed(_)) => 405 "method_not_allowed"
+            "method not allowed on this route (allowed: POST)",
+        C::InvalidRequest("x-relay-dry-run given more than once") => F::Client(C::InvalidRequest(_)) => 400 "invalid_request"
+            "x-relay-dry-run given more than once",
+        C::MalformedIdempotencyKey => F::Client(C::MalformedIdempotencyKey) => 400 "invalid_request"
+            "x-idempotency-key must be 1 to 255 visible ASCII characters",
+        C::IdempotencyKeyReused => F::Client(C::IdempotencyKeyReused) => 422 "idempotency_key_reused"
+            "idempotency key was used with a different request",
+        C::MissingHeader("x-destination-url") => F::Client(C::MissingHeader(_)) => 400 "missing_header"
+            "missing header `x-destination-url`",
+        C::InvalidDestination("URL must be ASCII".into()) => F::Client(C::InvalidDestination(_)) => 400 "invalid_destination"
+            "invalid destination: URL must be ASCII",
+        C::DestinationNotAllowed("a.example".into()) => F::Client(C::DestinationNotAllowed(_)) => 403 "destination_not_allowed"
+            "destination not allowed: a.example",
+        C::Body(B::TooLarge(7)) => F::Client(C::Body(B::TooLarge(_))) => 413 "body_too_large"
+            "request body exceeds 7 bytes",
+        C::Body(B::Unreadable("reset".into())) => F::Client(C::Body(B::Unreadable(_))) => 400 "invalid_request"
+            "request body could not be read",
+        C::Body(B::Serialise(serde_error())) => F::Client(C::Body(B::Serialise(_))) => 500 "internal_error"
+            "internal error",
+        C::InvalidTemplate("body: x".into()) => F::Client(C::InvalidTemplate(_)) => 422 "invalid_template"
+            "invalid template: body: x",
+        C::HeaderNotAllowed("host".into()) => F::Client(C::HeaderNotAllowed(_)) => 400 "header_not_allowed"
+            "header not allowed: host",
+        C::RenderedTooLarge(9) => F::Client(C::RenderedTooLarge(_)) => 413 "rendered_too_large"
+            "the rendered request could exceed 9 bytes",
+        C::TokenNotFound => F::Client(C::TokenNotFound) => 404 "token_not_found"
+            "network token not found",
+        C::PciTokenNotFound => F::Client(C::PciTokenNotFound) => 404 "pci_token_not_found"
+            "PCI token not found",
+        C::TokenNotActive("inactive") => F::Client(C::TokenNotActive(_)) => 424 "token_not_active"
+            "network token is not active (status inactive)",
+        C::SecurityCodeUnavailable => F::Client(C::SecurityCodeUnavailable) => 422 "security_code_unavailable"
+            "no security code is held for this PCI token (it is single use and expires)",
+        C::Reference(TakeError::NotFound) => F::Client(C::Reference(TakeError::NotFound)) => 404 "reference_not_found"
+            "cryptogram reference not found or expired",
+        C::Reference(TakeError::AlreadyUsed) => F::Client(C::Reference(TakeError::AlreadyUsed)) => 409 "reference_already_used"
+            "cryptogram reference already used: a forward took it. If that forward got no answer (a lost connection, or a tokenrelay replica that stopped mid-request), its outcome is unknown here: ask the acquirer before paying again with a new cryptogram",
+        C::Reference(TakeError::TokenMismatch) => F::Client(C::Reference(TakeError::TokenMismatch)) => 422 "reference_token_mismatch"
+            "cryptogram reference belongs to another network token",
+        C::UnknownRoute => F::Client(C::UnknownRoute) => 404 "route_not_found"
+            "route not found",
+        C::RouteNotPermitted("route r is not open to PCI-token forwards".into()) => F::Client(C::RouteNotPermitted(_)) => 403 "route_not_permitted"
+            "route r is not open to PCI-token forwards",
+        C::InvalidRouteInput("route r: x".into()) => F::Client(C::InvalidRouteInput(_)) => 422 "invalid_route_input"
+            "invalid route input: route r: x",
+        F::Upstream { error: U::Unreachable("a.example: connection failed".into()), sent: false } => F::Upstream { error: U::Unreachable(_), .. } => 502 "destination_unreachable"
+            "destination unreachable: a.example: connection failed",
+        F::Upstream { error: U::Failed("a.example: gone".into()), sent: true } => F::Upstream { error: U::Failed(_), .. } => 502 "destination_failed"
+            "destination failed: a.example: gone",
+        F::Upstream { error: U::Timeout("connecting to a.example timed out".into()), sent: false } => F::Upstream { error: U::Timeout(_), .. } => 504 "destination_timeout"
+            "destination timed out: connecting to a.example timed out",
+        F::Upstream { error: U::NotRedactable("a.example: gzip".into()), sent: true } => F::Upstream { error: U::NotRedactable(_), .. } => 502 "response_not_redactable"
+            "response not redactable: a.example: gzip",
+        F::Upstream { error: U::InvalidResponse("a.example: framing".into()), sent: true } => F::Upstream { error: U::InvalidResponse(_), .. } => 502 "invalid_upstream_response"
+            "invalid upstream response: a.example: framing",
+        I::Tokens(StoreError::Unavailable("db down".into())) => F::Internal(I::Tokens(StoreError::Unavailable(_))) => 503 "service_unavailable"
+            "service unavailable",
+        I::Tokens(StoreError::Corrupt("sealed".into())) => F::Internal(I::Tokens(StoreError::Corrupt(_))) => 500 "internal_error"
+            "internal error",
+        I::Tokens(StoreError::Lifecycle(crate::vault::TokenStatus::Deleted)) => F::Internal(I::Tokens(StoreError::Lifecycle(_))) => 424 "token_not_active"
+            "network token is not active (status deleted)",
+        I::References(ReferenceStoreError::Full) => F::Internal(I::References(ReferenceStoreError::Full)) => 503 "reference_store_full"
+            "reference store is full; retry later",
+        I::References(ReferenceStoreError::Unavailable("redis down".into())) => F::Internal(I::References(ReferenceStoreError::Unavailable(_))) => 503 "service_unavailable"
+            "service unavailable",
+        I::Body(B::Serialise(serde_error())) => F::Internal(I::Body(B::Serialise(_))) => 500 "internal_error"
+            "internal error",
+        I::Body(B::TooLarge(3)) => F::Internal(I::Body(B::TooLarge(_))) => 413 "body_too_large"
+            "request body exceeds 3 bytes",
+        I::Body(B::Unreadable("reset".into())) => F::Internal(I::Body(B::Unreadable(_))) => 400 "invalid_request"
+            "request body could not be read",
+        I::OutcomeUnknown => F::Internal(I::OutcomeUnknown) => 502 "forward_outcome_unknown"
+            "the first request with this idempotency key may have reached the acquirer, but its answer was never recorded (tokenrelay stopped mid-flight); check the payment with the acquirer before charging again",
+        I::Bug("building the request".into()) => F::Internal(I::Bug(_)) => 500 "internal_error"
+            "internal error",
+        F::Replayed(Box::new(F::Upstream { error: U::Failed("a.example: gone".into()), sent: true })) => F::Replayed(_) => 502 "destination_failed"
+            "destination failed: a.example: gone",
+    }
+
+    /// Every forward error's answer: status, classifier, message, the
+    /// `x-relay-error` header, `Allow` on a 405, and the replay mark on
+    /// a replayed error only.
+    #[tokio::test]
+    async fn forward_errors_keep_their_answers() {
+        for e in one_forward_error_of_each() {
+            let (code, classifier, message) = forward_row(&e);
+            let replayed = matches!(e, F::Replayed(_));
+            let allow = matches!(e, F::Client(C::MethodNotAllowed(_)));
+            let api = ApiError::from(e);
+            assert_eq!(api.to_string(), message, "{classifier}");
+            let resp = api.into_response();
+            assert_eq!(resp.status().as_u16(), code, "{classifier}");
+            assert_eq!(resp.headers()[&X_RELAY_ERROR], classifier);
+            assert_eq!(
+                resp.headers().get(&X_RELAY_IDEMPOTENT_REPLAY).is_some(),
+                replayed,
+                "{classifier}"
+            );
+            assert_eq!(
+                resp.headers().get(http::header::ALLOW).is_some(),
+                allow,
+                "{classifier}"
+            );
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(
+                body,
+                serde_json::json!({"code": code, "classifier": classifier, "message": message})
+            );
+        }
+    }
+
+    /// A keyed forward's recorded errors replay as first answered, marked;
+    /// the record's status column is the status they answer with.
+    #[tokio::test]
+    async fn recorded_forward_errors_replay_as_first_answered() {
+        use crate::forward::claim::{Answer, SentError};
+        for kind in SentError::ALL {
+            let first = ApiError::from(kind.error("a.example: x".into()));
+            let (status, classifier) = first.status_and_classifier();
+            assert_eq!(kind.record_status(), status, "{kind:?}");
+            let Err(replayed) = Answer::Error(kind, "a.example: x".into()).replay() else {
+                panic!("{kind:?} replays as an error");
+            };
+            let replayed = ApiError::from(replayed);
+            assert_eq!(replayed.to_string(), first.to_string());
+            let resp = replayed.into_response();
+            assert_eq!(resp.status(), status);
+            assert_eq!(resp.headers()[&X_RELAY_ERROR], classifier);
+            assert_eq!(resp.headers()[&X_RELAY_IDEMPOTENT_REPLAY], "true");
+        }
+        let Err(unknown) = Answer::Unknown.replay() else {
+            panic!("an unknown outcome replays as an error");
+        };
+        let resp = ApiError::from(unknown).into_response();
+        assert_eq!(resp.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!(resp.headers()[&X_RELAY_ERROR], "forward_outcome_unknown");
+        assert_eq!(resp.headers()[&X_RELAY_IDEMPOTENT_REPLAY], "true");
     }
 
     #[test]

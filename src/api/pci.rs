@@ -22,7 +22,8 @@ use uuid::Uuid;
 use zeroize::Zeroize;
 
 use super::json::rfc3339;
-use super::{json, ApiError, Audit, Subject};
+use super::{json, ApiError};
+use crate::audit::{Audit, Subject};
 use crate::body::{check_content_length, empty_response, json_response, read_body};
 use crate::card::{validate_card, Brand, CardNumber, Secret};
 use crate::session::SessionId;

@@ -6,7 +6,8 @@ use http::{Request, Response, StatusCode};
 use hyper::body::Incoming;
 
 use super::json::rfc3339;
-use super::{json, ApiError, Audit};
+use super::{json, ApiError};
+use crate::audit::Audit;
 use crate::body::{check_content_length, json_response, read_body};
 use crate::{AppState, Body};
 

@@ -8,13 +8,14 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use time::OffsetDateTime;
 
-use super::idempotency::{self, Pending, Stored};
 use super::json::{self, rfc3339};
 use super::pci;
-use super::{ApiError, Audit, Subject};
+use super::ApiError;
+use crate::audit::{Audit, Subject};
 use crate::auth::ApiKey;
 use crate::body::{check_content_length, empty_response, json_response, read_body};
 use crate::card::validate_expiry;
+use crate::idempotency::{self, Pending, Stored};
 use crate::tsp::ProvisionRequest;
 use crate::vault::{
     Inserted, Metadata, NetworkToken, NetworkTokenType, PciToken, TokenChange, TokenId, TokenStatus,
@@ -162,7 +163,7 @@ async fn provision_inner(
     let horizon = state.idempotency.horizon(state.config.idempotency_ttl);
     let record = pending.as_ref().map(|p| (p.record(&stored), horizon));
     match (state.tokens.insert(token, record).await?, pending) {
-        (Inserted::IdempotencyExists(existing), Some(p)) => return p.replay(existing),
+        (Inserted::IdempotencyExists(existing), Some(p)) => return Ok(p.replay(existing)?),
         (Inserted::IdempotencyExists(_), None) => {
             return Err(ApiError::Internal(
                 "idempotency conflict without a key".into(),

@@ -3,7 +3,7 @@
 //!
 //! [`keyed`] is the hook: after the checks and the parse (so a malformed
 //! request is refused before any key is claimed), it claims the key through
-//! [`crate::api::idempotency::forward`] and runs the rest of the forward —
+//! [`super::claim`] and runs the rest of the forward —
 //! consume, send, relay — in a task of its own, so a merchant that hangs up
 //! does not cancel a payment half-sent: the answer is still recorded for its
 //! retry. What was sent decides what happens to the claim:
@@ -37,9 +37,9 @@ use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
 use ring::digest;
 
-use super::{Checked, Parsed};
-use crate::api::idempotency::forward::{self as records, Answer, Begun, Bound, Ticket};
-use crate::api::{ApiError, Subject};
+use super::claim::{self, Answer, Begun, Bound, Ticket};
+use super::{Checked, Error, Parsed};
+use crate::audit::Subject;
 use crate::{AppState, Body, BoxError};
 
 /// What the request is spent against: a cryptogram reference (none for a
@@ -62,14 +62,14 @@ pub enum Origin<'a> {
 pub(super) enum Executed {
     /// Nothing reached the acquirer (an error before the send, a dry run):
     /// the key is released.
-    NotSent(Result<Response<Body>, ApiError>),
+    NotSent(Result<Response<Body>, Error>),
     /// The request went out (or may have): this is recorded.
-    Sent(Result<Response<Body>, ApiError>),
+    Sent(Result<Response<Body>, Error>),
 }
 
 impl Executed {
     /// The answer, recorded or not.
-    pub(super) fn into_result(self) -> Result<Response<Body>, ApiError> {
+    pub(super) fn into_result(self) -> Result<Response<Body>, Error> {
         match self {
             Executed::NotSent(r) | Executed::Sent(r) => r,
         }
@@ -141,13 +141,13 @@ pub(super) async fn keyed<F, Fut>(
     fingerprint: [u8; 32],
     sent_upstream: &mut bool,
     run: F,
-) -> Result<Response<Body>, ApiError>
+) -> Result<Response<Body>, Error>
 where
     F: FnOnce(Arc<AppState>) -> Fut + Send + 'static,
     Fut: Future<Output = Executed> + Send + 'static,
 {
-    let ticket = match records::begin(state, record_key, fingerprint, bound(state)).await? {
-        Begun::Replay(resp) => return Ok(resp),
+    let ticket = match claim::begin(state, record_key, fingerprint, bound(state)).await? {
+        Begun::Replay(answer) => return answer,
         Begun::Owner(ticket) => ticket,
     };
     let owned = state.clone();
@@ -172,7 +172,7 @@ where
     });
     let (result, sent) = task
         .await
-        .map_err(|e| ApiError::Internal(format!("keyed forward task: {e}")))?;
+        .map_err(|e| Error::bug(format!("keyed forward task: {e}")))?;
     *sent_upstream = sent;
     result
 }

@@ -40,10 +40,13 @@ use minijinja::{AutoEscape, Environment, ErrorKind, Output, State, UndefinedBeha
 
 use super::destination::{self, Destination, DestinationError};
 use super::record::Origin;
-use super::{check_headers, finish, keyed_by, read_and_parse};
-use crate::api::{idempotency, ApiError, Audit, Subject};
+use super::{
+    check_headers, finish, keyed_by, namespace, needs_reference, read_and_parse, ClientError, Error,
+};
+use crate::audit::{Audit, Subject};
 use crate::auth::ApiKey;
 use crate::config::{Config, ConfigError, DestinationRule, RouteSubject};
+use crate::idempotency;
 use crate::references::ReferenceId;
 use crate::template::{self as placeholders, Field, Filter, Namespace, Value, Values};
 use crate::{AppState, Body};
@@ -324,11 +327,7 @@ impl Rendering {
 
     /// As the request path builds it, from the request body's bytes (a JSON
     /// object, or empty for `{}`); public for `benches/template.rs`.
-    pub fn from_body(
-        route: &Arc<Route>,
-        body: &[u8],
-        ns: Namespace,
-    ) -> Result<Rendering, ApiError> {
+    pub fn from_body(route: &Arc<Route>, body: &[u8], ns: Namespace) -> Result<Rendering, Error> {
         Ok(Rendering::new(route, input(body)?, ns))
     }
 
@@ -338,7 +337,7 @@ impl Rendering {
     }
 
     /// The body with the token's real values.
-    pub fn render(&self, values: &dyn Values) -> Result<Bytes, ApiError> {
+    pub fn render(&self, values: &dyn Values) -> Result<Bytes, Error> {
         let mut ctx = BTreeMap::new();
         for field in self.fields().filter(|f| f.in_namespace(self.ns)) {
             ctx.insert(field.name(), to_jinja(values.get(field, None)));
@@ -349,7 +348,7 @@ impl Rendering {
     /// The body with every token value masked (`***`; a metadata map has
     /// `***` under any key): the render that must succeed before anything
     /// is consumed, and what a dry run shows.
-    pub(super) fn render_masked(&self) -> Result<Bytes, ApiError> {
+    pub(super) fn render_masked(&self) -> Result<Bytes, Error> {
         let mut ctx = BTreeMap::new();
         for field in self.fields().filter(|f| f.in_namespace(self.ns)) {
             let v = if field.takes_key() {
@@ -362,17 +361,17 @@ impl Rendering {
         self.render_with(ctx)
     }
 
-    fn render_with(&self, mut ctx: BTreeMap<&'static str, Jv>) -> Result<Bytes, ApiError> {
+    fn render_with(&self, mut ctx: BTreeMap<&'static str, Jv>) -> Result<Bytes, Error> {
         ctx.insert("input", self.input.clone());
         let route = &self.route;
         let template = route
             .env
             .get_template(&route.template)
-            .map_err(|e| ApiError::Internal(format!("route {}: {}", route.name, e.kind())))?;
+            .map_err(|e| Error::bug(format!("route {}: {}", route.name, e.kind())))?;
         template
             .render(Jv::from_pairs(ctx))
             .map(Bytes::from)
-            .map_err(|e| ApiError::InvalidRouteInput(render_message(route, &e)))
+            .map_err(|e| ClientError::InvalidRouteInput(render_message(route, &e)).into())
     }
 }
 
@@ -460,7 +459,9 @@ fn render_message(route: &Route, e: &minijinja::Error) -> String {
     }
 }
 
-/// `POST /api/{network,pci}/tokens/{id}/forward/{route}`
+/// `POST /api/{network,pci}/tokens/{id}/forward/{route}`. The route found
+/// is named in `audit.forward_route`; the caller, which turns the result
+/// into HTTP, counts it under that name with its status.
 pub async fn handle(
     state: &Arc<AppState>,
     key: &ApiKey,
@@ -468,22 +469,16 @@ pub async fn handle(
     name: &str,
     req: Request<Incoming>,
     audit: &mut Audit,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Error> {
     let started = Instant::now();
     let route = state
         .forwarder
         .routes
         .get(name)
-        .ok_or(ApiError::UnknownRoute)?
+        .ok_or(ClientError::UnknownRoute)?
         .clone();
     audit.forward_route = Some(route.name.clone());
-    let result = forward(state, key, subject, &route, req, audit, started).await;
-    let status = match &result {
-        Ok(r) => r.status().as_u16(),
-        Err(e) => e.status_and_classifier().0.as_u16(),
-    };
-    state.metrics.count_route_forward(&route.name, status);
-    result
+    forward(state, key, subject, &route, req, audit, started).await
 }
 
 async fn forward(
@@ -494,35 +489,36 @@ async fn forward(
     req: Request<Incoming>,
     audit: &mut Audit,
     started: Instant,
-) -> Result<Response<Body>, ApiError> {
+) -> Result<Response<Body>, Error> {
     let permitted = match subject {
         Subject::NetworkToken(_) => route.network,
         Subject::PciToken(_) => route.pci,
     };
     if !permitted {
-        return Err(ApiError::RouteNotPermitted(format!(
+        return Err(ClientError::RouteNotPermitted(format!(
             "route {} is not open to {} forwards",
             route.name,
             match subject {
                 Subject::NetworkToken(_) => "network-token",
                 Subject::PciToken(_) => "PCI-token",
             }
-        )));
+        ))
+        .into());
     }
     if req.method() != Method::POST {
-        return Err(ApiError::MethodNotAllowed("POST"));
+        return Err(ClientError::MethodNotAllowed("POST").into());
     }
     let client_key = idempotency::client_key(req.headers())?.map(str::to_owned);
     let fwd = &state.forwarder;
     let checked = check_headers(
         fwd,
         req.headers(),
-        subject.needs_reference(),
+        needs_reference(subject),
         Some(&route.destination),
     )
     .await?;
     audit.destination_host = Some(checked.destination.host.clone());
-    let mut parsed = read_and_parse(state, &checked, req, subject.namespace(), false).await?;
+    let mut parsed = read_and_parse(state, &checked, req, namespace(subject), false).await?;
     let input = input(&parsed.body.input)?;
     parsed.method = route.method.clone();
     if let Some(ct) = &route.content_type {
@@ -535,7 +531,7 @@ async fn forward(
             },
         ));
     }
-    let rendering = Rendering::new(route, input, subject.namespace());
+    let rendering = Rendering::new(route, input, namespace(subject));
     // Nothing is consumed until the route renders with masked values.
     rendering.render_masked()?;
     parsed.route = Some(rendering);
@@ -555,15 +551,16 @@ async fn forward(
 }
 
 /// The merchant's body: a JSON object (empty means `{}`).
-fn input(body: &[u8]) -> Result<Jv, ApiError> {
+fn input(body: &[u8]) -> Result<Jv, Error> {
     if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(Jv::from_pairs(std::iter::empty::<(&str, Jv)>()));
     }
     match serde_json::from_slice::<serde_json::Value>(body) {
         Ok(v @ serde_json::Value::Object(_)) => Ok(from_json(&v)),
-        _ => Err(ApiError::InvalidRequest(
-            "a route forward's body must be a JSON object (the route's input)".into(),
-        )),
+        _ => Err(ClientError::InvalidRequest(
+            "a route forward's body must be a JSON object (the route's input)",
+        )
+        .into()),
     }
 }
 

@@ -22,7 +22,8 @@ use time::OffsetDateTime;
 
 use super::{body_object, token_number, Operation, OperationKind, SurfaceError};
 use crate::api::cryptograms::{self, Mode};
-use crate::api::{json, ApiError, Audit, Matched, Subject};
+use crate::api::{json, ApiError, Matched};
+use crate::audit::{Audit, Subject};
 use crate::card::{Brand, CardNumber};
 use crate::tsp::{
     brand_rules, scheme_cryptogram_name, CryptogramKind, CryptogramParams, CryptogramType,

@@ -18,7 +18,8 @@ use super::{body_object, token_number, Operation, OperationKind, SurfaceError};
 use crate::api::cryptograms::{self, Issued, Mode};
 use crate::api::json::rfc3339;
 use crate::api::tokens;
-use crate::api::{json, pci, ApiError, Audit, Matched, Subject};
+use crate::api::{json, pci, ApiError, Matched};
+use crate::audit::{Audit, Subject};
 use crate::config::ComplianceLevel;
 use crate::tsp::{brand_rules, CryptogramKind, CryptogramParams, CryptogramType, SchemeRule};
 use crate::vault::{

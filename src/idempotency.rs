@@ -16,9 +16,15 @@
 //! ([`crate::clock`]), in memory and in the vault alike; moka's own
 //! `time_to_live` (process time) only frees the memory.
 //!
-//! A forward's answer streams, so it cannot wait in a cell: [`forward`]
-//! records it in the same vault table, claimed before the send and
-//! finished when the answer is known.
+//! A forward's answer streams, so it cannot wait in a cell:
+//! `forward::claim` records it in the same vault table, claimed before the
+//! send and finished when the answer is known; it shares [`client_key`],
+//! [`record_key`] and [`Idempotency::horizon`] with the endpoints here.
+//!
+//! Below both `api` (provisioning, cryptograms) and `forward`, it knows
+//! neither's error type: its [`Error`] says what went wrong here, and a
+//! handler's own error type takes it in (`From`), so `api::error` alone
+//! turns it into HTTP.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -30,30 +36,50 @@ use moka::sync::Cache;
 use ring::digest;
 use time::OffsetDateTime;
 
-use super::{ApiError, X_IDEMPOTENCY_KEY};
 use crate::auth::ApiKey;
 use crate::body::{bytes_response, check_content_length, read_body};
 use crate::clock::SharedClock;
-use crate::vault::{IdempotencyRecord, TokenStore};
+use crate::vault::{IdempotencyRecord, StoreError, TokenStore};
 use crate::{AppState, Body};
 use http::Request;
 use hyper::body::Incoming;
 
-pub mod forward;
+/// Header carrying an idempotency key.
+pub const X_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
+
+/// What can go wrong under an idempotency key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// `x-idempotency-key` is empty, too long or not visible ASCII: the
+    /// client's (400 `invalid_request`, this text).
+    #[error("{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters")]
+    MalformedKey,
+    /// The key was used with another request: the client's (422
+    /// `idempotency_key_reused`).
+    #[error("idempotency key was used with a different request")]
+    KeyReused,
+    /// The vault's durable copy could not be read: ours.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A durable record holds no valid status: ours.
+    #[error("bad status in idempotency record")]
+    BadRecord,
+}
 
 /// Reads the body of an idempotent endpoint (under `max_body_bytes`) and
 /// runs `f` on it under the request's idempotency key, scoped to the API
-/// key and `route`.
-pub async fn respond<F, Fut>(
+/// key and `route`; `E` is the handler's error type.
+pub async fn respond<F, Fut, E>(
     state: &AppState,
     key: &ApiKey,
     route: &str,
     req: Request<Incoming>,
     f: F,
-) -> Result<Response<Body>, ApiError>
+) -> Result<Response<Body>, E>
 where
     F: FnOnce(Bytes, Option<Pending>) -> Fut,
-    Fut: Future<Output = Result<Stored, ApiError>>,
+    Fut: Future<Output = Result<Stored, E>>,
+    E: From<Error> + From<crate::body::Error>,
 {
     check_content_length(&req, state.config.max_body_bytes)?;
     let (parts, body) = req.into_parts();
@@ -122,18 +148,17 @@ impl Pending {
 
     /// The answer to give when another request recorded this key first:
     /// its answer if it was the same request, else 422.
-    pub fn replay(&self, existing: IdempotencyRecord) -> Result<Stored, ApiError> {
+    pub fn replay(&self, existing: IdempotencyRecord) -> Result<Stored, Error> {
         if existing.fingerprint != self.fingerprint {
-            return Err(ApiError::IdempotencyKeyReused);
+            return Err(Error::KeyReused);
         }
         stored_from(existing)
     }
 }
 
-fn stored_from(r: IdempotencyRecord) -> Result<Stored, ApiError> {
+fn stored_from(r: IdempotencyRecord) -> Result<Stored, Error> {
     Ok(Stored {
-        status: StatusCode::from_u16(r.status)
-            .map_err(|_| ApiError::Internal("bad status in idempotency record".into()))?,
+        status: StatusCode::from_u16(r.status).map_err(|_| Error::BadRecord)?,
         body: Bytes::from(r.body),
     })
 }
@@ -162,13 +187,11 @@ fn expired(slot: &Slot, now: OffsetDateTime, ttl: Duration) -> bool {
 pub struct Idempotency {
     cache: Cache<String, Arc<Slot>>,
     clock: SharedClock,
-    /// Forwards in flight on this replica, by record key.
-    pub flights: forward::Flights,
 }
 
 /// The request's `x-idempotency-key`, if it has one; a malformed one is
 /// refused (400 `invalid_request`).
-pub fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
+pub fn client_key(headers: &HeaderMap) -> Result<Option<&str>, Error> {
     let Some(client_key) = headers.get(X_IDEMPOTENCY_KEY) else {
         return Ok(None);
     };
@@ -177,11 +200,7 @@ pub fn client_key(headers: &HeaderMap) -> Result<Option<&str>, ApiError> {
         .ok()
         .filter(|k| !k.is_empty() && k.len() <= MAX_KEY_LEN)
         .map(Some)
-        .ok_or_else(|| {
-            ApiError::InvalidRequest(format!(
-                "{X_IDEMPOTENCY_KEY} must be 1 to {MAX_KEY_LEN} visible ASCII characters"
-            ))
-        })
+        .ok_or(Error::MalformedKey)
 }
 
 /// The vault key of a record: scope (API key name, route) and the
@@ -200,7 +219,6 @@ impl Idempotency {
                 .time_to_live(ttl)
                 .build(),
             clock,
-            flights: forward::Flights::default(),
         }
     }
 
@@ -212,9 +230,10 @@ impl Idempotency {
 
     /// Runs `f` under the request's idempotency key, if it has one. A
     /// durable record in `store` (from before a restart, or from another
-    /// replica) is replayed without running `f`.
+    /// replica) is replayed without running `f`; `E` is the handler's
+    /// error type.
     #[allow(clippy::too_many_arguments)]
-    pub async fn run<F, Fut>(
+    pub async fn run<F, Fut, E>(
         &self,
         store: &dyn TokenStore,
         ttl: Duration,
@@ -224,10 +243,11 @@ impl Idempotency {
         path: &str,
         body: &[u8],
         f: F,
-    ) -> Result<Response<Body>, ApiError>
+    ) -> Result<Response<Body>, E>
     where
         F: FnOnce(Option<Pending>) -> Fut,
-        Fut: Future<Output = Result<Stored, ApiError>>,
+        Fut: Future<Output = Result<Stored, E>>,
+        E: From<Error>,
     {
         let Some(client_key) = client_key(headers)? else {
             let s = f(None).await?;
@@ -261,7 +281,8 @@ impl Idempotency {
         // records its answer, and the others compare against it.
         let answered = slot
             .get_or_try_init(|| async move {
-                if let Some(r) = store.get_idempotency(&record_key, horizon).await? {
+                let durable = store.get_idempotency(&record_key, horizon).await;
+                if let Some(r) = durable.map_err(Error::Store)? {
                     let at = r.created_at;
                     return Ok(Answered {
                         fingerprint: r.fingerprint,
@@ -277,7 +298,7 @@ impl Idempotency {
                 let stored = f(Some(pending)).await?;
                 // The request's arrival, not after its record's
                 // `created_at`: memory never outlives the vault's copy.
-                Ok::<_, ApiError>(Answered {
+                Ok::<_, E>(Answered {
                     fingerprint,
                     stored,
                     at: now,
@@ -289,7 +310,7 @@ impl Idempotency {
             self.cache.insert(k, slot.clone());
         }
         if answered.fingerprint != fingerprint {
-            return Err(ApiError::IdempotencyKeyReused);
+            return Err(Error::KeyReused.into());
         }
         Ok(bytes_response(
             answered.stored.status,
@@ -324,7 +345,7 @@ mod tests {
                 "/p",
                 b"{}",
                 |_| async move {
-                    Ok(Stored {
+                    Ok::<_, Error>(Stored {
                         status: StatusCode::CREATED,
                         body,
                     })

@@ -39,7 +39,7 @@ use http_body_util::{BodyExt, Full};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use crate::api::ApiError;
+use super::{ClientError, Error, InternalError, UpstreamError};
 use crate::vault::IdempotencyRecord;
 use crate::{AppState, Body};
 
@@ -93,7 +93,8 @@ pub enum SentError {
 }
 
 impl SentError {
-    const ALL: [SentError; 4] = [
+    /// Every kind, for the tests that pin their codes and mapping.
+    pub const ALL: [SentError; 4] = [
         SentError::Failed,
         SentError::TimedOut,
         SentError::NotRedactable,
@@ -109,12 +110,25 @@ impl SentError {
         }
     }
 
-    fn error(self, detail: String) -> ApiError {
+    /// The error recorded, as it was first answered.
+    pub fn error(self, detail: String) -> Error {
+        Error::sent_then(match self {
+            SentError::Failed => UpstreamError::Failed(detail),
+            SentError::TimedOut => UpstreamError::Timeout(detail),
+            SentError::NotRedactable => UpstreamError::NotRedactable(detail),
+            SentError::InvalidUpstream => UpstreamError::InvalidResponse(detail),
+        })
+    }
+
+    /// The record's status column: the status the error is answered with
+    /// (`api::error`'s mapping, which its tests hold this to). Stored for
+    /// whoever reads the vault table; a replay reads the sealed body.
+    pub fn record_status(self) -> StatusCode {
         match self {
-            SentError::Failed => ApiError::DestinationFailed(detail),
-            SentError::TimedOut => ApiError::DestinationTimeout(detail),
-            SentError::NotRedactable => ApiError::ResponseNotRedactable(detail),
-            SentError::InvalidUpstream => ApiError::InvalidUpstreamResponse(detail),
+            SentError::TimedOut => StatusCode::GATEWAY_TIMEOUT,
+            SentError::Failed | SentError::NotRedactable | SentError::InvalidUpstream => {
+                StatusCode::BAD_GATEWAY
+            }
         }
     }
 }
@@ -146,23 +160,27 @@ const KIND_UNKNOWN: u8 = 3;
 
 impl Answer {
     /// The error of a request that may have been sent, as recorded.
-    pub fn from_error(e: &ApiError) -> Answer {
+    pub fn from_error(e: &Error) -> Answer {
         let (kind, d) = match e {
-            ApiError::DestinationFailed(d) => (SentError::Failed, d),
-            ApiError::DestinationTimeout(d) => (SentError::TimedOut, d),
-            ApiError::ResponseNotRedactable(d) => (SentError::NotRedactable, d),
-            ApiError::InvalidUpstreamResponse(d) => (SentError::InvalidUpstream, d),
+            Error::Upstream { error, sent: _ } => match error {
+                UpstreamError::Failed(d) => (SentError::Failed, d),
+                UpstreamError::Timeout(d) => (SentError::TimedOut, d),
+                UpstreamError::NotRedactable(d) => (SentError::NotRedactable, d),
+                UpstreamError::InvalidResponse(d) => (SentError::InvalidUpstream, d),
+                UpstreamError::Unreachable(_) => return Answer::Unknown,
+            },
             // No other error follows a send; should one appear, the
             // outcome is not known, and saying so is the safe answer.
-            _ => return Answer::Unknown,
+            Error::Client(_) | Error::Internal(_) | Error::Replayed(_) => return Answer::Unknown,
         };
         Answer::Error(kind, d.clone())
     }
 
+    /// The record's status column (see [`SentError::record_status`]).
     fn status(&self) -> StatusCode {
         match self {
             Answer::Response { status, .. } => *status,
-            Answer::Error(kind, _) => kind.error(String::new()).status_and_classifier().0,
+            Answer::Error(kind, _) => kind.record_status(),
             Answer::Unknown => StatusCode::BAD_GATEWAY,
         }
     }
@@ -244,8 +262,9 @@ impl Answer {
         r.0.is_empty().then_some(answer)
     }
 
-    /// The answer given to a retry: as first given, marked a replay.
-    pub fn replay(&self) -> Response<Body> {
+    /// The answer given to a retry: as first given, marked a replay (an
+    /// error as [`Error::Replayed`], which `api::error` marks).
+    pub fn replay(&self) -> Result<Response<Body>, Error> {
         let mut resp = match self {
             Answer::Response {
                 status,
@@ -268,14 +287,18 @@ impl Answer {
                 }
                 resp
             }
-            Answer::Error(kind, d) => kind.error(d.clone()).into_response(),
-            Answer::Unknown => ApiError::ForwardOutcomeUnknown.into_response(),
+            Answer::Error(kind, d) => return Err(Error::Replayed(Box::new(kind.error(d.clone())))),
+            Answer::Unknown => {
+                return Err(Error::Replayed(Box::new(
+                    InternalError::OutcomeUnknown.into(),
+                )))
+            }
         };
         resp.headers_mut().insert(
             X_RELAY_IDEMPOTENT_REPLAY.clone(),
             HeaderValue::from_static("true"),
         );
-        resp
+        Ok(resp)
     }
 }
 
@@ -418,7 +441,7 @@ impl Ticket {
                     {
                         if let Some(recorded) = Answer::decode(&r.body) {
                             self.state
-                                .idempotency
+                                .forwarder
                                 .flights
                                 .leave(&self.key, Flight::Done(r.fingerprint, Arc::new(recorded)));
                             return;
@@ -437,7 +460,7 @@ impl Ticket {
             }
         }
         self.state
-            .idempotency
+            .forwarder
             .flights
             .leave(&self.key, Flight::Done(self.fingerprint, Arc::new(answer)));
     }
@@ -456,7 +479,7 @@ impl Ticket {
             tracing::error!(error = %e, "releasing a forward's idempotency claim failed");
         }
         self.state
-            .idempotency
+            .forwarder
             .flights
             .leave(&self.key, Flight::Released);
     }
@@ -466,7 +489,7 @@ impl Drop for Ticket {
     fn drop(&mut self) {
         if !self.done {
             self.state
-                .idempotency
+                .forwarder
                 .flights
                 .leave(&self.key, Flight::Released);
         }
@@ -477,8 +500,8 @@ impl Drop for Ticket {
 pub enum Begun {
     /// This request owns the key: run it, then finish or release.
     Owner(Ticket),
-    /// The recorded answer of the first request.
-    Replay(Response<Body>),
+    /// The recorded answer of the first request, given again.
+    Replay(Result<Response<Body>, Error>),
 }
 
 /// Claims `key` for a forward with `fingerprint`, or waits for its owner's
@@ -489,8 +512,8 @@ pub async fn begin(
     key: String,
     fingerprint: [u8; 32],
     bound: Bound,
-) -> Result<Begun, ApiError> {
-    let flights = &state.idempotency.flights;
+) -> Result<Begun, Error> {
+    let flights = &state.forwarder.flights;
     loop {
         if let Err(mut rx) = flights.enter(&key, fingerprint) {
             // Someone on this replica holds the key: wait for their answer.
@@ -499,14 +522,14 @@ pub async fn begin(
                 Ok(Ok(f)) => f.clone(),
                 // The owner vanished without a word: ask again.
                 Ok(Err(_)) => continue,
-                Err(_) => return Err(ApiError::ForwardOutcomeUnknown),
+                Err(_) => return Err(InternalError::OutcomeUnknown.into()),
             };
             match flight {
-                Flight::Running(_) => return Err(ApiError::IdempotencyKeyReused),
+                Flight::Running(_) => return Err(ClientError::IdempotencyKeyReused.into()),
                 Flight::Done(fp, answer) if fp == fingerprint => {
                     return Ok(Begun::Replay(answer.replay()))
                 }
-                Flight::Done(..) => return Err(ApiError::IdempotencyKeyReused),
+                Flight::Done(..) => return Err(ClientError::IdempotencyKeyReused.into()),
                 Flight::Released => continue,
             }
         }
@@ -530,7 +553,7 @@ pub async fn begin(
             return Ok(Begun::Owner(ticket));
         };
         if existing.fingerprint != fingerprint {
-            return Err(ApiError::IdempotencyKeyReused);
+            return Err(ClientError::IdempotencyKeyReused.into());
         }
         if existing.is_in_flight() {
             // Held by another replica, or by one that died: poll it.
@@ -560,7 +583,7 @@ pub async fn begin(
                     // Released: the key is free, claim it again.
                     None => break,
                     Some(r) if r.fingerprint != fingerprint => {
-                        return Err(ApiError::IdempotencyKeyReused)
+                        return Err(ClientError::IdempotencyKeyReused.into())
                     }
                     Some(r) if r.is_in_flight() => existing = r,
                     Some(r) => {
@@ -576,7 +599,7 @@ pub async fn begin(
             }
         }
         let answer = Answer::decode(&existing.body)
-            .ok_or_else(|| ApiError::Internal("unreadable forward record".into()))?;
+            .ok_or_else(|| Error::bug("unreadable forward record".into()))?;
         let answer = Arc::new(answer);
         ticket.done = true;
         flights.leave(&key, Flight::Done(fingerprint, answer.clone()));
@@ -630,30 +653,29 @@ mod tests {
             body: Bytes::from_static(b"ok"),
             truncated: true,
         };
-        let r = a.replay();
+        let r = a.replay().unwrap();
         assert_eq!(r.headers()[&X_RELAY_IDEMPOTENT_REPLAY], "true");
         assert_eq!(r.headers()[&X_RELAY_IDEMPOTENT_BODY], "truncated");
+        // Errors replay as themselves, marked (their HTTP is `api::error`'s,
+        // pinned there).
         for kind in SentError::ALL {
             let e = kind.error("x".into());
+            assert!(e.sent());
             assert_eq!(Answer::from_error(&e), Answer::Error(kind, "x".into()));
-            let (status, classifier) = e.status_and_classifier();
-            let r = Answer::Error(kind, "x".into()).replay();
-            assert_eq!(r.status(), status);
-            assert_eq!(r.headers()[&crate::X_RELAY_ERROR], classifier);
+            match Answer::Error(kind, "x".into()).replay() {
+                Err(Error::Replayed(e)) => {
+                    assert_eq!(Answer::from_error(&e), Answer::Error(kind, "x".into()))
+                }
+                _ => panic!("{kind:?} did not replay as an error"),
+            }
         }
         assert_eq!(
-            Answer::from_error(&ApiError::TokenNotFound),
+            Answer::from_error(&ClientError::TokenNotFound.into()),
             Answer::Unknown
         );
-        let r = Answer::Error(SentError::TimedOut, "x".into()).replay();
-        assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert_eq!(r.headers()[&crate::X_RELAY_ERROR], "destination_timeout");
-        assert_eq!(r.headers()[&X_RELAY_IDEMPOTENT_REPLAY], "true");
-        let r = Answer::Unknown.replay();
-        assert_eq!(r.status(), StatusCode::BAD_GATEWAY);
-        assert_eq!(
-            r.headers()[&crate::X_RELAY_ERROR],
-            "forward_outcome_unknown"
-        );
+        assert!(matches!(
+            Answer::Unknown.replay(),
+            Err(Error::Replayed(e)) if matches!(*e, Error::Internal(InternalError::OutcomeUnknown))
+        ));
     }
 }
