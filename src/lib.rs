@@ -109,6 +109,10 @@ pub struct AppState {
     pub listen_tls: Option<tokio_rustls::TlsAcceptor>,
     /// Access lines: one per request, written when it ends.
     pub access: Arc<telemetry::access::AccessLog>,
+    /// The main listener's OpenAPI document, serialised once: [`openapi`]
+    /// describes [`api`], which serves these bytes without knowing how they
+    /// were made.
+    pub openapi: Bytes,
     /// What every TTL (references in memory, CVCs, idempotency records,
     /// sessions) reads "now" from: the system clock, unless a test built
     /// the state with another.
@@ -204,6 +208,7 @@ impl AppState {
             tsp,
             forwarder,
             access: telemetry::access::AccessLog::new(metrics.clone()),
+            openapi: openapi::main_document(),
             metrics,
         }))
     }
