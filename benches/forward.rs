@@ -6,7 +6,7 @@
 //!
 //! Everything runs on one current-thread runtime, so a figure is the CPU
 //! cost of one forward — client and acquirer included — without the
-//! cross-process scheduling noise of `scripts/load.sh`. References are
+//! cross-process scheduling noise of `scripts/load.py`. References are
 //! minted before each timed batch and are not part of the figure.
 //!
 //! `json_fresh_reference_redacted` streams the answer through response

@@ -3,7 +3,7 @@
 //! Every forward and every cryptogram reads its token. From SQLite that read
 //! (a query on the blocking pool plus an AES-GCM open) was the largest single
 //! cost of a forward — ~80 µs of CPU against ~55 µs for all the rest
-//! (`VAULT=sqlite QUICK=1 scripts/load.sh`). A merchant mints a cryptogram
+//! (`VAULT=sqlite QUICK=1 python3 scripts/load.py`). A merchant mints a cryptogram
 //! and forwards it seconds later, so a short-lived cache serves the second
 //! read.
 //!
