@@ -345,21 +345,27 @@ enum Form {
 
 /// `v` written in `form`.
 fn escaped(v: &[u8], hex: Hex, form: Form) -> Vec<u8> {
-    let digits: &[u8; 16] = match hex {
-        Hex::Upper => b"0123456789ABCDEF",
-        Hex::Lower => b"0123456789abcdef",
+    let digits = |b: u8| {
+        let mut pair = *b"00";
+        let encoded = hex::encode_to_slice([b], &mut pair);
+        // One byte is always two digits.
+        debug_assert!(encoded.is_ok());
+        if let Hex::Upper = hex {
+            pair.make_ascii_uppercase();
+        }
+        pair
     };
-    let hi = |b: u8| digits[usize::from(b >> 4)];
-    let lo = |b: u8| digits[usize::from(b & 0xf)];
     let mut out = Vec::with_capacity(v.len() * 3);
     for &b in v {
         match form {
             Form::Percent if !(b.is_ascii_alphanumeric() || b"-._~".contains(&b)) => {
-                out.extend_from_slice(&[b'%', hi(b), lo(b)]);
+                let [hi, lo] = digits(b);
+                out.extend_from_slice(&[b'%', hi, lo]);
             }
             Form::JsonSlash if b == b'/' => out.extend_from_slice(b"\\/"),
             Form::JsonUnicode if !b.is_ascii_alphanumeric() => {
-                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', hi(b), lo(b)]);
+                let [hi, lo] = digits(b);
+                out.extend_from_slice(&[b'\\', b'u', b'0', b'0', hi, lo]);
             }
             _ => out.push(b),
         }
