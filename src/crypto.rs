@@ -2,6 +2,7 @@
 //! the reference store: randomness and HMAC. Built on `ring`, which rustls
 //! already brings in, so there is one crypto library in the binary.
 
+use base64::Engine;
 use ring::hmac;
 use ring::rand::{SecureRandom, SystemRandom};
 
@@ -17,6 +18,28 @@ pub fn random_bytes<const N: usize>() -> [u8; N] {
         std::process::abort();
     }
     out
+}
+
+/// A fresh unguessable id: `prefix` then `N` random bytes in unpadded
+/// base64url; also the bytes, for a store that keys on them.
+pub fn random_id<const N: usize>(prefix: &str) -> ([u8; N], String) {
+    let raw = random_bytes::<N>();
+    let mut id = String::with_capacity(prefix.len() + N.div_ceil(3) * 4);
+    id.push_str(prefix);
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(raw, &mut id);
+    (raw, id)
+}
+
+/// Whether `s` has the shape of a [`random_id`] of `N` bytes under
+/// `prefix`: the prefix, then exactly as many base64url characters as `N`
+/// bytes encode to. A shape check only, so garbage never reaches a store.
+pub fn is_random_id<const N: usize>(s: &str, prefix: &str) -> bool {
+    s.strip_prefix(prefix).is_some_and(|body| {
+        body.len() == (N * 4).div_ceil(3)
+            && body
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    })
 }
 
 /// A uniformly random decimal string of `len` digits.
@@ -49,6 +72,24 @@ pub fn hmac_sha256(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn random_ids_have_the_shape_they_are_checked_for() {
+        let (raw, id) = random_id::<32>("cref_");
+        assert_eq!(id.len(), "cref_".len() + 43);
+        assert!(is_random_id::<32>(&id, "cref_"));
+        assert_ne!(raw, random_id::<32>("cref_").0, "two ids share their bytes");
+        let (_, short) = random_id::<16>("sess_");
+        assert_eq!(short.len(), "sess_".len() + 22);
+        assert!(is_random_id::<16>(&short, "sess_"));
+        assert!(!is_random_id::<16>(&short, "cref_"), "wrong prefix");
+        assert!(!is_random_id::<32>(&short, "sess_"), "wrong length");
+        assert!(!is_random_id::<16>(
+            &format!("{}=", &short[..short.len() - 1]),
+            "sess_"
+        ));
+        assert!(!is_random_id::<16>("sess_", "sess_"));
+    }
 
     #[test]
     fn random_digits_have_the_asked_length() {

@@ -17,7 +17,7 @@ use base64::Engine;
 use time::OffsetDateTime;
 
 use crate::card::Secret;
-use crate::crypto::random_bytes;
+use crate::crypto::{is_random_id, random_id};
 use crate::tsp::CryptogramType;
 use crate::vault::{Metadata, TokenId};
 
@@ -28,8 +28,6 @@ pub mod redis;
 mod conformance;
 
 const PREFIX: &str = "cref_";
-/// 32 random bytes, base64url without padding.
-const ENCODED_LEN: usize = 43;
 
 /// An opaque reference id: `cref_` + 256 random bits, base64url.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -43,11 +41,8 @@ impl ReferenceId {
 
     /// A fresh id and the 32 random bytes it encodes.
     pub(crate) fn random() -> ([u8; 32], ReferenceId) {
-        let raw = random_bytes::<32>();
-        let mut s = String::with_capacity(PREFIX.len() + ENCODED_LEN);
-        s.push_str(PREFIX);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode_string(raw, &mut s);
-        (raw, ReferenceId(s))
+        let (raw, id) = random_id::<32>(PREFIX);
+        (raw, ReferenceId(id))
     }
 
     /// The 32 bytes the id encodes; `None` for a well-formed id that no
@@ -63,12 +58,7 @@ impl ReferenceId {
 
     /// Accepts only well-formed ids, so garbage never reaches a store.
     pub fn parse(s: &str) -> Option<ReferenceId> {
-        let body = s.strip_prefix(PREFIX)?;
-        let ok = body.len() == ENCODED_LEN
-            && body
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        ok.then(|| ReferenceId(s.to_owned()))
+        is_random_id::<32>(s, PREFIX).then(|| ReferenceId(s.to_owned()))
     }
 
     /// The id as given to the merchant.

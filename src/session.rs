@@ -37,7 +37,7 @@ use time::OffsetDateTime;
 use zeroize::Zeroizing;
 
 use crate::clock::SharedClock;
-use crate::crypto::random_bytes;
+use crate::crypto::{is_random_id, random_bytes, random_id};
 use crate::references::ReferenceStoreError;
 
 pub mod jwe;
@@ -45,8 +45,6 @@ pub mod memory;
 pub mod redis;
 
 const PREFIX: &str = "sess_";
-/// 16 random bytes, base64url without padding.
-const ENCODED_LEN: usize = 22;
 
 /// A session id: `sess_` + 128 random bits, base64url. Not a secret (it is
 /// the public key's `kid`, seen by the browser), but unguessable, so no one
@@ -57,21 +55,12 @@ pub struct SessionId(String);
 impl SessionId {
     /// A fresh id.
     pub fn generate() -> SessionId {
-        let mut s = String::with_capacity(PREFIX.len() + ENCODED_LEN);
-        s.push_str(PREFIX);
-        base64::engine::general_purpose::URL_SAFE_NO_PAD
-            .encode_string(random_bytes::<16>(), &mut s);
-        SessionId(s)
+        SessionId(random_id::<16>(PREFIX).1)
     }
 
     /// Accepts only well-formed ids, so garbage never reaches a store.
     pub fn parse(s: &str) -> Option<SessionId> {
-        let body = s.strip_prefix(PREFIX)?;
-        let ok = body.len() == ENCODED_LEN
-            && body
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        ok.then(|| SessionId(s.to_owned()))
+        is_random_id::<16>(s, PREFIX).then(|| SessionId(s.to_owned()))
     }
 
     /// The id as given to the merchant.

@@ -151,16 +151,21 @@ impl Shared {
     /// Removes shard `i`'s expired entries, uncounting the unused ones.
     fn sweep(&self, i: usize) {
         let now = self.clock.now();
-        let mut shard = lock(&self.shards[i]);
+        self.remove_where(&self.shards[i], |e| e.expires_at <= now);
+    }
+
+    /// Removes the shard's entries that `gone` picks, and uncounts those
+    /// of them still unused (a spent one's tombstone was uncounted when
+    /// it was taken).
+    fn remove_where(&self, shard: &Mutex<Shard>, gone: impl Fn(&Entry) -> bool) {
         let mut unused = 0;
-        shard.retain(|_, e| {
-            let keep = e.expires_at > now;
+        lock(shard).retain(|_, e| {
+            let keep = !gone(e);
             if !keep && e.payload.is_some() {
                 unused += 1;
             }
             keep
         });
-        drop(shard);
         self.live.fetch_sub(unused, Ordering::AcqRel);
     }
 
@@ -314,15 +319,7 @@ impl ReferenceStore for MemoryReferenceStore {
 
     async fn revoke_token(&self, token_id: TokenId) -> Result<(), ReferenceStoreError> {
         for shard in self.shared.shards.iter() {
-            let mut unused = 0;
-            lock(shard).retain(|_, e| {
-                let keep = e.token_id != token_id;
-                if !keep && e.payload.is_some() {
-                    unused += 1;
-                }
-                keep
-            });
-            self.shared.live.fetch_sub(unused, Ordering::AcqRel);
+            self.shared.remove_where(shard, |e| e.token_id == token_id);
         }
         Ok(())
     }
