@@ -7,7 +7,7 @@
 
 mod support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -472,19 +472,6 @@ fn secrets_sent(acq: &Acquirer) -> [String; 2] {
     [number, cryptogram]
 }
 
-/// Every file of a SQLite vault (database, WAL, shared memory), raw.
-fn raw_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .filter(|p| p.to_string_lossy().contains("vault.db"))
-        .map(|p| {
-            let bytes = std::fs::read(&p).unwrap();
-            (p, bytes)
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn at_saq_a_the_replay_is_redacted_and_the_record_holds_no_secret() {
     let acq = echoing_acquirer().await;
@@ -552,7 +539,7 @@ async fn at_saq_a_the_replay_is_redacted_and_the_record_holds_no_secret() {
     s.stop().await;
 
     // The raw files: no secret, and the answer itself is sealed.
-    let files = raw_files(dir.path());
+    let files = files_named(dir.path(), "vault.db");
     assert!(!files.is_empty());
     for (path, bytes) in &files {
         for needle in secrets

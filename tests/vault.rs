@@ -545,20 +545,6 @@ async fn store_suite_on_memory() {
 // 2. No TPAN or PAN digits in the SQLite files
 // ---------------------------------------------------------------------------
 
-/// Every file of the database (`x.db`, `x.db-wal`, `x.db-shm`, journal).
-fn database_files(db: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let name = db.file_name().unwrap().to_str().unwrap().to_owned();
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir(db.parent().unwrap()).unwrap() {
-        let entry = entry.unwrap();
-        let file = entry.file_name().to_str().unwrap().to_owned();
-        if file.starts_with(&name) {
-            out.push((entry.path(), std::fs::read(entry.path()).unwrap()));
-        }
-    }
-    out
-}
-
 fn contains(haystack: &[u8], needle: &str) -> bool {
     haystack
         .windows(needle.len())
@@ -617,7 +603,8 @@ async fn sqlite_files_hold_no_tpan_or_pan() {
         s.state.tokens.insert(t, None).await.unwrap();
     }
 
-    let files = database_files(&path);
+    let name = path.file_name().unwrap().to_str().unwrap();
+    let files = files_named(path.parent().unwrap(), name);
     let all: Vec<u8> = files.iter().flat_map(|(_, b)| b.clone()).collect();
     let names: Vec<String> = files.iter().map(|(p, _)| p.display().to_string()).collect();
     assert!(

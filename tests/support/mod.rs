@@ -460,3 +460,26 @@ pub async fn seed_token(s: &TestServer, pan: &str, brand: tokenrelay::card::Bran
         .unwrap();
     id.to_string()
 }
+
+/// The raw bytes of every file in `dir` whose name starts with `prefix`
+/// (a SQLite database and its `-wal`, `-shm` and journal files). SQLite
+/// removes the `-wal` and `-shm` files when its last connection closes,
+/// which may happen between the listing and the read: a file gone by then
+/// is skipped (its pages were checkpointed into the database file, which
+/// is read).
+pub fn files_named(dir: &std::path::Path, prefix: &str) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if !name.starts_with(prefix) {
+            continue;
+        }
+        match std::fs::read(&path) {
+            Ok(bytes) => out.push((path, bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("reading {}: {e}", path.display()),
+        }
+    }
+    out
+}
