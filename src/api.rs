@@ -368,7 +368,7 @@ pub async fn handle(
     let path = req.uri().path().to_owned();
     if path == OPENAPI_PATH {
         return if req.method() == Method::GET {
-            bytes_response(StatusCode::OK, state.openapi.clone())
+            bytes_response(StatusCode::OK, (state.openapi)())
         } else {
             ApiError::MethodNotAllowed("GET").into_response()
         };

@@ -13,9 +13,9 @@
 //!
 //! Each operation carries `x-tokenrelay-route`, the [`crate::api::RouteKind`]
 //! label it is served by, so that test can match them. The documents are
-//! built once and served as shared bytes: the main one at start-up, into
-//! `AppState::openapi` (so this module depends on [`crate::api`], never the
-//! other way), the admin one on first use.
+//! built once, on first use, and served as shared bytes; the main one is
+//! reached through `AppState::openapi` (so this module depends on
+//! [`crate::api`], never the other way).
 
 use std::collections::BTreeMap;
 use std::sync::OnceLock;
