@@ -1469,37 +1469,14 @@ async fn a_provision_key_past_its_ttl_makes_a_new_token_on_sqlite() {
 /// dropped after); set but unreachable is a failure, not a skip.
 #[tokio::test]
 async fn a_provision_key_past_its_ttl_makes_a_new_token_on_postgres() {
-    const ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
-    let base = match std::env::var(ENV) {
-        Ok(url) => url,
-        Err(std::env::VarError::NotPresent) => {
-            println!("PostgreSQL run skipped: {ENV} is unset");
-            return;
-        }
-        Err(e) => panic!("{ENV} is set but unusable: {e}"),
+    let test = "a_provision_key_past_its_ttl_makes_a_new_token_on_postgres";
+    let Some(db) = PgSchema::create(test).await else {
+        return;
     };
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(&base)
-        .await
-        .unwrap_or_else(|e| panic!("{ENV} is set but PostgreSQL cannot be reached: {e}"));
-    let schema = format!("tokenrelay_idem_ttl_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
     let dir = tempfile::tempdir().unwrap();
     let backend = tokenrelay::config::VaultBackend::Postgres {
-        url: format!("{base}{sep}options[search_path]={schema}"),
+        url: db.url.clone(),
         password_file: None,
     };
     a_provision_key_past_its_ttl_makes_a_new_token(vault_config(backend, dir.path())).await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    pool.close().await;
 }

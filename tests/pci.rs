@@ -527,32 +527,14 @@ async fn a_reissued_card_updates_the_stored_expiry_in_sqlite_behind_the_cache() 
 #[tokio::test]
 async fn a_reissued_card_updates_the_stored_expiry_in_postgres_behind_the_cache() {
     use tokenrelay::config::{VaultBackend, VaultConfig};
-    const ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
-    let base = match std::env::var(ENV) {
-        Ok(url) => url,
-        Err(std::env::VarError::NotPresent) => {
-            println!("PostgreSQL run skipped: {ENV} is unset");
-            return;
-        }
-        Err(e) => panic!("{ENV} is set but unusable: {e}"),
+    let test = "a_reissued_card_updates_the_stored_expiry_in_postgres_behind_the_cache";
+    let Some(db) = PgSchema::create(test).await else {
+        return;
     };
-    sqlx::any::install_default_drivers();
-    let pool = sqlx::any::AnyPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(std::time::Duration::from_secs(10))
-        .connect(&base)
-        .await
-        .unwrap_or_else(|e| panic!("{ENV} is set but PostgreSQL cannot be reached: {e}"));
-    let schema = format!("tokenrelay_pci_{}", uuid::Uuid::new_v4().simple());
-    sqlx::query(&format!("CREATE SCHEMA {schema}"))
-        .execute(&pool)
-        .await
-        .unwrap();
-    let sep = if base.contains('?') { '&' } else { '?' };
     let dir = tempfile::tempdir().unwrap();
     a_reissued_card_updates_the_stored_expiry(Some(VaultConfig {
         backend: VaultBackend::Postgres {
-            url: format!("{base}{sep}options[search_path]={schema}"),
+            url: db.url.clone(),
             password_file: None,
         },
         key_file: Some(dir.path().join("master.key")),
@@ -560,10 +542,6 @@ async fn a_reissued_card_updates_the_stored_expiry_in_postgres_behind_the_cache(
         cache_ttl: tokenrelay::config::DEFAULT_VAULT_CACHE_TTL,
     }))
     .await;
-    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-        .execute(&pool)
-        .await
-        .unwrap();
 }
 
 #[tokio::test]

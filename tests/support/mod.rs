@@ -483,3 +483,74 @@ pub fn files_named(dir: &std::path::Path, prefix: &str) -> Vec<(PathBuf, Vec<u8>
     }
     out
 }
+
+pub const POSTGRES_ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
+
+/// A fresh PostgreSQL schema for one test, dropped at the end.
+pub struct PgSchema {
+    /// The database URL with the schema as its search path.
+    pub url: String,
+    base: String,
+    schema: String,
+}
+
+impl PgSchema {
+    /// `None` (with a line saying so) when the variable is unset; a panic
+    /// when it is set and the database cannot be reached.
+    pub async fn create(test: &str) -> Option<PgSchema> {
+        let base = match std::env::var(POSTGRES_ENV) {
+            Ok(url) => url,
+            Err(std::env::VarError::NotPresent) => {
+                println!("{test}: PostgreSQL run skipped because {POSTGRES_ENV} is unset");
+                return None;
+            }
+            Err(e) => panic!("{POSTGRES_ENV} is set but unusable: {e}"),
+        };
+        let schema = format!("tokenrelay_test_{}", uuid::Uuid::new_v4().simple());
+        sqlx::any::install_default_drivers();
+        let pool = sqlx::any::AnyPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect(&base)
+            .await
+            .unwrap_or_else(|e| {
+                panic!("{POSTGRES_ENV} is set but PostgreSQL cannot be reached: {e}")
+            });
+        sqlx::query(&format!("CREATE SCHEMA {schema}"))
+            .execute(&pool)
+            .await
+            .unwrap();
+        pool.close().await;
+        let sep = if base.contains('?') { '&' } else { '?' };
+        Some(PgSchema {
+            url: format!("{base}{sep}options[search_path]={schema}"),
+            base,
+            schema,
+        })
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        let (base, schema) = (self.base.clone(), self.schema.clone());
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                let pool = sqlx::any::AnyPoolOptions::new()
+                    .max_connections(1)
+                    .acquire_timeout(std::time::Duration::from_secs(10))
+                    .connect(&base)
+                    .await?;
+                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                    .execute(&pool)
+                    .await?;
+                pool.close().await;
+                Ok::<_, sqlx::Error>(())
+            })
+        })
+        .join();
+    }
+}
