@@ -647,3 +647,27 @@ fn with_password(url: &str, password: &str) -> String {
         None => url.to_owned(),
     }
 }
+
+/// An active token for unit tests.
+#[cfg(test)]
+pub(crate) fn test_token() -> NetworkToken {
+    let now = time::OffsetDateTime::now_utc();
+    NetworkToken {
+        id: TokenId::new(),
+        status: TokenStatus::Active,
+        network_token_type: NetworkTokenType::Vts,
+        scheme: crate::card::Brand::Visa,
+        card_last4: "1111".into(),
+        expiry_month: 12,
+        expiry_year: 2031,
+        pci_token_id: None,
+        supports_device_binding: false,
+        scheme_reference: "ref".into(),
+        scheme_metadata: Metadata::new(),
+        metadata: Metadata::new(),
+        dauth_activated: false,
+        created_at: now,
+        updated_at: now,
+        tpan: crate::card::CardNumber::parse("4895370012003478").unwrap(),
+    }
+}

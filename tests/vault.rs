@@ -29,6 +29,7 @@ use tokenrelay::auth::KeyHash;
 use tokenrelay::card::{Brand, CardNumber};
 use tokenrelay::config::{ComplianceLevel, VaultBackend, VaultConfig};
 use tokenrelay::crypto::{random_bytes, random_digits};
+use tokenrelay::vault::cached::CachedTokenStore;
 use tokenrelay::vault::keyring::Keyring;
 use tokenrelay::vault::sql::SqlTokenStore;
 use tokenrelay::vault::{
@@ -534,6 +535,58 @@ async fn counters_never_repeat_on_postgres() {
         return;
     };
     counters_never_repeat(&db).await;
+}
+
+/// Two stores on one database, as two processes sharing a SQLite file or
+/// two replicas on one PostgreSQL: each change through one is what the
+/// other's status read and `get_current` give at once, though the other
+/// caches tokens for an hour. Every step changes the status, so a read that
+/// served an older answer (a stale page, a kept connection's old snapshot,
+/// the cached copy) fails.
+async fn status_is_read_now_across_stores(db: &Db) {
+    let keys = key_line("k1");
+    let a = db.store(&keys).await;
+    let b = CachedTokenStore::new(db.store(&keys).await, HOUR);
+    let t = token(&random_tpan());
+    let id = t.id;
+    a.insert(t, None).await.unwrap();
+    let status = |t: Option<Arc<NetworkToken>>| t.unwrap().status;
+    assert_eq!(
+        status(b.get_current(id).await.unwrap()),
+        TokenStatus::Active
+    );
+    for now in [
+        TokenStatus::Inactive,
+        TokenStatus::Active,
+        TokenStatus::Inactive,
+        TokenStatus::Active,
+        TokenStatus::Deleted,
+    ] {
+        a.set_status(id, now).await.unwrap();
+        let (read, _) = b.status_now(id).await.unwrap().unwrap();
+        assert_eq!(read, now, "{}: status_now", db.label);
+        assert_eq!(
+            status(b.get_current(id).await.unwrap()),
+            now,
+            "{}: get_current",
+            db.label
+        );
+    }
+    assert!(b.status_now(TokenId::new()).await.unwrap().is_none());
+    assert!(b.get_current(TokenId::new()).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn status_is_read_now_across_stores_on_sqlite() {
+    status_is_read_now_across_stores(&Db::sqlite()).await;
+}
+
+#[tokio::test]
+async fn status_is_read_now_across_stores_on_postgres() {
+    let Some(db) = Db::postgres("status_is_read_now_across_stores_on_postgres").await else {
+        return;
+    };
+    status_is_read_now_across_stores(&db).await;
 }
 
 #[tokio::test]

@@ -223,9 +223,8 @@ mod tests {
     use tokio::sync::Semaphore;
 
     use super::*;
-    use crate::card::Brand;
     use crate::vault::memory::MemoryTokenStore;
-    use crate::vault::{Metadata, NetworkTokenType, TokenStatus};
+    use crate::vault::TokenStatus;
 
     /// A real memory store that counts token reads and, when armed, holds
     /// each read until the test lets it finish.
@@ -313,30 +312,8 @@ mod tests {
         }
     }
 
-    fn token() -> NetworkToken {
-        let now = OffsetDateTime::now_utc();
-        NetworkToken {
-            id: TokenId::new(),
-            status: TokenStatus::Active,
-            network_token_type: NetworkTokenType::Vts,
-            scheme: Brand::Visa,
-            card_last4: "1111".into(),
-            expiry_month: 12,
-            expiry_year: 2031,
-            pci_token_id: None,
-            supports_device_binding: false,
-            scheme_reference: "ref".into(),
-            scheme_metadata: Metadata::new(),
-            metadata: Metadata::new(),
-            dauth_activated: false,
-            created_at: now,
-            updated_at: now,
-            tpan: CardNumber::parse("4895370012003478").unwrap(),
-        }
-    }
-
     async fn stored(inner: &Arc<Watched>) -> TokenId {
-        let t = token();
+        let t = crate::vault::test_token();
         let id = t.id;
         inner.insert(t, None).await.unwrap();
         id

@@ -10,6 +10,7 @@
 //! versioned in `schema_migrations` and run at start, under a lock (see
 //! `migrate`) so replicas starting together do not race.
 
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,6 +29,8 @@ use super::{
     TokenStore,
 };
 use crate::card::{Brand, CardNumber};
+
+mod inline;
 
 /// Versioned migrations; each runs once, in order.
 const MIGRATIONS: &[(i64, &[&str])] = &[
@@ -151,6 +154,9 @@ pub struct SqlTokenStore {
     /// SQLite only: this process's writers take turns here (see
     /// [`SqlTokenStore::write_turn`]).
     writers: Option<tokio::sync::Mutex<()>>,
+    /// SQLite on a file only: the status read on the calling thread (see
+    /// [`inline`]).
+    inline: Option<inline::InlineReads>,
 }
 
 /// Counters reserved by one database write (hi-lo). The `atc` column holds
@@ -255,6 +261,17 @@ fn unhex32(s: &str) -> Result<[u8; 32], StoreError> {
     Ok(out)
 }
 
+/// A token's status and last change from their columns.
+fn status_columns(
+    status: &str,
+    updated_at: &str,
+) -> Result<(TokenStatus, OffsetDateTime), StoreError> {
+    Ok((
+        TokenStatus::parse(status).ok_or_else(|| corrupt("bad status"))?,
+        OffsetDateTime::parse(updated_at, &Rfc3339).map_err(|_| corrupt("bad updated_at"))?,
+    ))
+}
+
 fn now_text() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
@@ -296,10 +313,18 @@ impl SqlTokenStore {
             keys,
             atc: Default::default(),
             writers: is_sqlite.then(|| tokio::sync::Mutex::new(())),
+            inline: None,
         };
         store.migrate().await?;
         store.backfill_lookups().await?;
-        Ok(store)
+        // After the migrations: the file and its table exist now.
+        let inline = match is_sqlite {
+            true => sqlx::sqlite::SqliteConnectOptions::from_str(url)
+                .ok()
+                .and_then(|o| inline::InlineReads::new(o.get_filename())),
+            false => None,
+        };
+        Ok(Self { inline, ..store })
     }
 
     /// A turn to write, on SQLite. A file has one writer at a time, and
@@ -739,12 +764,28 @@ impl TokenStore for SqlTokenStore {
         Ok(found)
     }
 
+    /// On SQLite this is an inline read (see [`inline`]): it is on every
+    /// forward's path. The pool answers when the file is busy, waiting its
+    /// `busy_timeout`, and when the inline read failed.
     async fn status_now(
         &self,
         id: TokenId,
     ) -> Result<Option<(TokenStatus, OffsetDateTime)>, StoreError> {
+        let id = id.to_string();
+        if let Some(inline) = &self.inline {
+            match inline.status(&id) {
+                inline::Read::Row(None) => return Ok(None),
+                inline::Read::Row(Some((status, updated_at))) => {
+                    return status_columns(&status, &updated_at).map(Some)
+                }
+                inline::Read::Busy => {}
+                inline::Read::Failed(error) => {
+                    tracing::warn!(%error, "inline status read failed; reading through the pool");
+                }
+            }
+        }
         let row = sqlx::query("SELECT status, updated_at FROM network_tokens WHERE id = $1")
-            .bind(id.to_string())
+            .bind(id)
             .fetch_optional(&self.pool)
             .await
             .map_err(unavailable)?;
@@ -753,10 +794,7 @@ impl TokenStore for SqlTokenStore {
         };
         let status: String = row.try_get(0).map_err(unavailable)?;
         let updated_at: String = row.try_get(1).map_err(unavailable)?;
-        Ok(Some((
-            TokenStatus::parse(&status).ok_or_else(|| corrupt("bad status"))?,
-            OffsetDateTime::parse(&updated_at, &Rfc3339).map_err(|_| corrupt("bad updated_at"))?,
-        )))
+        status_columns(&status, &updated_at).map(Some)
     }
 
     async fn update(
@@ -1118,5 +1156,40 @@ mod durability_tests {
                 .get(0);
             assert_eq!(journal, "wal");
         }
+    }
+
+    /// The inline status read never waits: on a busy file it gives up at
+    /// once and the pool answers (waiting its `busy_timeout`). A busy file
+    /// is hard to make in WAL mode with the store's own connections open (a
+    /// reader only meets one during another process's WAL recovery), so a
+    /// second file held in exclusive mode stands in for the busy one.
+    #[tokio::test]
+    async fn a_busy_inline_read_is_answered_by_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
+        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
+            .await
+            .unwrap();
+        let token = crate::vault::test_token();
+        let id = token.id;
+        store.insert(token, None).await.unwrap();
+
+        let busy = dir.path().join("busy.db");
+        let holder = rusqlite::Connection::open(&busy).unwrap();
+        holder
+            .execute_batch(
+                "PRAGMA locking_mode = EXCLUSIVE;
+                 CREATE TABLE network_tokens (id TEXT, status TEXT, updated_at TEXT);",
+            )
+            .unwrap();
+        let store = SqlTokenStore {
+            inline: inline::InlineReads::new(&busy),
+            ..store
+        };
+        let read = store.inline.as_ref().unwrap().status(&id.to_string());
+        assert!(matches!(read, inline::Read::Busy), "the file is not busy");
+        let (status, _) = store.status_now(id).await.unwrap().unwrap();
+        assert_eq!(status, TokenStatus::Active);
+        drop(holder);
     }
 }
