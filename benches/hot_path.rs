@@ -1,6 +1,8 @@
 //! The forward hot path beyond the template (see `benches/template.rs`):
 //! response redaction per MiB (four echoes of the TPAN, and acquirer-like
-//! JSON echoing nothing), and a reference issue + take.
+//! JSON echoing nothing), a reference issue + take, and the token read
+//! every forward makes on the default SQLite vault (`get_current`: the
+//! status from the file, the rest from the cache).
 //!
 //! `cargo bench --bench hot_path`
 
@@ -13,11 +15,17 @@ use bytes::Bytes;
 use criterion::{black_box, criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
+use tokenrelay::card::{Brand, CardNumber};
 use tokenrelay::forward::redact::{RedactingBody, Redactor};
 use tokenrelay::references::memory::MemoryReferenceStore;
 use tokenrelay::references::{Payload, Reference, ReferenceStore};
 use tokenrelay::tsp::CryptogramType;
-use tokenrelay::vault::{Metadata, TokenId};
+use tokenrelay::vault::cached::CachedTokenStore;
+use tokenrelay::vault::keyring::Keyring;
+use tokenrelay::vault::sql::SqlTokenStore;
+use tokenrelay::vault::{
+    Metadata, NetworkToken, NetworkTokenType, TokenId, TokenStatus, TokenStore,
+};
 
 fn redaction(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -138,5 +146,45 @@ fn references(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, redaction, references);
+/// What every forward and cryptogram asks the default vault: the token,
+/// with its status read from the SQLite file now (so another process's
+/// revocation holds at once) and the rest from the in-process cache.
+fn token_read(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
+    let sql = rt
+        .block_on(SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral())))
+        .unwrap();
+    let store = CachedTokenStore::new(Arc::new(sql), Duration::from_secs(60));
+    let now = time::OffsetDateTime::now_utc();
+    let token = NetworkToken {
+        id: TokenId::new(),
+        status: TokenStatus::Active,
+        network_token_type: NetworkTokenType::Vts,
+        scheme: Brand::Visa,
+        card_last4: "1111".into(),
+        expiry_month: 12,
+        expiry_year: 2031,
+        pci_token_id: None,
+        supports_device_binding: false,
+        scheme_reference: "ref".into(),
+        scheme_metadata: Metadata::new(),
+        metadata: Metadata::new(),
+        dauth_activated: false,
+        created_at: now,
+        updated_at: now,
+        tpan: CardNumber::parse("4895370012003478").unwrap(),
+    };
+    let id = token.id;
+    rt.block_on(store.insert(token, None)).unwrap();
+    c.bench_function("token_get_current_sqlite", |b| {
+        b.iter(|| rt.block_on(async { black_box(store.get_current(id).await.unwrap().unwrap()) }))
+    });
+}
+
+criterion_group!(benches, redaction, references, token_read);
 criterion_main!(benches);
