@@ -229,11 +229,37 @@ def tree_pids(pid: int) -> list[int]:
 
 def cpu_ticks(pids: list[int]) -> int:
     """User + system clock ticks of these processes (all their threads)."""
-    total = 0
+    return sum(cpu_split(pids))
+
+
+def cpu_split(pids: list[int]) -> tuple[int, int]:
+    """(user, system) clock ticks of these processes (all their threads)."""
+    user = system = 0
     for pid in pids:
         fields = _stat_fields(pid)
         if fields:
-            total += int(fields[11]) + int(fields[12])
+            user += int(fields[11])
+            system += int(fields[12])
+    return user, system
+
+
+def involuntary_switches(pids: list[int]) -> int:
+    """Times the scheduler took the CPU from these processes' threads (each
+    thread's nonvoluntary_ctxt_switches: preemptions, not waits)."""
+    total = 0
+    for pid in pids:
+        try:
+            tasks = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tasks:
+            try:
+                text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+            except OSError:
+                continue
+            for line in text.splitlines():
+                if line.startswith("nonvoluntary_ctxt_switches:"):
+                    total += int(line.split()[1])
     return total
 
 
@@ -984,6 +1010,9 @@ class WrkRun:
     cpu_us_per_request: float
     upstream_cpu_us_per_request: float
     generator_cpu_us_per_request: float
+    server_user_us_per_request: float
+    server_system_us_per_request: float
+    server_preemptions_per_request: float
     command: str
     wrk_stdout: str
     rss_of: str = "server process + direct children (/proc/<pid>/status VmRSS, every 200 ms)"
@@ -997,7 +1026,9 @@ class WrkRun:
     def summary(self) -> str:
         lat = self.latency_us
         return (f"{self.rps:>9} req/s  p50 {lat['p50']:.0f} us  p99 {lat['p99']:.0f} us  "
-                f"cpu {self.cpu_us_per_request} us/req (upstream {self.upstream_cpu_us_per_request}, "
+                f"cpu {self.cpu_us_per_request} us/req (user {self.server_user_us_per_request}, "
+                f"sys {self.server_system_us_per_request}, preempted {self.server_preemptions_per_request}/req; "
+                f"upstream {self.upstream_cpu_us_per_request}, "
                 f"wrk {self.generator_cpu_us_per_request})  non-2xx {self.non_2xx}  "
                 f"socket errors {self.socket_errors}  statuses {self.statuses}"
                 + (f"  pool_exhausted {self.pool_exhausted}" if self.pool_exhausted else ""))
@@ -1030,13 +1061,15 @@ class Wrk:
         server = tree_pids(target.server_pid)
         upstream = tree_pids(self.upstream_pid)
         with RssSampler(server) as rss:
-            cpu0, up0, gen0 = cpu_ticks(server), cpu_ticks(upstream), children_cpu_s()
+            split0, pre0 = cpu_split(server), involuntary_switches(server)
+            cpu0, up0, gen0 = sum(split0), cpu_ticks(upstream), children_cpu_s()
             try:
                 done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       timeout=duration + 30)
             except subprocess.TimeoutExpired as e:
                 raise Fatal(f"wrk {name} did not finish in {duration + 30} s") from e
-            cpu1, up1, gen1 = cpu_ticks(server), cpu_ticks(upstream), children_cpu_s()
+            split1, pre1 = cpu_split(server), involuntary_switches(server)
+            cpu1, up1, gen1 = sum(split1), cpu_ticks(upstream), children_cpu_s()
         out = done.stdout.decode(errors="replace")
         (self.run_dir / f"wrk_{name}.txt").write_text(out)
         line = next((ln for ln in out.splitlines() if ln.startswith("WRKJSON ")), None)
@@ -1062,6 +1095,11 @@ class Wrk:
             # generator is wrk, a child of this script, with its Lua.
             cpu_us_per_request=per_request(cpu1 - cpu0), upstream_cpu_us_per_request=per_request(up1 - up0),
             generator_cpu_us_per_request=round((gen1 - gen0) * 1e6 / n, 1),
+            # The server's split: user and system time, and how often the
+            # scheduler preempted one of its threads.
+            server_user_us_per_request=per_request(split1[0] - split0[0]),
+            server_system_us_per_request=per_request(split1[1] - split0[1]),
+            server_preemptions_per_request=round((pre1 - pre0) / n, 2),
             command=" ".join(cmd), wrk_stdout=out)
         if mode == "fixed":
             result.target_rps = self.settings.rate
@@ -1252,13 +1290,16 @@ def _mib(kib: int | None) -> str:
 def rounds_table(h: Harness) -> list[str]:
     """Every closed-loop round of every binary, and after/before per round."""
     res, relays = h.results, h.relays
-    lines = ["| round | binary | req/s | p50 ms | p99 ms | server CPU µs/req | non-2xx | pool exhausted |",
-             "|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| round | binary | req/s | p50 ms | p99 ms | server CPU µs/req | user / sys µs/req | preempted /req "
+             "| non-2xx | pool exhausted |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in range(h.settings.rounds):
         for relay in h.closed_round_order(r):
             run = res.rounds[relay.name][r]
             lines.append(f"| {r + 1} | {relay.label} | {run.rps:.0f} | {_ms(run.latency_us['p50'])} | "
-                         f"{_ms(run.latency_us['p99'])} | {run.cpu_us_per_request} | {run.non_2xx} | "
+                         f"{_ms(run.latency_us['p99'])} | {run.cpu_us_per_request} | "
+                         f"{run.server_user_us_per_request} / {run.server_system_us_per_request} | "
+                         f"{run.server_preemptions_per_request} | {run.non_2xx} | "
                          f"{run.pool_exhausted} |")
     if len(relays) == 2:
         before, after = (res.rounds[r.name] for r in relays)
@@ -1325,8 +1366,8 @@ def report(h: Harness, machine: dict[str, Any]) -> str:
     rounds_note = f", median of {s.rounds} rounds for tokenrelay" if s.rounds > 1 else ""
     p(f"\n## Closed loop — wrk -t{s.closed_threads} -c{s.closed_connections}, {s.duration} s{rounds_note}\n")
     p("| target | req/s | vs nginx | vs haproxy | p50 ms | p99 ms | non-2xx | socket errors | max RSS MiB "
-      "| server CPU µs/req | upstream µs/req | wrk µs/req |")
-    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+      "| server CPU µs/req | user / sys µs/req | preempted /req | upstream µs/req | wrk µs/req |")
+    p("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     closed = {**res.closed, **{r.name: res.closed_median(r.name) for r in h.relays}}
     ng, hp = closed["nginx"].rps, closed["haproxy"].rps
     for name, r in closed.items():
@@ -1336,10 +1377,13 @@ def report(h: Harness, machine: dict[str, Any]) -> str:
         up = "—" if name == "direct" else r.upstream_cpu_us_per_request
         p(f"| {labels[name]} | {r.rps:.0f} | {r.rps / ng:.2f}× | {r.rps / hp:.2f}× | {_ms(lat['p50'])} | "
           f"{_ms(lat['p99'])} | {r.non_2xx}{extra} | {r.socket_errors} | {_mib(r.rss_max_kib)} "
-          f"| {r.cpu_us_per_request} | {up} | {r.generator_cpu_us_per_request} |")
+          f"| {r.cpu_us_per_request} | {r.server_user_us_per_request} / {r.server_system_us_per_request} "
+          f"| {r.server_preemptions_per_request} | {up} | {r.generator_cpu_us_per_request} |")
     p("\nRSS = server process + direct children (nginx master+worker), sampled every 200 ms; 'direct' = the "
       "upstream nginx. CPU = user + system time from /proc/<pid>/stat over the run, per request answered: the "
-      "server measured, the upstream nginx behind it, and wrk.\n")
+      "server measured, the upstream nginx behind it, and wrk. Preempted = the server's threads' "
+      "nonvoluntary_ctxt_switches (/proc/<pid>/task/*/status) per request: the scheduler taking its CPU "
+      "away, mostly to a process its own write just woke.\n")
     if s.rounds > 1 or len(h.relays) > 1:
         p("### tokenrelay closed-loop rounds\n")
         out.extend(rounds_table(h))
