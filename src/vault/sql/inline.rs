@@ -16,6 +16,15 @@
 //! `busy_timeout = 0` and handed back as [`Read::Busy`], for the caller to
 //! take the pool's path, which waits its `busy_timeout`. What it reads is
 //! what a pool connection would read: the last committed state of the file.
+//! Each read is its own read transaction (the statement is reset when the
+//! row is taken), so a kept connection never holds an old snapshot, nor
+//! holds back a checkpoint.
+//!
+//! The price of reading on the worker: the pages it needs (the table's
+//! index and one row, and the WAL frames over them) come from SQLite's
+//! page cache or the kernel's, normally; a page evicted from both is a
+//! blocking `pread` of the disk while that worker's other connections
+//! wait. It is the trade any in-process SQLite makes, here for one row.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
