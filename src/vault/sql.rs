@@ -1192,4 +1192,36 @@ mod durability_tests {
         assert_eq!(status, TokenStatus::Active);
         drop(holder);
     }
+
+    /// An inline read that fails otherwise (here: a file without the
+    /// table) is logged and answered by the pool, not refused.
+    #[tokio::test]
+    async fn a_failed_inline_read_is_answered_by_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
+        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
+            .await
+            .unwrap();
+        let token = crate::vault::test_token();
+        let id = token.id;
+        store.insert(token, None).await.unwrap();
+
+        let other = dir.path().join("other.db");
+        rusqlite::Connection::open(&other)
+            .unwrap()
+            .execute_batch("CREATE TABLE unrelated (x TEXT);")
+            .unwrap();
+        let store = SqlTokenStore {
+            inline: inline::InlineReads::new(&other),
+            ..store
+        };
+        let read = store.inline.as_ref().unwrap().status(&id.to_string());
+        assert!(
+            matches!(read, inline::Read::Failed(_)),
+            "the read did not fail"
+        );
+        let (status, _) = store.status_now(id).await.unwrap().unwrap();
+        assert_eq!(status, TokenStatus::Active);
+        assert!(store.status_now(TokenId::new()).await.unwrap().is_none());
+    }
 }
