@@ -22,7 +22,6 @@ use support::*;
 use tokenrelay::config::{ComplianceLevel, Config, RedisConfig, ReferenceBackend, VaultBackend};
 use uuid::Uuid;
 
-const POSTGRES_ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
 const REDIS_ENV: &str = "TOKENRELAY_TEST_REDIS_URL";
 
 const AUTH_BODY: &str =
@@ -38,65 +37,6 @@ fn env_url(var: &str, test: &str) -> Option<String> {
             None
         }
         Err(e) => panic!("{var} is set but unusable: {e}"),
-    }
-}
-
-async fn pg_pool(base: &str) -> sqlx::PgPool {
-    sqlx::postgres::PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(Duration::from_secs(5))
-        .connect(base)
-        .await
-        .unwrap_or_else(|e| panic!("{POSTGRES_ENV} is set but PostgreSQL cannot be reached: {e}"))
-}
-
-/// A fresh, empty schema in the test database; dropped on drop.
-pub struct Schema {
-    base: String,
-    name: String,
-    /// The URL that makes it the search path.
-    pub url: String,
-}
-
-impl Schema {
-    pub async fn create(base: &str) -> Schema {
-        let name = format!("tokenrelay_scale_{}", Uuid::new_v4().simple());
-        let pool = pg_pool(base).await;
-        sqlx::query(&format!("CREATE SCHEMA {name}"))
-            .execute(&pool)
-            .await
-            .unwrap_or_else(|e| panic!("creating schema {name}: {e}"));
-        pool.close().await;
-        let sep = if base.contains('?') { '&' } else { '?' };
-        Schema {
-            url: format!("{base}{sep}options[search_path]={name}"),
-            base: base.to_owned(),
-            name,
-        }
-    }
-}
-
-impl Drop for Schema {
-    fn drop(&mut self) {
-        let (base, name) = (self.base.clone(), self.name.clone());
-        // Best effort, bounded, on a runtime of its own (drop cannot await).
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                let _ = tokio::time::timeout(Duration::from_secs(10), async {
-                    let pool = pg_pool(&base).await;
-                    let _ = sqlx::query(&format!("DROP SCHEMA {name} CASCADE"))
-                        .execute(&pool)
-                        .await;
-                    pool.close().await;
-                })
-                .await;
-            })
-        })
-        .join();
     }
 }
 
@@ -152,7 +92,7 @@ pub fn redis_backend(url: &str, prefix: &str) -> ReferenceBackend {
 /// One PostgreSQL schema, one Redis prefix, one master key: what every
 /// replica of a deployment shares.
 struct Cluster {
-    schema: Schema,
+    schema: PgSchema,
     redis_url: String,
     prefix: Prefix,
     keys: tempfile::TempDir,
@@ -170,7 +110,7 @@ impl Cluster {
         )
         .unwrap();
         Some(Cluster {
-            schema: Schema::create(&pg).await,
+            schema: PgSchema::create_in(&pg).await,
             prefix: Prefix::new(&redis_url, test),
             redis_url,
             keys,
@@ -417,7 +357,7 @@ async fn five_replicas_migrating_one_empty_postgres_database_at_once_all_start()
         return;
     };
     for _round in 0..3 {
-        let schema = Schema::create(&pg).await;
+        let schema = PgSchema::create_in(&pg).await;
         let starts = (0..5).map(|_| {
             let url = schema.url.clone();
             tokio::spawn(async move {

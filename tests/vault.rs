@@ -39,7 +39,6 @@ use tokenrelay::vault::{
 use uuid::Uuid;
 
 const TOKENS: &str = "/api/network/tokens";
-const POSTGRES_ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
 
 // ---------------------------------------------------------------------------
 // Databases and keys
@@ -51,8 +50,8 @@ struct Db {
     label: &'static str,
     /// Connection URL for the store and for direct SQL.
     url: String,
-    /// PostgreSQL only: (base URL, schema) to drop at the end.
-    pg_schema: Option<(String, String)>,
+    /// PostgreSQL only: the schema, dropped with the `Db`.
+    _pg_schema: Option<PgSchema>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -65,7 +64,7 @@ impl Db {
                 "sqlite://{}?mode=rwc",
                 dir.path().join("vault.db").display()
             ),
-            pg_schema: None,
+            _pg_schema: None,
             _dir: Some(dir),
         }
     }
@@ -73,28 +72,11 @@ impl Db {
     /// `None` (with a line saying so) when the variable is unset; a panic
     /// when it is set and the database cannot be reached.
     async fn postgres(test: &str) -> Option<Db> {
-        let base = match std::env::var(POSTGRES_ENV) {
-            Ok(url) => url,
-            Err(std::env::VarError::NotPresent) => {
-                println!("{test}: PostgreSQL run skipped because {POSTGRES_ENV} is unset");
-                return None;
-            }
-            Err(e) => panic!("{POSTGRES_ENV} is set but unusable: {e}"),
-        };
-        let schema = format!("tokenrelay_test_{}", Uuid::new_v4().simple());
-        let pool = direct_pool(&base).await.unwrap_or_else(|e| {
-            panic!("{POSTGRES_ENV} is set but PostgreSQL cannot be reached: {e}")
-        });
-        sqlx::query(&format!("CREATE SCHEMA {schema}"))
-            .execute(&pool)
-            .await
-            .unwrap_or_else(|e| panic!("creating schema {schema}: {e}"));
-        pool.close().await;
-        let sep = if base.contains('?') { '&' } else { '?' };
+        let schema = PgSchema::create(test).await?;
         Some(Db {
             label: "postgres",
-            url: format!("{base}{sep}options[search_path]={schema}"),
-            pg_schema: Some((base, schema)),
+            url: schema.url.clone(),
+            _pg_schema: Some(schema),
             _dir: None,
         })
     }
@@ -106,40 +88,6 @@ impl Db {
                 .await
                 .unwrap_or_else(|e| panic!("{}: opening the store: {e}", self.label)),
         )
-    }
-}
-
-impl Drop for Db {
-    /// Drops the PostgreSQL schema, on success and on panic alike (best
-    /// effort, bounded; on a runtime of its own since drop cannot await).
-    fn drop(&mut self) {
-        let Some((base, schema)) = self.pg_schema.take() else {
-            return;
-        };
-        let done = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async move {
-                tokio::time::timeout(Duration::from_secs(10), async {
-                    let pool = direct_pool(&base).await?;
-                    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                        .execute(&pool)
-                        .await?;
-                    pool.close().await;
-                    Ok::<_, sqlx::Error>(())
-                })
-                .await
-                .map_err(|_| "timed out".to_owned())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-                .map_err(|e| format!("dropping schema {schema}: {e}"))
-            })
-        })
-        .join();
-        if let Ok(Err(e)) = done {
-            eprintln!("{e}");
-        }
     }
 }
 
@@ -1320,7 +1268,7 @@ async fn rotate_key_command_reencrypts_and_serve_reads() {
             "sqlite://{}?mode=rwc",
             dir.path().join("vault.db").display()
         ),
-        pg_schema: None,
+        _pg_schema: None,
         _dir: None,
     };
     {

@@ -1158,6 +1158,30 @@ mod durability_tests {
         }
     }
 
+    /// A store on a new file holding one active token, whose inline reads
+    /// go to `file` in the same directory instead (set up by `prepare`),
+    /// to stand in for its own file failing one way or another.
+    async fn reading_inline_from(
+        dir: &tempfile::TempDir,
+        file: &str,
+        prepare: impl FnOnce(&std::path::Path),
+    ) -> (SqlTokenStore, TokenId) {
+        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
+        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
+            .await
+            .unwrap();
+        let token = crate::vault::test_token();
+        let id = token.id;
+        store.insert(token, None).await.unwrap();
+        let other = dir.path().join(file);
+        prepare(&other);
+        let store = SqlTokenStore {
+            inline: inline::InlineReads::new(&other),
+            ..store
+        };
+        (store, id)
+    }
+
     /// The inline status read never waits: on a busy file it gives up at
     /// once and the pool answers (waiting its `busy_timeout`). A busy file
     /// is hard to make in WAL mode with the store's own connections open (a
@@ -1166,26 +1190,17 @@ mod durability_tests {
     #[tokio::test]
     async fn a_busy_inline_read_is_answered_by_the_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
-        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
-            .await
-            .unwrap();
-        let token = crate::vault::test_token();
-        let id = token.id;
-        store.insert(token, None).await.unwrap();
-
-        let busy = dir.path().join("busy.db");
-        let holder = rusqlite::Connection::open(&busy).unwrap();
-        holder
-            .execute_batch(
+        let mut holder = None;
+        let (store, id) = reading_inline_from(&dir, "busy.db", |busy| {
+            let conn = rusqlite::Connection::open(busy).unwrap();
+            conn.execute_batch(
                 "PRAGMA locking_mode = EXCLUSIVE;
                  CREATE TABLE network_tokens (id TEXT, status TEXT, updated_at TEXT);",
             )
             .unwrap();
-        let store = SqlTokenStore {
-            inline: inline::InlineReads::new(&busy),
-            ..store
-        };
+            holder = Some(conn);
+        })
+        .await;
         let read = store.inline.as_ref().unwrap().status(&id.to_string());
         assert!(matches!(read, inline::Read::Busy), "the file is not busy");
         let (status, _) = store.status_now(id).await.unwrap().unwrap();
@@ -1198,23 +1213,13 @@ mod durability_tests {
     #[tokio::test]
     async fn a_failed_inline_read_is_answered_by_the_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let url = format!("sqlite://{}?mode=rwc", dir.path().join("v.db").display());
-        let store = SqlTokenStore::connect(&url, Arc::new(Keyring::ephemeral()))
-            .await
-            .unwrap();
-        let token = crate::vault::test_token();
-        let id = token.id;
-        store.insert(token, None).await.unwrap();
-
-        let other = dir.path().join("other.db");
-        rusqlite::Connection::open(&other)
-            .unwrap()
-            .execute_batch("CREATE TABLE unrelated (x TEXT);")
-            .unwrap();
-        let store = SqlTokenStore {
-            inline: inline::InlineReads::new(&other),
-            ..store
-        };
+        let (store, id) = reading_inline_from(&dir, "other.db", |other| {
+            rusqlite::Connection::open(other)
+                .unwrap()
+                .execute_batch("CREATE TABLE unrelated (x TEXT);")
+                .unwrap();
+        })
+        .await;
         let read = store.inline.as_ref().unwrap().status(&id.to_string());
         assert!(
             matches!(read, inline::Read::Failed(_)),

@@ -486,12 +486,23 @@ pub fn files_named(dir: &std::path::Path, prefix: &str) -> Vec<(PathBuf, Vec<u8>
 
 pub const POSTGRES_ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
 
-/// A fresh PostgreSQL schema for one test, dropped at the end.
+/// A fresh PostgreSQL schema for one test, dropped at the end (on
+/// success and on panic alike).
 pub struct PgSchema {
     /// The database URL with the schema as its search path.
     pub url: String,
     base: String,
     schema: String,
+}
+
+/// A small pool on the test database, bounded in its waits.
+async fn pg_pool(base: &str) -> Result<sqlx::AnyPool, sqlx::Error> {
+    sqlx::any::install_default_drivers();
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(std::time::Duration::from_secs(10))
+        .connect(base)
+        .await
 }
 
 impl PgSchema {
@@ -506,51 +517,58 @@ impl PgSchema {
             }
             Err(e) => panic!("{POSTGRES_ENV} is set but unusable: {e}"),
         };
+        Some(PgSchema::create_in(&base).await)
+    }
+
+    /// A fresh schema in the database `base` names; a panic when it
+    /// cannot be reached.
+    pub async fn create_in(base: &str) -> PgSchema {
         let schema = format!("tokenrelay_test_{}", uuid::Uuid::new_v4().simple());
-        sqlx::any::install_default_drivers();
-        let pool = sqlx::any::AnyPoolOptions::new()
-            .max_connections(1)
-            .acquire_timeout(std::time::Duration::from_secs(10))
-            .connect(&base)
-            .await
-            .unwrap_or_else(|e| {
-                panic!("{POSTGRES_ENV} is set but PostgreSQL cannot be reached: {e}")
-            });
+        let pool = pg_pool(base).await.unwrap_or_else(|e| {
+            panic!("{POSTGRES_ENV} is set but PostgreSQL cannot be reached: {e}")
+        });
         sqlx::query(&format!("CREATE SCHEMA {schema}"))
             .execute(&pool)
             .await
-            .unwrap();
+            .unwrap_or_else(|e| panic!("creating schema {schema}: {e}"));
         pool.close().await;
         let sep = if base.contains('?') { '&' } else { '?' };
-        Some(PgSchema {
+        PgSchema {
             url: format!("{base}{sep}options[search_path]={schema}"),
-            base,
+            base: base.to_owned(),
             schema,
-        })
+        }
     }
 }
 
 impl Drop for PgSchema {
+    /// Best effort and bounded, on a runtime of its own (drop cannot
+    /// await); a failure is printed, not raised.
     fn drop(&mut self) {
         let (base, schema) = (self.base.clone(), self.schema.clone());
-        let _ = std::thread::spawn(move || {
+        let done = std::thread::spawn(move || {
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
             rt.block_on(async move {
-                let pool = sqlx::any::AnyPoolOptions::new()
-                    .max_connections(1)
-                    .acquire_timeout(std::time::Duration::from_secs(10))
-                    .connect(&base)
-                    .await?;
-                sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
-                    .execute(&pool)
-                    .await?;
-                pool.close().await;
-                Ok::<_, sqlx::Error>(())
+                tokio::time::timeout(std::time::Duration::from_secs(10), async {
+                    let pool = pg_pool(&base).await?;
+                    sqlx::query(&format!("DROP SCHEMA {schema} CASCADE"))
+                        .execute(&pool)
+                        .await?;
+                    pool.close().await;
+                    Ok::<_, sqlx::Error>(())
+                })
+                .await
+                .map_err(|_| "timed out".to_owned())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+                .map_err(|e| format!("dropping schema {schema}: {e}"))
             })
         })
         .join();
+        if let Ok(Err(e)) = done {
+            eprintln!("{e}");
+        }
     }
 }
