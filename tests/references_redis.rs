@@ -21,8 +21,6 @@ use serde_json::{json, Value};
 use support::*;
 use tokenrelay::config::{ComplianceLevel, Config, RedisConfig, ReferenceBackend};
 
-const REDIS_ENV: &str = "TOKENRELAY_TEST_REDIS_URL";
-
 const AUTH_BODY: &str = r#"{"card":{"number":"<< number >>","cryptogram":"<< cryptogram >>","eci":"<< eci >>"},"amount":"10.00"}"#;
 
 /// A key prefix of one test's own in the Redis the environment names; its
@@ -36,14 +34,7 @@ impl Redis {
     /// `None` (with a line saying so) when the variable is unset; a panic
     /// when it is set and Redis does not answer.
     fn for_test(test: &str) -> Option<Redis> {
-        let url = match std::env::var(REDIS_ENV) {
-            Ok(url) => url,
-            Err(std::env::VarError::NotPresent) => {
-                println!("{test}: skipped because {REDIS_ENV} is unset");
-                return None;
-            }
-            Err(e) => panic!("{REDIS_ENV} is set but unusable: {e}"),
-        };
+        let url = env_url(REDIS_ENV, test)?;
         let mut con = redis::Client::open(url.as_str())
             .unwrap()
             .get_connection_with_timeout(Duration::from_secs(2))

@@ -22,23 +22,8 @@ use support::*;
 use tokenrelay::config::{ComplianceLevel, Config, RedisConfig, ReferenceBackend, VaultBackend};
 use uuid::Uuid;
 
-const REDIS_ENV: &str = "TOKENRELAY_TEST_REDIS_URL";
-
 const AUTH_BODY: &str =
     r#"{"card":{"number":"<< number >>","cryptogram":"<< cryptogram >>"},"amount":"10.00"}"#;
-
-/// The URL an environment variable names: `None` (with a line saying so)
-/// when unset, a panic when set but unusable.
-fn env_url(var: &str, test: &str) -> Option<String> {
-    match std::env::var(var) {
-        Ok(url) => Some(url),
-        Err(std::env::VarError::NotPresent) => {
-            println!("{test}: skipped because {var} is unset");
-            None
-        }
-        Err(e) => panic!("{var} is set but unusable: {e}"),
-    }
-}
 
 /// A Redis key prefix of one test's own; its keys are deleted on drop.
 pub struct Prefix {

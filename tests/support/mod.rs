@@ -485,6 +485,20 @@ pub fn files_named(dir: &std::path::Path, prefix: &str) -> Vec<(PathBuf, Vec<u8>
 }
 
 pub const POSTGRES_ENV: &str = "TOKENRELAY_TEST_POSTGRES_URL";
+pub const REDIS_ENV: &str = "TOKENRELAY_TEST_REDIS_URL";
+
+/// The URL an environment variable names: `None` (with a line saying so)
+/// when unset, a panic when set but unusable.
+pub fn env_url(var: &str, test: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) => Some(url),
+        Err(std::env::VarError::NotPresent) => {
+            println!("{test}: skipped because {var} is unset");
+            None
+        }
+        Err(e) => panic!("{var} is set but unusable: {e}"),
+    }
+}
 
 /// A fresh PostgreSQL schema for one test, dropped at the end (on
 /// success and on panic alike).
@@ -509,15 +523,7 @@ impl PgSchema {
     /// `None` (with a line saying so) when the variable is unset; a panic
     /// when it is set and the database cannot be reached.
     pub async fn create(test: &str) -> Option<PgSchema> {
-        let base = match std::env::var(POSTGRES_ENV) {
-            Ok(url) => url,
-            Err(std::env::VarError::NotPresent) => {
-                println!("{test}: PostgreSQL run skipped because {POSTGRES_ENV} is unset");
-                return None;
-            }
-            Err(e) => panic!("{POSTGRES_ENV} is set but unusable: {e}"),
-        };
-        Some(PgSchema::create_in(&base).await)
+        Some(PgSchema::create_in(&env_url(POSTGRES_ENV, test)?).await)
     }
 
     /// A fresh schema in the database `base` names; a panic when it
