@@ -75,7 +75,7 @@ use headers::{
 };
 use record::{Executed, Origin};
 use redact::{RedactingBody, Redactor};
-use upstream::ConnectError;
+use upstream::{ConnectError, PooledBody, SendError};
 
 /// How long a DNS answer stays pinned for the allow-list and the connector.
 const RESOLUTION_PIN: Duration = Duration::from_secs(30);
@@ -773,23 +773,24 @@ async fn send(
     let response = match tokio::time::timeout(budget, fwd.clients.get().request(req)).await {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            return Err(match upstream::connect_error(&e) {
-                Some(ConnectError::Timeout) => Error::unsent(UpstreamError::Timeout(format!(
-                    "connecting to {} timed out",
+            return Err(match e {
+                SendError::Connect(ConnectError::Timeout) => Error::unsent(UpstreamError::Timeout(
+                    format!("connecting to {} timed out", dest.host),
+                )),
+                SendError::Connect(c) => {
+                    Error::unsent(UpstreamError::Unreachable(format!("{}: {c}", dest.host)))
+                }
+                SendError::Unsent(_) => Error::unsent(UpstreamError::Unreachable(format!(
+                    "{}: the connection closed before the request was written",
                     dest.host
                 ))),
-                Some(c) => Error::unsent(UpstreamError::Unreachable(format!("{}: {c}", dest.host))),
-                None if e.is_connect() => Error::unsent(UpstreamError::Unreachable(format!(
-                    "{}: connection failed",
-                    dest.host
-                ))),
-                None if upstream::tls_refused(&e) => {
+                SendError::Exchange(e) if upstream::tls_refused(&e) => {
                     Error::unsent(UpstreamError::Unreachable(format!(
                         "{}: TLS refused (client certificate missing or not accepted)",
                         dest.host
                     )))
                 }
-                None => Error::sent_then(UpstreamError::Failed(format!(
+                SendError::Exchange(_) => Error::sent_then(UpstreamError::Failed(format!(
                     "{}: the connection failed after the request was sent; it may have reached the acquirer",
                     dest.host
                 ))),
@@ -833,7 +834,7 @@ async fn send(
 
 /// Step 6: the acquirer's answer, streamed, without hop-by-hop headers.
 fn relay(
-    response: Response<Incoming>,
+    response: Response<PooledBody>,
     upstream_elapsed: Duration,
     redactor: Redactor,
 ) -> Response<Body> {

@@ -1,26 +1,26 @@
-//! The connection to the acquirer: hyper-util pooled clients (one pool per
-//! worker thread, [`Clients`]) over rustls, HTTP/1.1 or HTTP/2 by ALPN,
-//! with per-rule trust anchors and client certificates.
+//! The connection to the acquirer: a pool per worker thread ([`Clients`],
+//! [`pool`]) over rustls, HTTP/1.1 or HTTP/2 by ALPN, with per-rule trust
+//! anchors and client certificates.
 //!
 //! The [`Connector`] dials only addresses the [`Resolver`] pinned and the
 //! allow-list checked, and bounds TCP connect plus TLS handshake by
-//! `connect_timeout`. Its errors ([`ConnectError`]) are how the forward
-//! knows that no request byte left — the condition for restoring a
+//! `connect_timeout`. Its errors ([`ConnectError`]), and a request a
+//! connection gave back unwritten ([`SendError::Unsent`]), are how the
+//! forward knows that no request byte left — the condition for restoring a
 //! reference.
 
-use std::future::Future;
+mod pool;
+
+pub use pool::{Pool, PooledBody, SendError, UpstreamRequest};
+
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::Uri;
-use http_body_util::Full;
-use hyper_util::client::legacy::connect::{Connected, Connection};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
@@ -50,6 +50,9 @@ pub enum ConnectError {
     /// forward checks first, so this means DNS changed in between).
     #[error("destination refused at connect: {0}")]
     Refused(String),
+    /// The HTTP connection could not be set up over the stream.
+    #[error("HTTP handshake failed: {0}")]
+    Handshake(String),
 }
 
 /// Builds the rustls client config for a rule: webpki roots plus the rule's
@@ -110,18 +113,12 @@ pub enum Stream {
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
 }
 
-impl Connection for Stream {
-    fn connected(&self) -> Connected {
+impl Stream {
+    /// Whether ALPN chose HTTP/2.
+    fn negotiated_h2(&self) -> bool {
         match self {
-            Stream::Plain(_) => Connected::new(),
-            Stream::Tls(s) => {
-                let (_, conn) = s.inner().get_ref();
-                if conn.alpn_protocol() == Some(b"h2") {
-                    Connected::new().negotiated_h2()
-                } else {
-                    Connected::new()
-                }
-            }
+            Stream::Plain(_) => false,
+            Stream::Tls(s) => s.inner().get_ref().1.alpn_protocol() == Some(b"h2"),
         }
     }
 }
@@ -196,24 +193,13 @@ struct ConnectorInner {
 #[derive(Clone)]
 pub struct Connector(Arc<ConnectorInner>);
 
-impl tower_service::Service<Uri> for Connector {
-    type Response = Stream;
-    type Error = ConnectError;
-    type Future = Pin<Box<dyn Future<Output = Result<Stream, ConnectError>> + Send>>;
-
-    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let inner = self.0.clone();
-        Box::pin(async move {
-            let timeout = inner.connect_timeout;
-            match tokio::time::timeout(timeout, inner.connect(uri)).await {
-                Ok(r) => r,
-                Err(_) => Err(ConnectError::Timeout),
-            }
-        })
+impl Connector {
+    /// A stream to `uri`'s host, within `connect_timeout`.
+    async fn dial(&self, uri: Uri) -> Result<Stream, ConnectError> {
+        match tokio::time::timeout(self.0.connect_timeout, self.0.connect(uri)).await {
+            Ok(r) => r,
+            Err(_) => Err(ConnectError::Timeout),
+        }
     }
 }
 
@@ -285,16 +271,13 @@ impl ConnectorInner {
     }
 }
 
-/// The pooled client to acquirers.
-pub type UpstreamClient = Client<Connector, Full<Bytes>>;
-
-/// One pooled client per worker thread (`crate::server::Workers`), plus
-/// one for every other thread (tests and tools that run the server on
-/// their own runtime). A pooled connection's task lives on the runtime that
-/// dialled it, and a request sent over it crosses to that task and back: a
-/// pool per worker keeps both on the worker's thread.
+/// One pool per worker thread (`crate::server::Workers`), plus one for
+/// every other thread (tests and tools that run the server on their own
+/// runtime). A connection's task lives on the runtime that dialled it: a
+/// pool per worker keeps a request, its connection and the pool on the
+/// worker's thread.
 pub struct Clients {
-    per_worker: Box<[UpstreamClient]>,
+    per_worker: Box<[Arc<Pool>]>,
 }
 
 impl Clients {
@@ -308,14 +291,20 @@ impl Clients {
     ) -> Result<Clients, ConfigError> {
         let connector = connector(rules, config, resolver, metrics)?;
         let per_worker = (0..=workers)
-            .map(|_| pooled(connector.clone(), config))
+            .map(|_| {
+                Pool::new(
+                    connector.clone(),
+                    config.pool_idle_timeout,
+                    config.pool_max_idle_per_host,
+                )
+            })
             .collect::<Vec<_>>()
             .into_boxed_slice();
         Ok(Clients { per_worker })
     }
 
     /// The calling thread's pool.
-    pub fn get(&self) -> &UpstreamClient {
+    pub fn get(&self) -> &Arc<Pool> {
         let last = self.per_worker.len() - 1;
         let i = crate::server::current_worker().map_or(last, |w| w.min(last));
         &self.per_worker[i]
@@ -344,28 +333,6 @@ fn connector(
         connect_timeout: config.connect_timeout,
         metrics,
     })))
-}
-
-/// A client with a pool of its own over `connector`.
-fn pooled(connector: Connector, config: &UpstreamConfig) -> UpstreamClient {
-    Client::builder(TokioExecutor::new())
-        .pool_timer(TokioTimer::new())
-        .timer(TokioTimer::new())
-        .pool_idle_timeout(config.pool_idle_timeout)
-        .pool_max_idle_per_host(config.pool_max_idle_per_host)
-        .build(connector)
-}
-
-/// Finds our [`ConnectError`] in an error's source chain.
-pub fn connect_error<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a ConnectError> {
-    let mut cur: Option<&'a (dyn std::error::Error + 'static)> = Some(e);
-    while let Some(err) = cur {
-        if let Some(c) = err.downcast_ref::<ConnectError>() {
-            return Some(c);
-        }
-        cur = err.source();
-    }
-    None
 }
 
 /// Whether the acquirer's TLS layer refused the connection (a fatal alert
@@ -437,7 +404,7 @@ mod tests {
             )
             .unwrap(),
         );
-        let address = |c: &UpstreamClient| c as *const UpstreamClient as usize;
+        let address = |c: &Arc<Pool>| Arc::as_ptr(c) as usize;
         let workers = Workers::start(2).unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         for _ in 0..2 {
