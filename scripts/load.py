@@ -333,6 +333,11 @@ class Processes:
         self.started.append(proc)
         return proc
 
+    def stop(self, proc: subprocess.Popen[bytes]) -> None:
+        """Stop one process now (and its direct children)."""
+        self._stop([proc])
+        self.started.remove(proc)
+
     def wait(self, proc: subprocess.Popen[bytes], timeout: float) -> None:
         """Wait for a process that ends by itself (perf); stop it if it does not."""
         try:
@@ -793,7 +798,10 @@ def binary_info(binary: Path, run: Path) -> dict[str, Any]:
 
 
 def start_tokenrelay(procs: Processes, settings: Settings, root_run: Path, certs: Certs, binary: Path,
-                     name: str, label: str, port: int, admin_port: int) -> TokenRelay:
+                     name: str, label: str, port: int, admin_port: int, *, launcher: list[str] | None = None,
+                     ready_timeout_s: float = 30) -> TokenRelay:
+    """Config, start-up and readiness of one binary. LAUNCHER (e.g. valgrind
+    and its options) is put before the `serve` command line only."""
     run = root_run if name == "tokenrelay" else root_run / name
     run.mkdir(exist_ok=True)
     api_key = "load-" + secrets.token_hex(24)
@@ -811,13 +819,14 @@ def start_tokenrelay(procs: Processes, settings: Settings, root_run: Path, certs
 
     log(f"starting {label} (:{port}, admin :{admin_port})")
     t0 = time.monotonic_ns()
-    proc = procs.start([str(binary), "serve", "--config", str(conf)], run / "tokenrelay.log", cwd=run, env=env)
+    proc = procs.start([*(launcher or []), str(binary), "serve", "--config", str(conf)], run / "tokenrelay.log",
+                       cwd=run, env=env)
     readyz = f"http://127.0.0.1:{admin_port}/readyz"
-    while not answers(readyz):  # every 10 ms, ≤ 30 s
+    while not answers(readyz):  # every 10 ms, ≤ ready_timeout_s
         if proc.poll() is not None:
             raise Fatal(f"{label} exited; see {run / 'tokenrelay.log'}")
-        if time.monotonic_ns() - t0 > 30e9:
-            raise Fatal(f"{label} not ready after 30 s")
+        if time.monotonic_ns() - t0 > ready_timeout_s * 1e9:
+            raise Fatal(f"{label} not ready after {ready_timeout_s:.0f} s")
         time.sleep(0.01)
     startup_ms = (time.monotonic_ns() - t0) // 1_000_000
     time.sleep(1)
