@@ -374,7 +374,7 @@ pub async fn handle(
         };
     }
     if let Some(surface) = surfaces::Surface::for_path(state.config.surfaces, &path) {
-        return surfaces::handle(&state, surface, req, trace).await;
+        return Box::pin(surfaces::handle(&state, surface, req, trace)).await;
     }
     let Trace {
         route: route_seen,
@@ -403,36 +403,49 @@ pub async fn handle(
         let route = matched.route?;
         audit.subject = route.subject();
         let a = &mut *audit;
+        // Each handler's future is boxed. Inline, this match would be as
+        // large as the largest of them (13 KB), and the request's task
+        // would copy that much several times per request (spawn, output
+        // slot, read-out); boxed, the one handler that runs is built once
+        // on the heap and never moved.
         match route {
-            Route::ProvisionToken => tokens::provision(&state, key, req, a).await,
-            Route::GetToken(id) => tokens::get(&state, id).await,
-            Route::DeleteToken(id) => tokens::delete(&state, id).await,
-            Route::CreateCryptogram(id) => cryptograms::create(&state, key, id, req, a).await,
-            Route::TokenEvent(id) => tokens::event(&state, id, req, a).await,
+            Route::ProvisionToken => Box::pin(tokens::provision(&state, key, req, a)).await,
+            Route::GetToken(id) => Box::pin(tokens::get(&state, id)).await,
+            Route::DeleteToken(id) => Box::pin(tokens::delete(&state, id)).await,
+            Route::CreateCryptogram(id) => {
+                Box::pin(cryptograms::create(&state, key, id, req, a)).await
+            }
+            Route::TokenEvent(id) => Box::pin(tokens::event(&state, id, req, a)).await,
             Route::Forward(id) => {
-                Ok(crate::forward::handle(&state, key, Subject::NetworkToken(id), req, a).await?)
+                let subject = Subject::NetworkToken(id);
+                Ok(Box::pin(crate::forward::handle(&state, key, subject, req, a)).await?)
             }
             Route::ForwardPci(id) => {
-                Ok(crate::forward::handle(&state, key, Subject::PciToken(id), req, a).await?)
+                let subject = Subject::PciToken(id);
+                Ok(Box::pin(crate::forward::handle(&state, key, subject, req, a)).await?)
             }
             Route::ForwardRoute(id, name) => {
                 let subject = Subject::NetworkToken(id);
-                let result = crate::forward::route::handle(&state, key, subject, name, req, a)
-                    .await
-                    .map_err(ApiError::from);
+                let result = Box::pin(crate::forward::route::handle(
+                    &state, key, subject, name, req, a,
+                ))
+                .await
+                .map_err(ApiError::from);
                 route_forwarded(&state, a, result)
             }
             Route::ForwardPciRoute(id, name) => {
                 let subject = Subject::PciToken(id);
-                let result = crate::forward::route::handle(&state, key, subject, name, req, a)
-                    .await
-                    .map_err(ApiError::from);
+                let result = Box::pin(crate::forward::route::handle(
+                    &state, key, subject, name, req, a,
+                ))
+                .await
+                .map_err(ApiError::from);
                 route_forwarded(&state, a, result)
             }
-            Route::CreatePciToken => pci::create(&state, req, a).await,
-            Route::GetPciToken(id) => pci::get(&state, id).await,
-            Route::DeletePciToken(id) => pci::delete(&state, id).await,
-            Route::CreateSession => sessions::create(&state, req, a).await,
+            Route::CreatePciToken => Box::pin(pci::create(&state, req, a)).await,
+            Route::GetPciToken(id) => Box::pin(pci::get(&state, id)).await,
+            Route::DeletePciToken(id) => Box::pin(pci::delete(&state, id)).await,
+            Route::CreateSession => Box::pin(sessions::create(&state, req, a)).await,
         }
     }
     .await;

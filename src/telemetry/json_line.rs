@@ -141,26 +141,39 @@ impl<W: Write> Write for Escaped<'_, W> {
     fn write_str(&mut self, s: &str) -> fmt::Result {
         let mut plain = 0;
         for (i, b) in s.bytes().enumerate() {
-            let esc: &str = match b {
-                b'"' => "\\\"",
-                b'\\' => "\\\\",
-                b'\n' => "\\n",
-                b'\r' => "\\r",
-                b'\t' => "\\t",
-                0..=0x1f | 0x7f => "",
-                _ => continue,
-            };
+            // One table load per byte; almost every byte is plain.
+            if !NEEDS_ESCAPE[usize::from(b)] {
+                continue;
+            }
             self.0.write_str(&s[plain..i])?;
-            if esc.is_empty() {
-                write!(self.0, "\\u{b:04x}")?;
-            } else {
-                self.0.write_str(esc)?;
+            match b {
+                b'"' => self.0.write_str("\\\"")?,
+                b'\\' => self.0.write_str("\\\\")?,
+                b'\n' => self.0.write_str("\\n")?,
+                b'\r' => self.0.write_str("\\r")?,
+                b'\t' => self.0.write_str("\\t")?,
+                _ => write!(self.0, "\\u{b:04x}")?,
             }
             plain = i + 1;
         }
         self.0.write_str(&s[plain..])
     }
 }
+
+/// The bytes a JSON string cannot hold as they are: `"`, `\`, the
+/// control characters, and DEL (escaped too, as before).
+static NEEDS_ESCAPE: [bool; 256] = {
+    let mut t = [false; 256];
+    let mut b = 0;
+    while b < 0x20 {
+        t[b] = true;
+        b += 1;
+    }
+    t[b'"' as usize] = true;
+    t[b'\\' as usize] = true;
+    t[0x7f] = true;
+    t
+};
 
 #[cfg(test)]
 mod tests {
@@ -203,7 +216,7 @@ mod tests {
 
     #[test]
     fn strings_and_debug_values_are_escaped() {
-        let nasty = "quote \" backslash \\ newline \n tab \t nul \0 bell \x07 del \x7f é ✓";
+        let nasty = "quote \" backslash \\ newline \n cr \r tab \t nul \0 bell \x07 del \x7f é ✓";
         let lines = capture(|| {
             tracing::warn!(s = nasty, d = ?nasty, e = %nasty, nan = f64::NAN);
         });
