@@ -6,6 +6,7 @@
 //! before serialising — an allocation per field, two log lines per forward.
 //! Here each field is escaped directly into the line.
 
+use std::cell::RefCell;
 use std::fmt::{self, Write};
 
 use tracing::field::{Field, Visit};
@@ -29,36 +30,83 @@ where
         mut w: Writer<'_>,
         event: &Event<'_>,
     ) -> fmt::Result {
-        let meta = event.metadata();
-        w.write_str("{\"timestamp\":\"")?;
-        write_timestamp(&mut w, time::OffsetDateTime::now_utc())?;
-        write!(w, "\",\"level\":\"{}\",\"fields\":{{", meta.level())?;
-        let mut fields = Fields {
-            w: &mut w,
-            first: true,
-            result: Ok(()),
-        };
-        event.record(&mut fields);
-        fields.result?;
-        w.write_str("},\"target\":")?;
-        write_str(&mut w, meta.target())?;
-        w.write_str("}\n")
+        // The line is built in a buffer of this thread's, where every write
+        // is a plain push, and handed over whole: through `w` each of the
+        // few dozen pieces would be a dynamic call.
+        LINE.with(|line| match line.try_borrow_mut() {
+            Ok(mut line) => {
+                line.clear();
+                write_line(&mut line, event)?;
+                w.write_str(&line)
+            }
+            // A field's `Debug` that logs while this thread formats.
+            Err(_) => {
+                let mut line = String::new();
+                write_line(&mut line, event)?;
+                w.write_str(&line)
+            }
+        })
     }
 }
 
+thread_local! {
+    static LINE: RefCell<String> = RefCell::new(String::with_capacity(1024));
+}
+
+fn write_line(w: &mut String, event: &Event<'_>) -> fmt::Result {
+    let meta = event.metadata();
+    w.push_str("{\"timestamp\":\"");
+    write_timestamp(w, time::OffsetDateTime::now_utc())?;
+    w.push_str("\",\"level\":\"");
+    w.push_str(meta.level().as_str());
+    w.push_str("\",\"fields\":{");
+    let mut fields = Fields {
+        w: &mut *w,
+        first: true,
+        result: Ok(()),
+    };
+    event.record(&mut fields);
+    fields.result?;
+    w.push_str("},\"target\":");
+    write_str(w, meta.target())?;
+    w.push_str("}\n");
+    Ok(())
+}
+
 /// RFC 3339, UTC, microseconds: `2026-11-29T09:58:00.123456Z`.
-fn write_timestamp(w: &mut impl Write, t: time::OffsetDateTime) -> fmt::Result {
-    write!(
-        w,
-        "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
-    )
+fn write_timestamp(w: &mut String, t: time::OffsetDateTime) -> fmt::Result {
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        return write!(
+            w,
+            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+            year,
+            u8::from(t.month()),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second(),
+            t.microsecond()
+        );
+    }
+    let mut b = *b"0000-00-00T00:00:00.000000Z";
+    for (at, width, value) in [
+        (0, 4, year as u32),
+        (5, 2, u32::from(u8::from(t.month()))),
+        (8, 2, u32::from(t.day())),
+        (11, 2, u32::from(t.hour())),
+        (14, 2, u32::from(t.minute())),
+        (17, 2, u32::from(t.second())),
+        (20, 6, t.microsecond()),
+    ] {
+        let mut v = value;
+        for digit in b[at..at + width].iter_mut().rev() {
+            *digit = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    }
+    w.push_str(std::str::from_utf8(&b).map_err(|_| fmt::Error)?);
+    Ok(())
 }
 
 /// Writes each field as `"name":value` after the ones before it.
@@ -233,5 +281,37 @@ mod tests {
         let lines = capture(|| tracing::error!(target: "t", ""));
         assert_eq!(lines[0]["fields"]["message"], "");
         assert_eq!(lines[0]["target"], "t");
+    }
+
+    #[test]
+    fn the_timestamp_is_rfc3339_utc_with_microseconds() {
+        use time::macros::datetime;
+        for t in [
+            datetime!(2026-11-29 09:58:00.123456 UTC),
+            datetime!(2026-01-01 00:00:00 UTC),
+            datetime!(1999-12-31 23:59:59.999999 UTC),
+            datetime!(0001-02-03 04:05:06.000007 UTC),
+            datetime!(9999-12-31 23:59:59.999999 UTC),
+        ] {
+            let mut written = String::new();
+            write_timestamp(&mut written, t).unwrap();
+            let expected = format!(
+                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
+                t.year(),
+                u8::from(t.month()),
+                t.day(),
+                t.hour(),
+                t.minute(),
+                t.second(),
+                t.microsecond()
+            );
+            assert_eq!(written, expected);
+            let parsed = time::OffsetDateTime::parse(
+                &written,
+                &time::format_description::well_known::Rfc3339,
+            )
+            .unwrap();
+            assert_eq!(parsed, t);
+        }
     }
 }
