@@ -62,7 +62,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -72,7 +71,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import load  # noqa: E402
-from load import Fatal, Interrupted, Processes  # noqa: E402
+from load import Fatal, Processes  # noqa: E402
 
 TARGET = load.OUT  # target/load
 CG_ROOT = TARGET / "callgrind"
@@ -517,28 +516,7 @@ def measure(procs: Processes, settings: Settings) -> None:
 
 
 def main() -> int:
-    def on_signal(signum: int, _frame: object) -> None:
-        raise Interrupted(signal.Signals(signum).name)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    procs = Processes()
-    try:
-        measure(procs, Settings.from_env())
-        return 0
-    except Fatal as e:
-        log(f"FATAL: {e}")
-        return 1
-    except subprocess.CalledProcessError as e:
-        log(f"FATAL: {' '.join(map(str, e.cmd))} exited with {e.returncode}")
-        return 1
-    except (KeyboardInterrupt, Interrupted):
-        log("interrupted")
-        return 130
-    finally:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        procs.stop_all()
+    return load.run(lambda procs: measure(procs, Settings.from_env()))
 
 
 if __name__ == "__main__":

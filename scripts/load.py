@@ -1558,7 +1558,9 @@ def measure(procs: Processes, settings: Settings) -> None:
     log(f"raw results: {OUT}/*.json; logs: {run}")
 
 
-def main() -> int:
+def run(measure_with: Callable[[Processes], None]) -> int:
+    """Runs MEASURE_WITH with the process table, turns failures and signals into an exit code, and
+    stops every process it started, whatever happens (shared with scripts/callgrind.py)."""
     def on_signal(signum: int, _frame: object) -> None:
         raise Interrupted(signal.Signals(signum).name)
 
@@ -1566,7 +1568,7 @@ def main() -> int:
     signal.signal(signal.SIGHUP, on_signal)
     procs = Processes()
     try:
-        measure(procs, Settings.from_env())
+        measure_with(procs)
         return 0
     except Fatal as e:
         log(f"FATAL: {e}")
@@ -1582,6 +1584,10 @@ def main() -> int:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         procs.stop_all()
+
+
+def main() -> int:
+    return run(lambda procs: measure(procs, Settings.from_env()))
 
 
 if __name__ == "__main__":

@@ -240,16 +240,12 @@ impl LogShared {
 
 /// The warning line written when lines were dropped, in [`JsonLine`]'s shape.
 fn dropped_line(access: u64, other: u64) -> Vec<u8> {
-    let t = time::OffsetDateTime::now_utc();
+    let mut timestamp = String::new();
+    // Only the fallback for years outside 0..=9999 can fail; the line goes
+    // out either way.
+    let _ = json_line::write_timestamp(&mut timestamp, time::OffsetDateTime::now_utc());
     format!(
-        "{{\"timestamp\":\"{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z\",\"level\":\"WARN\",\"fields\":{{\"message\":\"log lines dropped: stdout did not keep up\",\"dropped_access\":{access},\"dropped_other\":{other}}},\"target\":\"tokenrelay::log\"}}\n",
-        t.year(),
-        u8::from(t.month()),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        t.microsecond()
+        "{{\"timestamp\":\"{timestamp}\",\"level\":\"WARN\",\"fields\":{{\"message\":\"log lines dropped: stdout did not keep up\",\"dropped_access\":{access},\"dropped_other\":{other}}},\"target\":\"tokenrelay::log\"}}\n",
     )
     .into_bytes()
 }

@@ -73,21 +73,18 @@ fn write_line(w: &mut String, event: &Event<'_>) -> fmt::Result {
     Ok(())
 }
 
+/// The timestamp's layout, for the years [`write_timestamp`]'s fast path
+/// does not cover.
+const TIMESTAMP: &[time::format_description::BorrowedFormatItem<'static>] = time::macros::format_description!(
+    "[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:6]Z"
+);
+
 /// RFC 3339, UTC, microseconds: `2026-11-29T09:58:00.123456Z`.
-fn write_timestamp(w: &mut String, t: time::OffsetDateTime) -> fmt::Result {
+pub(super) fn write_timestamp(w: &mut String, t: time::OffsetDateTime) -> fmt::Result {
     let year = t.year();
     if !(0..=9999).contains(&year) {
-        return write!(
-            w,
-            "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-            year,
-            u8::from(t.month()),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second(),
-            t.microsecond()
-        );
+        w.push_str(&t.format(TIMESTAMP).map_err(|_| fmt::Error)?);
+        return Ok(());
     }
     let mut b = *b"0000-00-00T00:00:00.000000Z";
     for (at, width, value) in [
@@ -295,16 +292,7 @@ mod tests {
         ] {
             let mut written = String::new();
             write_timestamp(&mut written, t).unwrap();
-            let expected = format!(
-                "{:04}-{:02}-{:02}T{:02}:{:02}:{:02}.{:06}Z",
-                t.year(),
-                u8::from(t.month()),
-                t.day(),
-                t.hour(),
-                t.minute(),
-                t.second(),
-                t.microsecond()
-            );
+            let expected = t.format(TIMESTAMP).unwrap();
             assert_eq!(written, expected);
             let parsed = time::OffsetDateTime::parse(
                 &written,
