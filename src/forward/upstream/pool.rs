@@ -20,7 +20,8 @@
 //! HTTP/1.1 connections per acquirer are kept idle.
 
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -93,7 +94,7 @@ pub struct Pool {
     max_idle: usize,
     idle: Mutex<Vec<Idle>>,
     /// Whether a sweep task is running for `idle`.
-    sweeping: Mutex<bool>,
+    sweeping: AtomicBool,
 }
 
 impl Pool {
@@ -103,7 +104,7 @@ impl Pool {
             idle_timeout,
             max_idle,
             idle: Mutex::new(Vec::new()),
-            sweeping: Mutex::new(false),
+            sweeping: AtomicBool::new(false),
         })
     }
 
@@ -276,24 +277,42 @@ impl Pool {
     /// Starts the task that closes connections idle past the timeout; it
     /// ends when none is left.
     fn sweep_while_idle(self: &Arc<Self>) {
+        if tokio::runtime::Handle::try_current().is_err()
+            || self.sweeping.swap(true, Ordering::AcqRel)
         {
-            let mut sweeping = self.sweeping.lock().unwrap_or_else(|p| p.into_inner());
-            if *sweeping || tokio::runtime::Handle::try_current().is_err() {
-                return;
-            }
-            *sweeping = true;
+            return;
         }
-        let pool = Arc::downgrade(self);
+        // Cleared however the task ends, also when its runtime goes away
+        // with it: the next connection put back starts a new one.
+        struct Sweeping(Weak<Pool>);
+        impl Sweeping {
+            fn disarm(&mut self) {
+                self.0 = Weak::new();
+            }
+        }
+        impl Drop for Sweeping {
+            fn drop(&mut self) {
+                if let Some(pool) = self.0.upgrade() {
+                    pool.sweeping.store(false, Ordering::Release);
+                }
+            }
+        }
+        let mut sweeping = Sweeping(Arc::downgrade(self));
         let every = (self.idle_timeout / 2).max(Duration::from_millis(10));
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(every).await;
-                let Some(pool) = pool.upgrade() else { return };
+                let Some(pool) = sweeping.0.upgrade() else {
+                    return;
+                };
                 let now = Instant::now();
                 let mut idle = pool.idle.lock().unwrap_or_else(|p| p.into_inner());
                 idle.retain(|e| !e.sender.is_closed() && now < e.since + pool.idle_timeout);
                 if idle.is_empty() {
-                    *pool.sweeping.lock().unwrap_or_else(|p| p.into_inner()) = false;
+                    // Under the lock: a connection put back after this
+                    // sees the flag down and starts the next sweep.
+                    pool.sweeping.store(false, Ordering::Release);
+                    sweeping.disarm();
                     return;
                 }
             }
@@ -642,5 +661,37 @@ mod tests {
             acq.closed.load(Ordering::SeqCst) == 2
         })
         .await;
+    }
+
+    #[test]
+    fn a_sweep_that_died_with_its_runtime_does_not_stop_the_next() {
+        let lasting = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let acq = lasting.block_on(acquirer(Answer::Ok));
+        let pool = pool_for(&acq, Duration::from_millis(100), 8);
+        // A runtime that goes away with the sweep it started (and the
+        // connection's task).
+        let short = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        short.block_on(ok(&pool, &acq));
+        assert_eq!(pool.idle_count(), 1);
+        drop(short);
+        lasting.block_on(async {
+            eventually("the first connection closing", || {
+                acq.closed.load(Ordering::SeqCst) == 1
+            })
+            .await;
+            ok(&pool, &acq).await;
+            eventually("the second connection closing when idle", || {
+                acq.closed.load(Ordering::SeqCst) == 2
+            })
+            .await;
+        });
+        assert_eq!(pool.idle_count(), 0);
     }
 }
