@@ -215,8 +215,7 @@ impl Pool {
                 // What a client sends on its own connection: the Host
                 // header and the origin form of the URI.
                 if !req.headers().contains_key(header::HOST) {
-                    req.headers_mut()
-                        .insert(header::HOST, host_value(&key.authority));
+                    req.headers_mut().insert(header::HOST, host_value(key));
                 }
                 *req.uri_mut() = Uri::from(
                     uri.path_and_query()
@@ -343,10 +342,23 @@ fn failed(mut e: TrySendError<UpstreamRequest>, uri: &Uri) -> Failed {
     }
 }
 
-/// The Host header for `authority` (its port only when not the scheme's
-/// default, as the forward builds its URIs without one then).
-fn host_value(authority: &Authority) -> HeaderValue {
-    HeaderValue::from_str(authority.as_str()).unwrap_or_else(|_| HeaderValue::from_static(""))
+/// The Host header for `key`: its authority, without the port when that
+/// is the scheme's default (the forward's URIs always carry the port), as
+/// a client writes it.
+fn host_value(key: &Key) -> HeaderValue {
+    let a = &key.authority;
+    let default = match key.scheme.as_str() {
+        "https" => Some(443),
+        "http" => Some(80),
+        _ => None,
+    };
+    let host = if a.port_u16().is_some() && a.port_u16() == default {
+        a.host()
+    } else {
+        a.as_str()
+    };
+    // An authority's characters are all allowed in a header value.
+    HeaderValue::from_str(host).unwrap_or_else(|_| HeaderValue::from_static(""))
 }
 
 /// An HTTP/1.1 connection on its way back to the pool.
@@ -375,9 +387,13 @@ impl PooledBody {
 
     fn give_back_at_end(&mut self) {
         if self.inner.is_end_stream() {
-            if let Some(b) = self.back.take() {
-                b.pool.put(b.key, Sender::H1(b.sender));
-            }
+            self.give_back();
+        }
+    }
+
+    fn give_back(&mut self) {
+        if let Some(b) = self.back.take() {
+            b.pool.put(b.key, Sender::H1(b.sender));
         }
     }
 }
@@ -393,11 +409,7 @@ impl HttpBody for PooledBody {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
-            Poll::Ready(None) => {
-                if let Some(b) = this.back.take() {
-                    b.pool.put(b.key, Sender::H1(b.sender));
-                }
-            }
+            Poll::Ready(None) => this.give_back(),
             Poll::Ready(Some(Ok(_))) => this.give_back_at_end(),
             Poll::Ready(Some(Err(_))) => this.back = None,
             Poll::Pending => {}
@@ -693,5 +705,24 @@ mod tests {
             .await;
         });
         assert_eq!(pool.idle_count(), 0);
+    }
+
+    #[test]
+    fn the_host_header_leaves_out_only_the_schemes_default_port() {
+        let host = |uri: &str| {
+            let uri: Uri = uri.parse().unwrap();
+            let key = Key {
+                scheme: uri.scheme().unwrap().clone(),
+                authority: uri.authority().unwrap().clone(),
+            };
+            host_value(&key)
+        };
+        assert_eq!(host("https://acq.example:443/pay"), "acq.example");
+        assert_eq!(host("https://acq.example:8443/pay"), "acq.example:8443");
+        assert_eq!(host("https://[::1]:443/pay"), "[::1]");
+        assert_eq!(host("https://[::1]:8443/pay"), "[::1]:8443");
+        assert_eq!(host("http://127.0.0.1:80/pay"), "127.0.0.1");
+        assert_eq!(host("http://127.0.0.1:443/pay"), "127.0.0.1:443");
+        assert_eq!(host("https://acq.example/pay"), "acq.example");
     }
 }
